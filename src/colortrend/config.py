@@ -1,0 +1,181 @@
+"""YAML config -> typed, frozen dataclasses, validated before any model loads.
+
+Every section is a dataclass; field types drive validation, so an unknown key or a wrong type fails with one line
+that names the key (``color.white_balance: expected one of ...``). Stage sections are declared next to the stage
+that reads them (``DetectSettings`` lives in ``stages/detect.py``) and only composed here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from colortrend.errors import ConfigError
+from colortrend.stages.age import AgeSettings
+from colortrend.stages.align import AlignSettings
+from colortrend.stages.correct import ColorSettings
+from colortrend.stages.detect import DetectSettings
+from colortrend.stages.histograms import HistogramSettings
+from colortrend.stages.intake import InputSettings
+from colortrend.stages.report import ReportSettings
+from colortrend.stages.segment import SegmentSettings
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    # Store a salted hash of each path instead of the path itself.
+    hash_paths: bool = False
+    # Salt for hash_paths; keep it secret to make the hashes unlinkable to file names.
+    salt: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    input: InputSettings
+    # Output folder: every table is a sub-folder of Parquet shards.
+    output: str
+    # auto = CUDA when available; `cuda` without a GPU is a config error.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Photos decoded and pushed through the models together (GPU memory scales with it).
+    batch_size: int = 16
+    # Photos per committed shard: the unit of resumption after a crash.
+    shard_size: int = 256
+    # Decoder threads that prepare the next batch while the models run.
+    decode_workers: int = 2
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    align: AlignSettings = field(default_factory=AlignSettings)
+    age: AgeSettings = field(default_factory=AgeSettings)
+    segment: SegmentSettings = field(default_factory=SegmentSettings)
+    color: ColorSettings = field(default_factory=ColorSettings)
+    histograms: HistogramSettings = field(default_factory=HistogramSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output)
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, merge ``overrides`` (dotted keys, e.g. ``{"device": "cpu"}``), and validate a config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_section(Config, raw, "")
+
+
+def parse_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types with the key's dotted name."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(fields)
+        raise ConfigError(f"{_join(prefix, str(unknown[0]))}: unknown key (known keys: {known})")
+    values = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # __post_init__ checks raise ValueError("key: message")
+        raise ConfigError(_join(prefix, str(exc)) if prefix else str(exc)) from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return parse_section(tp, value if value is not None else {}, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: unexpected value {_describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: expected one of {choices}; got {_describe(value)}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if args and args[-1] is Ellipsis and isinstance(value, str):
+                value = [value]  # a single path or name where a list is expected
+            else:
+                raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        if args and args[-1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise ConfigError(f"{key}: expected a list of {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {tp}")  # a bug in a settings class, not in the YAML
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain YAML-able data (saved with every run)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"

@@ -1,0 +1,79 @@
+"""Turn ``input.paths`` (folders, globs, manifest files) into the sorted list of files a run must account for."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from pathlib import Path
+
+from colortrend.errors import ConfigError
+
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+def discover(paths: tuple[str, ...], exclude: Path | None = None) -> list[str]:
+    """Absolute paths of every input file, sorted and unique.
+
+    Folders are walked recursively (hidden sub-folders and ``exclude``, the run's own output, are not entered;
+    symlinked folders are not followed, so a link cycle cannot hang the walk). Glob patterns expand recursively.
+    A ``.csv``/``.parquet`` file is a manifest whose ``path`` column lists the inputs (relative to the manifest).
+    A path that matches nothing is a config error: a typo must not look like an empty collection.
+    """
+    found: set[str] = set()
+    excluded = os.path.abspath(exclude) if exclude else None
+    for i, entry in enumerate(paths):
+        key = f"input.paths[{i}]"
+        if glob.has_magic(entry):
+            matches = glob.glob(entry, recursive=True)
+            if not matches:
+                raise ConfigError(f"{key}: pattern {entry!r} matches no file")
+            for match in matches:
+                _add(found, match, excluded)
+        elif os.path.isdir(entry):
+            _walk(found, entry, excluded)
+        elif os.path.isfile(entry) and entry.lower().endswith(MANIFEST_SUFFIXES):
+            found.update(read_manifest(entry, key))
+        elif os.path.lexists(entry):
+            found.add(os.path.abspath(entry))
+        else:
+            raise ConfigError(f"{key}: {entry!r} does not exist")
+    return sorted(found)
+
+
+def read_manifest(manifest: str, key: str = "input.paths") -> list[str]:
+    import pandas as pd
+
+    try:
+        if manifest.lower().endswith(".parquet"):
+            table = pd.read_parquet(manifest, columns=["path"])
+        else:
+            table = pd.read_csv(manifest, usecols=["path"], dtype=str, keep_default_na=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"{key}: manifest {manifest} needs a `path` column ({exc})") from None
+    base = os.path.dirname(os.path.abspath(manifest))
+    return [os.path.abspath(os.path.join(base, p)) for p in table["path"].astype(str) if p]
+
+
+def _walk(found: set[str], root: str, excluded: str | None) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = os.path.abspath(dirpath)
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and os.path.join(here, d) != excluded and not os.path.islink(os.path.join(here, d))
+        )
+        for name in filenames:
+            if not name.startswith("."):
+                found.add(os.path.join(here, name))
+
+
+def _add(found: set[str], match: str, excluded: str | None) -> None:
+    if os.path.isdir(match):
+        _walk(found, match, excluded)
+    else:
+        found.add(os.path.abspath(match))
+
+
+def photo_id_for(path: str) -> str:
+    """Stable id of an input file: the same path always gets the same id, in every run and on every worker."""
+    return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -1,0 +1,27 @@
+"""Model architectures and the weights shipped with the package (nothing is downloaded at run time)."""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+@functools.lru_cache(maxsize=None)
+def file_checksum(path: str | Path) -> str:
+    """sha256 (first 16 hex digits) of a weight file: recorded with each run and in stage fingerprints."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def pick_device(requested: str = "auto") -> str:
+    """``auto`` means CUDA when available; ``cuda`` without a GPU is a configuration error, raised by the caller."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested

@@ -1,0 +1,144 @@
+"""The age network: dlib's ``aresnet10`` age predictor (Cydral, CC0) ported layer for layer to PyTorch.
+
+The original is a dlib DNN: a 7x7/2 convolution and 3x3/2 max-pool stem, three residual stages (64, 128, 256
+channels), global average pooling and a fully connected layer whose softmax covers ages 0..80. dlib has no batch
+norm at inference: each convolution is followed by a per-channel affine layer (``y = x * scale + offset``), kept
+here as its own module so the converted weights stay one-to-one with the ONNX export. A down-sampling block's
+shortcut is a 2x2 average pool, and dlib's residual add zero-pads whichever operand is smaller in channels, rows
+or columns at the *trailing* end (the top-left origin of both stays aligned).
+
+The class ages are a buffer stored with the weights: dlib weights class 0 as 0.25 years, and a fine-tuned head may
+extend beyond 80, so the expectation is always taken over the ages the weights were trained with.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Per-channel RGB means dlib subtracts before dividing by 256.
+PIXEL_MEAN = (122.782, 117.001, 104.298)
+#: Side of the square input chip, in pixels.
+CHIP_SIZE = 64
+#: Number of classes of the original head (ages 0..80).
+DLIB_CLASSES = 81
+
+
+def class_ages(n_classes: int) -> torch.Tensor:
+    """Years each class stands for: dlib counts class 0 (under one year) as 0.25, class k as k."""
+    ages = torch.arange(n_classes, dtype=torch.float32)
+    ages[0] = 0.25
+    return ages
+
+
+class Affine(nn.Module):
+    """dlib's ``affine_`` layer: a per-channel scale and offset (a batch norm frozen at export)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.offset = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.offset
+
+
+def _conv_affine(c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding), Affine(c_out))
+
+
+def padded_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dlib's ``add_prev``: zero-pad the trailing channels/rows/columns of the smaller operand, then add."""
+    shape = [max(sa, sb) for sa, sb in zip(a.shape[1:], b.shape[1:])]
+
+    def grow(t: torch.Tensor) -> torch.Tensor:
+        c, h, w = t.shape[1:]
+        if (c, h, w) == tuple(shape):
+            return t
+        return F.pad(t, (0, shape[2] - w, 0, shape[1] - h, 0, shape[0] - c))
+
+    return grow(a) + grow(b)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv+affine layers and a shortcut; ``down`` halves the resolution and may widen the channels.
+
+    A down block's first convolution is 3x3 stride 2 *without* padding (so 14 -> 6, 7 -> 3) while its shortcut is a
+    2x2/2 average pool (14 -> 7, 7 -> 3): the padded add reconciles the two.
+    """
+
+    def __init__(self, c_in: int, c_out: int, down: bool):
+        super().__init__()
+        self.conv1 = _conv_affine(c_in, c_out, 3, 2 if down else 1, 0 if down else 1)
+        self.conv2 = _conv_affine(c_out, c_out, 3, 1, 1)
+        self.down = down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(F.relu(self.conv1(x)))
+        shortcut = F.avg_pool2d(x, 2, 2) if self.down else x
+        return F.relu(padded_add(shortcut, y))
+
+
+class AgeNet(nn.Module):
+    """Age from a 64x64 RGB face chip: ``forward`` returns logits over :attr:`class_ages`.
+
+    Input: float or uint8 tensor (N, 3, 64, 64) of raw RGB values 0..255, cut by
+    :func:`colortrend.stages.align.cut_chips`; the dlib normalisation happens inside so callers (and GPU transfers)
+    handle plain pixels.
+    """
+
+    def __init__(self, n_classes: int = DLIB_CLASSES):
+        super().__init__()
+        self.stem = _conv_affine(3, 64, 7, 2, 0)
+        self.blocks = nn.Sequential(
+            ResidualBlock(64, 64, down=False),
+            ResidualBlock(64, 128, down=True),
+            ResidualBlock(128, 128, down=False),
+            ResidualBlock(128, 256, down=True),
+            ResidualBlock(256, 256, down=False),
+        )
+        self.fc = nn.Linear(256, n_classes)
+        self.register_buffer("class_ages", class_ages(n_classes))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the network's precision, exactly as dlib does.
+        mean = torch.tensor(PIXEL_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        x = ((pixels.float() - mean) / 256.0).to(self.fc.weight.dtype)
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2)
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+    def age_moments(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected age and the standard deviation of the predicted age distribution, both (N,) float32."""
+        p = logits.float().softmax(dim=1)
+        ages = self.class_ages.float()
+        mean = p @ ages
+        var = p @ ages.square() - mean.square()
+        return mean, var.clamp_min(0).sqrt()
+
+
+def chips_to_tensor(chips: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 chips -> (N, 3, 64, 64) uint8 tensor on ``device`` (normalised inside the network)."""
+    return torch.from_numpy(np.ascontiguousarray(chips)).to(device).permute(0, 3, 1, 2)
+
+
+def load_age_net(path: str | Path, device: str = "cpu") -> AgeNet:
+    """Build an :class:`AgeNet` sized to the head stored in ``path`` (an fp16 state dict) and load it for inference.
+
+    Weights are kept in float32 on CPU (fp16 convolutions are slow there) and cast to half on CUDA.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = AgeNet(n_classes=state["fc.weight"].shape[0])
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.eval().to(device)
+    return net.half() if device.startswith("cuda") else net
+
+
+def save_age_net(net: AgeNet, path: str | Path) -> None:
+    """Write ``net`` as the shipped format: an fp16 state dict (class ages included)."""
+    state = {k: v.detach().to("cpu", torch.float16) for k, v in net.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)

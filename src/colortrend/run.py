@@ -1,0 +1,277 @@
+"""What a run does, once for every runner: validate, lock, recover, plan, analyse, commit, aggregate, record.
+
+``run()`` is what ``colortrend run`` calls. Work is skipped when its completion marker says it was done with the
+same stage fingerprints, so cron can rerun the same command every night and only new or stale photos are analysed;
+with nothing to do no model is loaded.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from colortrend import __version__
+from colortrend.config import Config, to_dict
+from colortrend.errors import ConfigError
+from colortrend.io.discover import discover, photo_id_for
+from colortrend.io.lock import RunLock
+from colortrend.io.store import Store, write_json_atomic
+from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, status_counts
+
+log = logging.getLogger(__name__)
+ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
+
+
+@dataclass
+class Plan:
+    inputs: list[str]
+    tasks: list[ShardTask]
+    stale: list[str]  # committed shards whose fingerprints no longer match
+    committed_photos: int
+    fingerprint: str
+
+
+@dataclass
+class RunSummary:
+    photos: Counter = field(default_factory=Counter)  # this run's photos by status
+    faces: int = 0
+    persons: int = 0
+    shards: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    elapsed: float = 0.0
+    recovered: list[str] = field(default_factory=list)
+    aggregates: str = "skipped"
+
+    def line(self) -> str:
+        total = sum(self.photos.values())
+        by_status = ", ".join(f"{k} {v}" for k, v in sorted(self.photos.items(), key=lambda kv: -kv[1]))
+        return (f"{total} photos ({by_status or 'nothing new'}), {self.faces} faces, {self.persons} persons measured, "
+                f"{self.shards} shards, {self.elapsed:.1f} s")
+
+
+def check_environment(cfg: Config) -> None:
+    """Problems that must stop a run before anything is written."""
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
+    out = os.path.abspath(cfg.output)
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output: cannot write to {cfg.output} ({parent} is not a writable folder)")
+
+
+def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
+    inputs = discover(cfg.input.paths, exclude=cfg.output_path)
+    ids = [photo_id_for(p) for p in inputs]
+    path_of = dict(zip(ids, inputs))
+    current = pipeline.fingerprints()[pipeline.stages[-1].name]
+    done, stale_tasks, stale = set(), [], []
+    for shard_id, marker in store.markers().items():
+        if marker.get("fingerprint") == current and not full:
+            done.update(marker["photo_ids"])
+            continue
+        stale.append(shard_id)
+        keep = [pid for pid in marker["photo_ids"] if pid in path_of]
+        for task in shard_tasks(keep, [path_of[p] for p in keep], cfg.shard_size):
+            task.replaces = [shard_id]
+            stale_tasks.append(task)
+    in_stale = {pid for t in stale_tasks for pid in t.photo_ids}
+    new = [pid for pid in ids if pid not in done and pid not in in_stale]
+    tasks = stale_tasks + shard_tasks(new, [path_of[p] for p in new], cfg.shard_size)
+    return Plan(inputs, tasks, stale, len(done), current)
+
+
+def run(cfg: Config, executor: str = "local", full: bool = False, address: str | None = None,
+        progress: bool | None = None) -> RunSummary:
+    check_environment(cfg)
+    t0 = time.perf_counter()
+    store = Store(cfg.output)
+    pipeline = Pipeline(cfg)
+    the_plan = plan(cfg, pipeline, store, full)  # raises ConfigError on missing inputs, before any write
+    summary = RunSummary()
+    try:
+        store.prepare()
+    except OSError as exc:
+        raise ConfigError(f"output: cannot write to {cfg.output} ({exc.strerror or exc})") from None
+    with RunLock(cfg.output):
+        summary.recovered = store.recover()
+        for action in summary.recovered:
+            log.info("recovery: %s", action)
+        the_plan = plan(cfg, pipeline, store, full)  # again, under the lock: another run may have committed
+        if the_plan.tasks:
+            _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
+        summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks) or full)
+        summary.elapsed = time.perf_counter() - t0
+        _record(cfg, pipeline, store, the_plan, summary)
+    return summary
+
+
+def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, executor: str, address: str | None,
+             progress: bool | None, summary: RunSummary) -> None:
+    from tqdm import tqdm
+
+    from colortrend.models import pick_device
+    from colortrend.runners import get_runner
+
+    device = pick_device(cfg.device)
+    for stage in pipeline.stages:
+        stage.device = device
+    pending_ids = {pid for t in the_plan.tasks for pid in t.photo_ids}
+    seen = committed_hashes(store, exclude=pending_ids)
+    runner = get_runner(executor, **({"address": address} if executor == "ray" else {}))
+    total = sum(len(t.photo_ids) for t in the_plan.tasks)
+    fingerprints = pipeline.fingerprints()
+    by_id = {t.shard_id: t for t in the_plan.tasks}
+    with tqdm(total=total, unit="photo", desc="analyse", disable=None if progress is None else not progress) as bar:
+        for result in runner.execute(pipeline, the_plan.tasks, seen, bar):
+            task = by_id[result.shard_id]
+            marker = {
+                "photo_ids": task.photo_ids,
+                "fingerprint": the_plan.fingerprint,
+                "stages": fingerprints,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+                "replaces": task.replaces,
+            }
+            store.commit_shard(result.shard_id, result.tables, marker)
+            for old in marker["replaces"]:
+                if old != result.shard_id:
+                    store.drop_shard(old)
+            if result.failures:
+                _write_failures(store, result.shard_id, result.failures)
+            summary.shards += 1
+            summary.photos.update(status_counts(result.tables["photos"]))
+            summary.faces += result.tables["faces"].num_rows
+            summary.persons += result.tables["garments"].num_rows
+            for k, v in result.seconds.items():
+                summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+
+
+def committed_hashes(store: Store, exclude: set[str]) -> dict[str, str]:
+    """content_hash -> photo_id of every committed analysed photo (the first copy of those bytes)."""
+    photos = store.read_table("photos", columns=None)
+    if not photos.num_rows:
+        return {}
+    seen: dict[str, str] = {}
+    for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
+        if digest and status in ANALYSED and pid not in exclude:
+            seen.setdefault(digest, pid)
+    return seen
+
+
+def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
+    """Histograms and report from all committed rows; skipped when neither the rows nor their settings changed."""
+    markers = store.markers()
+    key = hashlib.sha256(json.dumps(
+        [sorted((k, m.get("created")) for k, m in markers.items()), to_dict(cfg.histograms), to_dict(cfg.report),
+         __version__], default=str).encode()).hexdigest()[:16]
+    state_path = store.root / "_aggregates.json"
+    report_index = store.root / "report" / "index.html"
+    if not force and report_index.exists() and state_path.exists():
+        try:
+            if json.loads(state_path.read_text()).get("key") == key:
+                return "up to date"
+        except (OSError, json.JSONDecodeError):
+            pass
+    write_aggregates(cfg, store)
+    write_json_atomic(state_path, {"key": key})
+    return "rebuilt"
+
+
+def write_aggregates(cfg: Config, store: Store) -> None:
+    from colortrend.stages.histograms import build_histograms
+    from colortrend.stages.report import write_report
+
+    garments = store.read_table("garments").to_pandas()
+    photos = store.read_table("photos").to_pandas()
+    faces = store.read_table("faces").to_pandas()
+    histograms = build_histograms(garments, cfg.histograms)
+    store.write_table("histograms", histograms)
+    write_report(store.root, histograms.to_pandas(), garments, photos, faces, run_info(cfg, store), cfg.report)
+
+
+def run_info(cfg: Config, store: Store) -> dict:
+    latest = store.root / "_runs" / "latest.json"
+    info = {"name": cfg.name, "version": __version__, "config": to_dict(cfg)}
+    try:
+        info["models"] = json.loads(latest.read_text()).get("models", {})
+    except (OSError, json.JSONDecodeError):
+        info["models"] = {}
+    return info
+
+
+def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summary: RunSummary) -> None:
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "name": cfg.name,
+        "finished": stamp.isoformat(timespec="seconds"),
+        "version": __version__,
+        "config": to_dict(cfg),
+        "models": pipeline.model_checksums(),
+        "fingerprints": pipeline.fingerprints(),
+        "inputs": len(the_plan.inputs),
+        "summary": {"photos": dict(summary.photos), "faces": summary.faces, "persons": summary.persons,
+                    "shards": summary.shards, "stale_shards": len(the_plan.stale),
+                    "stage_seconds": {k: round(v, 3) for k, v in summary.seconds.items()},
+                    "elapsed": round(summary.elapsed, 3), "recovered": summary.recovered,
+                    "aggregates": summary.aggregates},
+    }
+    write_json_atomic(store.root / "_runs" / f"{stamp:%Y%m%dT%H%M%S}-{os.getpid()}.json", record)
+    write_json_atomic(store.root / "_runs" / "latest.json", record)
+
+
+def _write_failures(store: Store, shard_id: str, failures: list[tuple[str, str, str, str]]) -> None:
+    from colortrend.io.store import write_text_atomic
+
+    lines = ["photo_id\tpath\tstatus\terror"] + ["\t".join(f) for f in failures]
+    write_text_atomic(store.root / "_logs" / f"{shard_id}.tsv", "\n".join(lines) + "\n")
+
+
+def status(cfg: Config) -> dict:
+    """Done / pending / stale work and photos by status, without loading any model."""
+    store = Store(cfg.output)
+    pipeline = Pipeline(cfg)
+    the_plan = plan(cfg, pipeline, store)
+    markers = store.markers()
+    photos = store.read_table("photos", columns=None) if markers else None
+    failures = sorted(p.name for p in (store.root / "_logs").glob("*.tsv")) if (store.root / "_logs").exists() else []
+    lock = store.root / "_lock"
+    return {
+        "output": str(store.root),
+        "inputs": len(the_plan.inputs),
+        "shards_committed": len(markers),
+        "shards_stale": len(the_plan.stale),
+        "photos_committed": the_plan.committed_photos,
+        "photos_pending": sum(len(t.photo_ids) for t in the_plan.tasks),
+        "photos_by_status": dict(status_counts(photos)) if photos is not None else {},
+        "faces": sum(m.get("rows", {}).get("faces", 0) for m in markers.values()),
+        "persons": sum(m.get("rows", {}).get("garments", 0) for m in markers.values()),
+        "failure_logs": failures,
+        "stage_fingerprints": pipeline.fingerprints(),
+        "running": lock.read_text() if lock.exists() else None,
+        "report": str(store.root / "report" / "index.html") if (store.root / "report" / "index.html").exists() else None,
+    }
+
+
+def read(output: str | os.PathLike, table: str):
+    """Committed rows of one output table as a pandas DataFrame (what notebooks should use)."""
+    return Store(output).read_table(table).to_pandas()
+
+
+def report(cfg: Config) -> str:
+    """Rebuild histograms and report from the committed rows."""
+    store = Store(cfg.output)
+    if not store.markers():
+        raise ConfigError(f"output: nothing committed in {cfg.output} yet; run `colortrend run` first")
+    with RunLock(cfg.output):
+        write_aggregates(cfg, store)
+    return str(store.root / "report" / "index.html")

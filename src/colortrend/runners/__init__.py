@@ -1,0 +1,29 @@
+"""Runners decide only *where* shards are analysed; planning, commits, markers and stats live in ``colortrend.run``."""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Protocol
+
+from colortrend.pipeline import Pipeline, ShardResult, ShardTask
+
+
+class Runner(Protocol):
+    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+                progress=None) -> Iterator[ShardResult]:
+        """Yield each shard's result as it completes; the caller commits it."""
+
+
+def get_runner(name: str, **options) -> Runner:
+    factories: dict[str, Callable[..., Runner]] = {"local": _local, "ray": _ray}
+    return factories[name](**options)
+
+
+def _local(**options) -> Runner:
+    from colortrend.runners.local import LocalRunner
+
+    return LocalRunner(**options)
+
+
+def _ray(**options) -> Runner:
+    from colortrend.runners.ray import RayRunner
+
+    return RayRunner(**options)

@@ -1,0 +1,13 @@
+"""In-process runner: shards one after another, models loaded once, decoding overlapped with inference."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from colortrend.pipeline import Pipeline, ShardResult, ShardTask
+
+
+class LocalRunner:
+    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+                progress=None) -> Iterator[ShardResult]:
+        for task in tasks:
+            yield pipeline.analyse_shard(task, seen, progress)

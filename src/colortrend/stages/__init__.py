@@ -1,0 +1,1 @@
+"""One module per pipeline stage; ``base.py`` holds the contract they share."""

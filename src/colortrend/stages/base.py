@@ -1,0 +1,100 @@
+"""The contract every stage follows.
+
+A *batch* is one shard's worth of photos held column-wise: ``dict[str, list]`` with one list entry per photo
+(the layout Ray Data calls a "numpy"/"pandas" batch, so the same stage objects run under either runner).
+
+* Photo-level columns hold one value per photo (``photo_id``, ``status``, ``image`` ...).
+* Face-level columns hold, per photo, a numpy array (or list) whose first dimension is that photo's face count
+  (``face_box``: (n, 4), ``age``: (n,) ...). A photo whose status is not ``ok`` has n = 0.
+
+Stages add columns and never drop rows: a photo that fails inside a stage gets ``status="error"`` and a message in
+``error`` instead of raising. Tables on disk are built from the columns named in each stage's declared schemas.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+Batch = dict[str, list]
+
+
+class Stage(ABC):
+    """One step of the per-photo chain: declared outputs, lazy model loading, a batch transform."""
+
+    name: ClassVar[str]
+    #: Columns this stage contributes to each output table (photos / faces / garments).
+    photo_fields: ClassVar[pa.Schema] = pa.schema([])
+    face_fields: ClassVar[pa.Schema] = pa.schema([])
+    garment_fields: ClassVar[pa.Schema] = pa.schema([])
+
+    def __init__(self, settings: Any = None, device: str = "cpu"):
+        self.settings = settings
+        self.device = device
+        self._ready = False
+
+    # Models load here, once per worker, not in __init__: stage objects must pickle cheaply for Ray.
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    @abstractmethod
+    def process(self, batch: Batch) -> Batch:
+        """Add this stage's columns to ``batch`` and return it."""
+
+    def __call__(self, batch: Batch) -> Batch:
+        self.ensure_setup()
+        return self.process(batch)
+
+    def model_files(self) -> list[str]:
+        """Paths of the weight files this stage uses (their checksums go into the fingerprint)."""
+        return []
+
+    def fingerprint_settings(self) -> Any:
+        """The settings that change this stage's output (override to leave out e.g. where inputs come from)."""
+        return self.settings
+
+    def fingerprint(self) -> str:
+        """Changes whenever this stage's settings or model change: stored in completion markers."""
+        h = hashlib.sha256(self.name.encode())
+        h.update(json.dumps(_plain(self.fingerprint_settings()), sort_keys=True, default=str).encode())
+        from colortrend.models import file_checksum
+
+        for path in self.model_files():
+            h.update(file_checksum(path).encode())
+        return h.hexdigest()[:16]
+
+    def __getstate__(self):  # drop loaded models when pickled to a Ray worker
+        state = self.__dict__.copy()
+        for key in [k for k in state if k.startswith("_model")]:
+            state[key] = None
+        state["_ready"] = False
+        return state
+
+
+def _plain(obj: Any) -> Any:
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return obj
+
+
+def ok_indices(batch: Batch) -> list[int]:
+    """Indices of photos still being analysed (decoded, not a duplicate, no error)."""
+    return [i for i, s in enumerate(batch["status"]) if s == "ok"]
+
+
+def fail(batch: Batch, i: int, message: str, status: str = "error") -> None:
+    """Mark photo ``i`` as failed with a one-line message; later stages skip it and it keeps no face rows."""
+    batch["status"][i] = status
+    batch["error"][i] = message
+    if "n_faces" in batch:
+        batch["n_faces"][i] = 0
