@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import torch
 from onnx import numpy_helper
 
@@ -84,16 +83,16 @@ def onnx_probabilities(session: ort.InferenceSession, chips: np.ndarray) -> np.n
 
 def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
     """Chips of the most confident face of ``per_csv`` random photos from each labels.csv, cut by the pipeline."""
-    from colortrend.evaluate.age import detect_and_cut
+    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
+    from colortrend.stages.align import AlignStage
 
     chips = []
     rng = np.random.default_rng(seed)
     for csv in label_csvs:
-        labels = pd.read_csv(csv)
-        rows = labels.iloc[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
-        paths = [str(csv.parent / p) for p in rows["path"]]
-        found = detect_and_cut(paths, device="cpu")
-        chips.extend(c for c in found if c is not None)
+        labels = read_labels(csv)
+        files = labels["file"].to_numpy()[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
+        batch = AlignStage()(detection_batch([load_rgb(f) for f in files], "cpu", EVAL_MIN_FACE_PX))
+        chips.extend(c[0] for c in batch["chips"] if len(c))
     return np.stack(chips)
 
 

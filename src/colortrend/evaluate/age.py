@@ -1,0 +1,207 @@
+"""``colortrend eval age``: score the project's own detect -> align -> age path against labelled photos.
+
+Each photo listed in a ``labels.csv`` (``path,age`` columns, paths relative to the CSV) is decoded as intake decodes
+it, its faces detected by the pipeline's MTCNN, cut into chips by :class:`~colortrend.stages.align.AlignStage`,
+and aged by :class:`~colortrend.stages.age.AgeStage`; the most confident face is the labelled one. Photos without
+a detected face count as ``missed`` and are not scored.
+
+The validation split (:func:`validation_mask`) is a fixed 15 % of each labelled folder chosen by a hash of the
+path: ``colortrend train age`` never trains on it, so ``--split val`` gives figures for faces the model has not
+seen.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from colortrend.stages.align import AlignSettings, AlignStage
+from colortrend.stages.base import Batch
+
+#: Age bands reported separately (inclusive bounds; None = no upper bound).
+AGE_BANDS: tuple[tuple[int, int | None], ...] = ((0, 12), (13, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, None))
+#: Ages of the 95后 cohort in 2016 (born 1995-1999): how many such faces land there matters most to the report.
+COHORT_WINDOW = (17, 21)
+#: Share of each labelled folder held out for validation.
+VALIDATION_FRACTION = 0.15
+#: Detection floor for evaluation photos: the labelled sets are face crops, faces are never tiny.
+EVAL_MIN_FACE_PX = 32
+
+Split = Literal["all", "train", "val"]
+
+
+def validation_mask(paths: Sequence[str], fraction: float = VALIDATION_FRACTION) -> np.ndarray:
+    """True for paths in the validation split: a stable hash of the path (as written in labels.csv)."""
+    buckets = [int.from_bytes(hashlib.sha1(p.encode()).digest()[:4], "big") % 10_000 for p in paths]
+    return np.array(buckets) < fraction * 10_000
+
+
+def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
+    """``path`` (as in the CSV), ``age`` and ``file`` (absolute path) of the rows of ``split``."""
+    labels_csv = Path(labels_csv)
+    labels = pd.read_csv(labels_csv, usecols=["path", "age"])
+    if split != "all":
+        val = validation_mask(labels["path"].tolist())
+        labels = labels[val if split == "val" else ~val]
+    labels = labels.reset_index(drop=True)
+    labels["file"] = [str(labels_csv.parent / p) for p in labels["path"]]
+    return labels
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decode a photo exactly as the pipeline's intake does (EXIF orientation applied, RGB uint8)."""
+    from colortrend.stages.intake import decode_image
+
+    with open(path, "rb") as f:
+        return decode_image(f.read(), max_pixels=60_000_000, max_side=2048)["image"]
+
+
+def detection_batch(images: list[np.ndarray], device: str, min_face_px: float, detector=None) -> Batch:
+    """A pipeline batch after the detect stage: images, landmarks (n, 10) and scores, faces by score descending."""
+    detector = detector or make_detector(device, min_face_px)
+    detections = detector.detect(images)
+    return {
+        "status": ["ok"] * len(images),
+        "error": [None] * len(images),
+        "image": images,
+        "det_score": [np.asarray(d.scores, np.float32) for d in detections],
+        "landmarks": [np.asarray(d.landmarks, np.float32).reshape(-1, 10) for d in detections],
+    }
+
+
+def make_detector(device: str, min_face_px: float):
+    """The pipeline's face detector."""
+    try:
+        from colortrend.models.mtcnn import FaceDetector
+    except ImportError:  # TEMPORARY until models/mtcnn.py lands
+        return _FacenetDetector(device, min_face_px)
+    return FaceDetector(device=device, min_face_px=min_face_px)
+
+
+class _FacenetDetector:  # TEMPORARY
+    def __init__(self, device, min_face_px):
+        from facenet_pytorch import MTCNN
+
+        self.m = MTCNN(min_face_size=int(min_face_px), keep_all=True, device=device)
+
+    def detect(self, images):
+        from types import SimpleNamespace
+
+        out = []
+        for im in images:
+            b, p, l = self.m.detect(im, landmarks=True)
+            if b is None:
+                b, p, l = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+            order = np.argsort(-p, kind="stable")
+            out.append(SimpleNamespace(boxes=b[order], scores=p[order], landmarks=l[order]))
+        return out
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def predict_ages(
+    labels_csv: str | Path,
+    device: str = "cpu",
+    weights: str = "default",
+    split: Split = "all",
+    batch_size: int = 32,
+    min_face_px: float = EVAL_MIN_FACE_PX,
+) -> pd.DataFrame:
+    """One row per listed photo: ``path``, ``age``, ``predicted_age`` (NaN where no face) and the face's quality.
+
+    Extra columns: ``age_sd``, ``det_score``, ``face_px``, ``sharpness``, ``yaw``, ``quality_ok``,
+    ``filter_reason`` (default :class:`AlignSettings` filters).
+    """
+    from colortrend.stages.age import AgeSettings, AgeStage
+
+    labels = read_labels(labels_csv, split)
+    detector = make_detector(device, min_face_px)
+    align = AlignStage(AlignSettings(), device)
+    age = AgeStage(AgeSettings(weights=weights), device)
+    columns = ("age_sd", "det_score", "face_px", "sharpness", "yaw", "quality_ok", "filter_reason")
+    rows: list[dict] = []
+    for part in _chunks(len(labels), batch_size):
+        images = [load_rgb(f) for f in labels["file"][part]]
+        batch = age(align(detection_batch(images, device, min_face_px, detector)))
+        for i in range(len(images)):
+            found = len(batch["age"][i]) > 0
+            row = {"predicted_age": float(batch["age"][i][0]) if found else np.nan}
+            for key in columns:
+                row[key] = batch[key][i][0] if found else None
+            rows.append(row)
+    predictions = pd.DataFrame(rows, index=labels.index)
+    return pd.concat([labels[["path", "age"]], predictions], axis=1)
+
+
+def age_metrics(predictions: pd.DataFrame) -> dict:
+    """Error figures of a :func:`predict_ages` table (faces scored = photos with a prediction).
+
+    ``mae``, ``median_ae``, ``bias`` (mean predicted - true), ``rmse``, ``n``, ``missed``, ``missed_rate``,
+    ``mae_by_band`` and ``n_by_band`` (true-age bands), ``window_17_21`` recall/precision (rounded predictions),
+    ``quality_ok`` (MAE and coverage of faces passing the quality filters) and ``filtered`` (per reason).
+    """
+    scored = predictions.dropna(subset=["predicted_age"])
+    err = scored["predicted_age"].to_numpy(float) - scored["age"].to_numpy(float)
+    true_age = scored["age"].to_numpy(float)
+    out: dict = {
+        "mae": _round(np.abs(err).mean()) if len(err) else None,
+        "median_ae": _round(np.median(np.abs(err))) if len(err) else None,
+        "bias": _round(err.mean()) if len(err) else None,
+        "rmse": _round(np.sqrt((err**2).mean())) if len(err) else None,
+        "n": int(len(scored)),
+        "missed": int(len(predictions) - len(scored)),
+        "missed_rate": _round((len(predictions) - len(scored)) / max(1, len(predictions)), 4),
+        "mae_by_band": {},
+        "n_by_band": {},
+    }
+    for lo, hi in AGE_BANDS:
+        name = f"{lo}-{hi}" if hi is not None else f"{lo}+"
+        in_band = (true_age >= lo) & (true_age <= (hi if hi is not None else np.inf))
+        out["n_by_band"][name] = int(in_band.sum())
+        out["mae_by_band"][name] = _round(np.abs(err[in_band]).mean()) if in_band.any() else None
+    lo, hi = COHORT_WINDOW
+    truly = (true_age >= lo) & (true_age <= hi)
+    predicted_age = np.floor(scored["predicted_age"].to_numpy(float) + 0.5)
+    landed = (predicted_age >= lo) & (predicted_age <= hi)
+    out[f"window_{lo}_{hi}"] = {
+        "recall": _round((truly & landed).sum() / truly.sum(), 4) if truly.any() else None,
+        "precision": _round((truly & landed).sum() / landed.sum(), 4) if landed.any() else None,
+        "n_true": int(truly.sum()),
+        "n_predicted": int(landed.sum()),
+    }
+    if "quality_ok" in scored:
+        ok = scored["quality_ok"].astype(bool).to_numpy()
+        out["quality_ok"] = {
+            "n": int(ok.sum()),
+            "coverage": _round(ok.mean(), 4) if len(ok) else None,
+            "mae": _round(np.abs(err[ok]).mean()) if ok.any() else None,
+        }
+        reasons = scored["filter_reason"].to_numpy(object)
+        out["filtered"] = {
+            str(r): {"n": int((reasons == r).sum()), "mae": _round(np.abs(err[reasons == r]).mean())}
+            for r in sorted({r for r in reasons if r is not None})
+        }
+    return out
+
+
+def _round(value: float, digits: int = 3) -> float:
+    return round(float(value), digits)
+
+
+def evaluate_age(
+    labels_csv: str | Path,
+    device: str = "cpu",
+    weights: str = "default",
+    split: Split = "all",
+    batch_size: int = 32,
+    min_face_px: float = EVAL_MIN_FACE_PX,
+) -> dict:
+    """:func:`age_metrics` of :func:`predict_ages` (same arguments)."""
+    return age_metrics(predict_ages(labels_csv, device, weights, split, batch_size, min_face_px))
