@@ -96,7 +96,7 @@ class Pipeline:
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
             pending = None
             for raw in batches:
-                future = pool.submit(self._timed, intake, raw, result.seconds)
+                future = pool.submit(timed, intake, raw, result.seconds)
                 if pending is not None:
                     parts.append(self._finish(pending.result(), models, seen, result, progress))
                 pending = future
@@ -109,7 +109,7 @@ class Pipeline:
                 progress) -> dict[str, pa.Table]:
         mark_duplicates(batch, seen)
         for stage in models:
-            batch = self._run_isolated(stage, batch, result.seconds)
+            batch = run_isolated(stage, batch, result.seconds)
         tables = build_tables(batch, self.schemas, self.cfg.privacy.salt if self.cfg.privacy.hash_paths else None)
         photos = tables["photos"]
         for pid, path, status, error in zip(*(photos[c].to_pylist() for c in ("photo_id", "path", "status", "error"))):
@@ -119,24 +119,24 @@ class Pipeline:
             progress.update(len(batch["photo_id"]))
         return tables
 
-    @staticmethod
-    def _timed(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
-        t0 = time.perf_counter()
-        out = stage(batch)
-        seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - t0
-        return out
 
-    def _run_isolated(self, stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
-        """Run a stage on the batch; if it raises, rerun photo by photo so only the culprit fails."""
-        try:
-            return self._timed(stage, batch, seconds)
-        except Exception as exc:  # noqa: BLE001 - a stage bug or bad photo must not stop the run
-            if len(batch["photo_id"]) == 1:
-                fail(batch, 0, f"{stage.name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-                return batch
-            log.warning("stage %s failed on a batch (%s); retrying photo by photo", stage.name, exc)
-        singles = [self._run_isolated(stage, _slice(batch, i), seconds) for i in range(len(batch["photo_id"]))]
-        return _merge(singles)
+def timed(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
+    t0 = time.perf_counter()
+    out = stage(batch)
+    seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - t0
+    return out
+
+
+def run_isolated(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
+    """Run a stage on the batch; if it raises, rerun photo by photo so only the culprit fails."""
+    try:
+        return timed(stage, batch, seconds)
+    except Exception as exc:  # noqa: BLE001 - a stage bug or bad photo must not stop the run
+        if len(batch["photo_id"]) == 1:
+            fail(batch, 0, f"{stage.name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
+            return batch
+        log.warning("stage %s failed on a batch (%s); retrying photo by photo", stage.name, exc)
+    return _merge([run_isolated(stage, _slice(batch, i), seconds) for i in range(len(batch["photo_id"]))])
 
 
 def mark_duplicates(batch: Batch, seen: dict[str, str]) -> None:
@@ -160,6 +160,15 @@ def shard_tasks(photo_ids: list[str], paths: list[str], shard_size: int) -> list
         shard_id = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
         tasks.append(ShardTask(shard_id, ids, paths[s:s + shard_size]))
     return tasks
+
+
+def sort_rows(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """Rows in (photo_id, face_idx) order, whatever order the runner produced them in: identical output tables."""
+    out = {}
+    for name, table in tables.items():
+        keys = [(k, "ascending") for k in ("photo_id", "face_idx") if k in table.column_names]
+        out[name] = table.sort_by(keys) if keys and table.num_rows else table
+    return out
 
 
 def status_counts(photos: pa.Table) -> Counter:

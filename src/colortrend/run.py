@@ -21,7 +21,7 @@ from colortrend.errors import ConfigError
 from colortrend.io.discover import discover, photo_id_for
 from colortrend.io.lock import RunLock
 from colortrend.io.store import Store, write_json_atomic
-from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, status_counts
+from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, sort_rows, status_counts
 
 log = logging.getLogger(__name__)
 ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
@@ -142,7 +142,7 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
                 "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                 "replaces": task.replaces,
             }
-            store.commit_shard(result.shard_id, result.tables, marker)
+            store.commit_shard(result.shard_id, sort_rows(result.tables), marker)
             for old in marker["replaces"]:
                 if old != result.shard_id:
                     store.drop_shard(old)

@@ -47,22 +47,27 @@ TEMPLATE_SCALE = 1.0
 TEMPLATE_SHIFT_Y = 0.0
 
 
-def chip_template(size: int = CHIP_SIZE) -> np.ndarray:
-    """Where the 5 landmarks land in a ``size`` x ``size`` chip, (5, 2) float64 pixel coordinates."""
+def chip_template(size: int = CHIP_SIZE, scale: float = TEMPLATE_SCALE, shift_y: float = TEMPLATE_SHIFT_Y) -> np.ndarray:
+    """Where the 5 landmarks land in a ``size`` x ``size`` chip, (5, 2) float64 pixel coordinates.
+
+    ``scale`` (about the landmarks' centre) and ``shift_y`` (in pixels of a 64-pixel chip, positive = down) adjust
+    dlib's mean face; the defaults are the values the shipped weights expect.
+    """
     unit = (CHIP_PADDING + MEAN_FACE_5) / (1 + 2 * CHIP_PADDING)
     centre = unit.mean(axis=0)
-    unit = centre + (unit - centre) * TEMPLATE_SCALE
-    return unit * size + np.array([0.0, TEMPLATE_SHIFT_Y * size / CHIP_SIZE])
+    unit = centre + (unit - centre) * scale
+    return unit * size + np.array([0.0, shift_y * size / CHIP_SIZE])
 
 
-def chip_transform(landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
+def chip_transform(landmarks: np.ndarray, size: int = CHIP_SIZE, template: np.ndarray | None = None) -> np.ndarray:
     """Least-squares similarity transform (rotation, uniform scale, shift; no reflection) from photo to chip.
 
-    ``landmarks``: (5, 2) x, y pixel coordinates in MTCNN order. Returns the (2, 3) matrix for ``cv2.warpAffine``
-    (Umeyama's closed form, so the result does not depend on a random sample as RANSAC estimators would).
+    ``landmarks``: (5, 2) x, y pixel coordinates in MTCNN order; ``template``: where they should land (default
+    :func:`chip_template`). Returns the (2, 3) matrix for ``cv2.warpAffine`` (closed-form least squares, so the
+    result does not depend on a random sample as RANSAC estimators would).
     """
     src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    dst = chip_template(size)
+    dst = chip_template(size) if template is None else np.asarray(template, dtype=np.float64)
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     s, d = src - src_mean, dst - dst_mean
     # For 2-D similarity the optimum has a closed form in the complex plane: dst ~ z * src.
@@ -81,15 +86,18 @@ def transform_scale(matrix: np.ndarray) -> float:
     return float(math.hypot(matrix[0, 0], matrix[1, 0]))
 
 
-def cut_chips(image: np.ndarray, landmarks: np.ndarray, size: int = CHIP_SIZE) -> np.ndarray:
+def cut_chips(
+    image: np.ndarray, landmarks: np.ndarray, size: int = CHIP_SIZE, template: np.ndarray | None = None
+) -> np.ndarray:
     """Cut one aligned chip per face: ``image`` (H, W, 3) uint8, ``landmarks`` (n, 5, 2) -> (n, size, size, 3) uint8.
 
-    Pixels outside the photo are black, as in dlib's ``extract_image_chip``.
+    Pixels outside the photo are black, as in dlib's ``extract_image_chip``. ``template`` as in
+    :func:`chip_transform` (only the template search passes one).
     """
     landmarks = np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
     chips = np.zeros((len(landmarks), size, size, 3), dtype=np.uint8)
     for k, points in enumerate(landmarks):
-        chips[k] = _cut_one(image, chip_transform(points, size), size)
+        chips[k] = _cut_one(image, chip_transform(points, size, template), size)
     return chips
 
 

@@ -1,0 +1,113 @@
+"""Benchmark: the whole colortrend pipeline vs the bare facenet-pytorch MTCNN loop, on the same photos.
+
+Both run as fresh processes (cold: imports and model loading included), one after the other, on the same device.
+Prints one JSON object: photos/s of each (over the whole process and over the processing loop alone), their
+ratio, colortrend's time per stage, and peak resident memory of each process.
+
+    python scripts/bench.py data/demo --device cpu --repeat 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FACENET_LOOP = r"""
+import json, sys, time
+from pathlib import Path
+import torch
+from PIL import Image
+from facenet_pytorch import MTCNN
+paths = sorted(p for p in Path(sys.argv[1]).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+mtcnn = MTCNN(keep_all=True, device=sys.argv[2], min_face_size=int(sys.argv[3]))
+t0 = time.perf_counter()
+faces = 0
+for p in paths:
+    boxes, probs, landmarks = mtcnn.detect(Image.open(p).convert("RGB"), landmarks=True)
+    faces += 0 if boxes is None else len(boxes)
+print(json.dumps({"photos": len(paths), "faces": faces, "loop_s": time.perf_counter() - t0}))
+"""
+
+
+def timed_process(cmd: list[str], env: dict) -> tuple[float, str, float]:
+    """Wall seconds, stdout and peak RSS (MB) of one fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        ["/usr/bin/env", "python", "-c",
+         "import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:], capture_output=True, text=True);"
+         "sys.stderr.write(p.stderr); print(p.stdout);"
+         "print(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}));"
+         "sys.exit(p.returncode)", *cmd],
+        capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    return wall, "\n".join(lines[:-1]), json.loads(lines[-1])["peak_mb"]
+
+
+def run_colortrend(photos: Path, device: str, env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.yaml"
+        config.write_text(json.dumps({"name": "bench", "input": {"paths": [str(photos)], "year": 2016},
+                                      "output": str(Path(tmp) / "out"), "device": device}))
+        wall, _, peak = timed_process([sys.executable, "-m", "colortrend.cli", "run", str(config), "--no-progress"], env)
+        record = json.loads((Path(tmp) / "out" / "_runs" / "latest.json").read_text())
+    summary = record["summary"]
+    photos_n = sum(summary["photos"].values())
+    stages = summary["stage_seconds"]
+    return {"wall_s": wall, "photos": photos_n, "faces": summary["faces"], "persons": summary["persons"],
+            "stage_s": stages, "analyse_s": sum(stages.values()), "peak_mb": peak}
+
+
+def run_facenet(photos: Path, device: str, min_face: int, env: dict) -> dict:
+    wall, out, peak = timed_process([sys.executable, "-c", FACENET_LOOP, str(photos), device, str(min_face)], env)
+    result = json.loads(out.splitlines()[-1])
+    return {"wall_s": wall, "photos": result["photos"], "faces": result["faces"], "loop_s": result["loop_s"],
+            "peak_mb": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("photos", type=Path, help="folder of photos")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
+    ap.add_argument("--facenet-min-face", type=int, default=20, help="facenet-pytorch's default min_face_size")
+    args = ap.parse_args()
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    runs = {"colortrend": [], "facenet": []}
+    for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both alike
+        runs["colortrend"].append(run_colortrend(args.photos, args.device, env))
+        runs["facenet"].append(run_facenet(args.photos, args.device, args.facenet_min_face, env))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    n = runs["colortrend"][0]["photos"]
+    ct_wall, fn_wall = med("colortrend", "wall_s"), med("facenet", "wall_s")
+    ct_loop, fn_loop = med("colortrend", "analyse_s"), med("facenet", "loop_s")
+    stage_names = runs["colortrend"][0]["stage_s"].keys()
+    print(json.dumps({
+        "photos": n,
+        "device": args.device,
+        "repeat": args.repeat,
+        "colortrend": {"photos_per_s_process": n / ct_wall, "photos_per_s_analysis": n / ct_loop,
+                       "wall_s": ct_wall, "peak_mb": med("colortrend", "peak_mb"),
+                       "faces": runs["colortrend"][0]["faces"], "persons": runs["colortrend"][0]["persons"],
+                       "stage_s": {s: statistics.median(r["stage_s"][s] for r in runs["colortrend"]) for s in stage_names}},
+        "facenet_mtcnn_loop": {"photos_per_s_process": n / fn_wall, "photos_per_s_loop": n / fn_loop,
+                               "wall_s": fn_wall, "peak_mb": med("facenet", "peak_mb"),
+                               "faces": runs["facenet"][0]["faces"], "min_face_size": args.facenet_min_face},
+        "ratio_process": fn_wall / ct_wall,
+        "ratio_loop": fn_loop / ct_loop,
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,672 @@
+"""Cohort and age-bucket colour histograms: the statistics behind "what colour do the 95后 wear most?".
+
+Runs once after all photos, on the ``garments`` table; the result is the ``histograms/`` table (``HISTOGRAM_SCHEMA``),
+one row per (group, colour bin).
+
+Who is counted
+    Each measured person whose face passed the quality filters (``quality_ok``) and who has an age. A photo stored
+    under several names counts once: a person is keyed by the photo's ``content_hash`` and ``face_idx``.
+
+Groups
+    Ages are rounded to whole years (the age labels the model learnt from are whole years) and
+    birth year = ``taken_year`` - age. A cohort ``(label, first, last)`` holds birth years first..last inclusive, so
+    the 95后 of a 2016 photo collection are ages 17-21. An age bucket of width w holds whole-year ages j*w .. j*w+w-1.
+
+Colour bins
+    ``palette``: the nearest colour of the curated named palette by CIEDE2000 (bins read "black", "camel", ...);
+    ``grid``: a cell of a regular CIELAB grid. A cell's representative colour is the median L*, a*, b* of its
+    persons (robust to the odd mis-measured garment) converted to sRGB; cells that are suppressed or empty show the
+    median of the whole bin instead (or the bin's nominal colour when no photographed person falls in it).
+
+Shares and intervals
+    share = persons in the cell / persons in the group; ``rank`` orders the published cells of a group by share.
+    The interval is a percentile bootstrap over the group's persons. Resampling n persons with replacement makes the
+    cell counts Multinomial(n, observed shares), which is drawn directly: the same bootstrap at a fraction of the
+    cost. Each group's generator is seeded from ``seed`` and the group's name, so adding a cohort never moves
+    another cohort's interval. lift = share in the group / share of the same bin among all other groups of that kind.
+
+Suppression (privacy and reliability)
+    A cell with fewer than ``min_persons`` persons, empty ones included, is suppressed: its counts, shares, interval,
+    lift and rank are null and ``suppressed_reason`` says why. Group totals stay published, so when a group's
+    suppressed cells hide persons in a single cell (its count would follow by subtraction) the smallest published
+    cell of that group is suppressed too.
+
+Age error: ``persons_soft`` / ``share_soft``
+    A 5-year cohort is narrow next to an age error of several years, so counting each person in the cohort of their
+    point estimate blurs cohorts into each other (and a biased age model shifts them). The corrected columns are the
+    maximum-likelihood cohort x colour table under a measurement model of the age error, fitted by EM
+    (deconvolution of the misclassification), not a plain soft assignment: spreading each person over cohorts by
+    their age uncertainty alone would blur the table a second time instead of undoing the blur.
+
+    * Measurement model: predicted age ~ Normal(true + bias(true), sd(true)) where bias and sd are measured on
+      labelled faces (``age_calibration_path``: the CSV of ``colortrend eval age --save-predictions``, smoothed over
+      true age), else Normal(true, ``age_sd``) with the age model's own per-face uncertainty (no bias correction).
+    * Within a group, true ages are taken as uniform over its whole years; birth years outside every cohort (and
+      ages beyond the last bucket) form extra, unpublished groups so no person is forced into a cohort.
+    * EM: each person's posterior over groups is proportional to the likelihood of their predicted age times the
+      current share of (group, their colour bin); the table is the sum of the posteriors; repeat to convergence.
+      ``persons_soft`` are these expected counts (over all groups, including the unpublished ones, they sum to the
+      persons counted) and ``share_soft`` their share within the group. They have no interval: the bootstrap covers
+      the raw shares only, and a deconvolved share is less certain than the raw one.
+
+Sales blend
+    An optional sales table (buyer birth year, item colour as r, g, b or a palette name, quantity) is binned the same
+    way into cohorts; ``sales_share`` = quantity in the cell / quantity of the cohort, and the blended ranking
+    orders ``blended_share`` = (1 - ``sales_weight``) * share + ``sales_weight`` * sales_share (published cells of
+    cohorts with sales only).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from numpy.typing import NDArray
+from scipy.special import ndtr
+
+from colortrend.color.names import PALETTE
+from colortrend.color.names import nearest_name
+from colortrend.color.space import delta_e2000, lab_to_rgb, rgb_to_lab, to_uint8
+
+GroupType = Literal["cohort", "age_bucket"]
+
+DEFAULT_COHORTS: tuple[tuple[str, int, int], ...] = (
+    ("70后", 1970, 1979),
+    ("80后", 1980, 1984),
+    ("85后", 1985, 1989),
+    ("90后", 1990, 1994),
+    ("95后", 1995, 1999),
+    ("00后", 2000, 2009),
+)
+#: True ages (whole years) the age-error model ranges over.
+MAX_TRUE_AGE = 110
+#: Smallest age spread used in the likelihood: below half a year the whole-year age grid cannot resolve it.
+MIN_AGE_SD = 0.5
+#: Kernel width (years of true age) over which the labelled faces' bias and spread are averaged.
+CALIBRATION_BANDWIDTH = 3.0
+#: Fewest labelled faces accepted for an age calibration.
+MIN_CALIBRATION_FACES = 30
+#: EM stops when no table entry moves by more than this fraction of the persons (or after EM_MAX_ITER rounds).
+EM_TOL = 1e-7
+EM_MAX_ITER = 5000
+#: Persons whose likelihoods are computed at once (bounds memory to ~20 MB).
+CHUNK = 20_000
+
+HISTOGRAM_SCHEMA = pa.schema(
+    [
+        pa.field("group_type", pa.string(), nullable=False),  # "cohort" or "age_bucket"
+        pa.field("group", pa.string(), nullable=False),  # "95后", "20-24"
+        pa.field("group_first", pa.int32(), nullable=False),  # cohort: first birth year; bucket: first age
+        pa.field("group_last", pa.int32(), nullable=False),  # cohort: last birth year; bucket: last age
+        pa.field("group_persons", pa.int64(), nullable=False),  # persons counted in the group
+        pa.field("bin_id", pa.string(), nullable=False),
+        pa.field("rep_r", pa.uint8(), nullable=False),
+        pa.field("rep_g", pa.uint8(), nullable=False),
+        pa.field("rep_b", pa.uint8(), nullable=False),
+        pa.field("color_name", pa.string(), nullable=False),
+        pa.field("color_name_zh", pa.string(), nullable=False),
+        pa.field("persons", pa.int64()),
+        pa.field("share", pa.float64()),
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+        pa.field("lift", pa.float64()),  # null where the bin is absent from all other groups
+        pa.field("rank", pa.int32()),  # 1 = most worn among the group's published cells
+        pa.field("suppressed", pa.bool_(), nullable=False),
+        pa.field("suppressed_reason", pa.string()),
+        pa.field("persons_soft", pa.float64()),  # corrected for age error (see the module docstring)
+        pa.field("share_soft", pa.float64()),
+        pa.field("sales_quantity", pa.float64()),  # cohorts only, when a sales table is given
+        pa.field("sales_share", pa.float64()),
+        pa.field("blended_share", pa.float64()),
+        pa.field("blended_rank", pa.int32()),
+    ]
+)
+
+SALES_SCHEMA = pa.schema(
+    [
+        pa.field("group", pa.string(), nullable=False),
+        pa.field("bin_id", pa.string(), nullable=False),
+        pa.field("color_name", pa.string(), nullable=False),
+        pa.field("color_name_zh", pa.string(), nullable=False),
+        pa.field("quantity", pa.float64(), nullable=False),
+        pa.field("sales_share", pa.float64(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class HistogramSettings:
+    # Birth cohorts as (label, first birth year, last birth year), inclusive and non-overlapping; report order.
+    cohorts: tuple[tuple[str, int, int], ...] = DEFAULT_COHORTS
+    # Width of the age buckets in whole years.
+    age_bucket_years: int = 5
+    # Which garment colour of a person is counted: the dominant colour of all garments, or upper/lower garment only.
+    colour: Literal["dominant", "upper", "lower"] = "dominant"
+    # Colour bins: nearest colour of the named palette (CIEDE2000), or cells of a regular CIELAB grid.
+    bins: Literal["palette", "grid"] = "palette"
+    # Edge of a grid cell in CIELAB units (bins: grid).
+    grid_step: float = 10.0
+    # Cells with fewer persons than this are suppressed (counts hidden, marked with the reason).
+    min_persons: int = 10
+    # Bootstrap resamples behind each confidence interval.
+    bootstrap: int = 1000
+    # Confidence level of the intervals.
+    ci: float = 0.95
+    # Seed of the bootstrap.
+    seed: int = 0
+    # Predictions CSV of `colortrend eval age --save-predictions` (path,age,predicted_age): measured age error used
+    # for the corrected shares; without it the age model's own age_sd is used.
+    age_calibration_path: str | None = None
+    # Optional sales table (CSV or Parquet): birth_year, quantity, and r,g,b or color_name.
+    sales_path: str | None = None
+    # Weight of the sales share in the blended ranking (0 = photos only, 1 = sales only).
+    sales_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        labels = [c[0] for c in self.cohorts]
+        if not labels:
+            raise ValueError("cohorts: at least one cohort is needed")
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise ValueError("cohorts: labels must be unique and non-empty")
+        for label, first, last in self.cohorts:
+            if first > last:
+                raise ValueError(f"cohorts: {label} ends ({last}) before it starts ({first})")
+        spans = sorted((first, last, label) for label, first, last in self.cohorts)
+        for (_, last, label), (first, _, next_label) in zip(spans, spans[1:]):
+            if first <= last:
+                raise ValueError(f"cohorts: {label} and {next_label} overlap")
+        if self.age_bucket_years < 1:
+            raise ValueError("age_bucket_years: must be at least 1")
+        if not 1.0 <= self.grid_step <= 100.0:
+            raise ValueError("grid_step: must lie in 1-100 CIELAB units")
+        if self.min_persons < 1:
+            raise ValueError("min_persons: must be at least 1")
+        if self.bootstrap < 1:
+            raise ValueError("bootstrap: must be at least 1")
+        if not 0.0 < self.ci < 1.0:
+            raise ValueError("ci: must lie strictly between 0 and 1")
+        if not 0.0 <= self.sales_weight <= 1.0:
+            raise ValueError("sales_weight: must lie in 0-1")
+
+
+# ---------------------------------------------------------------------------------------------------------- persons
+def select_persons(garments: pd.DataFrame, settings: HistogramSettings) -> pd.DataFrame:
+    """The persons the statistics count, one row each: ``age``, ``age_sd``, ``taken_year`` and CIELAB ``l, a, b``.
+
+    Keeps faces with ``quality_ok`` (when the column is present), an age, a year and the chosen garment colour;
+    drops repeated (content_hash, face_idx) keys, keeping the first photo_id.
+    """
+    rgb_cols = [f"{settings.colour}_{c}" for c in "rgb"]
+    missing = [c for c in ("photo_id", "face_idx", "age", "taken_year", *rgb_cols) if c not in garments.columns]
+    if missing:
+        raise ValueError(f"garments table lacks column(s): {', '.join(missing)}")
+    df = garments
+    if "quality_ok" in df.columns:
+        df = df[df["quality_ok"].fillna(False).astype(bool)]
+    df = df.dropna(subset=["age", "taken_year", *rgb_cols])
+    key = df["content_hash"].fillna(df["photo_id"]) if "content_hash" in df.columns else df["photo_id"]
+    df = df.assign(_key=key).sort_values(["photo_id", "face_idx"], kind="stable")
+    df = df.drop_duplicates(["_key", "face_idx"])
+
+    lab = rgb_to_lab(df[rgb_cols].to_numpy(np.float64))
+    lab_cols = [f"{settings.colour}_{c}" for c in "lab"]
+    if all(c in df.columns for c in lab_cols):  # k-means centres: more precise than their 8-bit rounding
+        stored = df[lab_cols].to_numpy(np.float64, na_value=np.nan)
+        lab = np.where(np.isnan(stored), lab, stored)
+    age_sd = df["age_sd"].to_numpy(np.float64, na_value=np.nan) if "age_sd" in df.columns else np.nan
+    return pd.DataFrame(
+        {
+            "age": df["age"].to_numpy(np.float64),
+            "age_sd": age_sd,
+            "taken_year": df["taken_year"].to_numpy(np.int64),
+            "l": lab[:, 0],
+            "a": lab[:, 1],
+            "b": lab[:, 2],
+        }
+    )
+
+
+def whole_years(age: NDArray) -> NDArray[np.int64]:
+    """Ages rounded to whole years, halves up (so group edges sit at x.5 years of the continuous estimate)."""
+    return np.floor(np.asarray(age, dtype=np.float64) + 0.5).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------------ colour bins
+@dataclass(frozen=True)
+class _Bins:
+    """The colour bins in use, in a fixed order (palette order, or grid cells by L*, a*, b*)."""
+
+    keys: NDArray[np.int64]  # sortable integer key of each bin
+    ids: list[str]
+    nominal_lab: NDArray[np.float64]  # (k, 3): palette colour or grid-cell centre
+
+
+_GRID_SPAN = 512  # grid indices of a* and b* (|a|, |b| < 256 / grid_step) are offset into 0..511
+
+
+def _palette_lab() -> NDArray[np.float64]:
+    return rgb_to_lab(np.array([entry.rgb for entry in PALETTE], dtype=np.float64))
+
+
+def _bin_keys(lab: NDArray[np.float64], settings: HistogramSettings) -> NDArray[np.int64]:
+    """Integer bin key of each CIELAB colour: palette index, or the grid cell packed so keys sort by (L*, a*, b*)."""
+    if len(lab) == 0:
+        return np.zeros(0, dtype=np.int64)
+    if settings.bins == "palette":
+        palette = _palette_lab()
+        keys = np.empty(len(lab), dtype=np.int64)
+        for start in range(0, len(lab), CHUNK):
+            part = lab[start : start + CHUNK]
+            keys[start : start + CHUNK] = np.argmin(delta_e2000(part[:, None, :], palette[None, :, :]), axis=1)
+        return keys
+    cell = np.floor(lab / settings.grid_step).astype(np.int64)
+    return (cell[:, 0] * _GRID_SPAN + cell[:, 1] + _GRID_SPAN // 2) * _GRID_SPAN + cell[:, 2] + _GRID_SPAN // 2
+
+
+def _make_bins(keys: NDArray[np.int64], settings: HistogramSettings) -> _Bins:
+    keys = np.unique(keys)
+    if settings.bins == "palette":
+        nominal = _palette_lab()[keys]
+        ids = [PALETTE[k].en for k in keys]
+    else:
+        half = _GRID_SPAN // 2
+        cell = np.stack([keys // _GRID_SPAN**2, keys // _GRID_SPAN % _GRID_SPAN - half, keys % _GRID_SPAN - half], 1)
+        nominal = (cell + 0.5) * settings.grid_step
+        ids = [f"lab({l:g},{a:g},{b:g})" for l, a, b in nominal]
+    return _Bins(keys=keys, ids=ids, nominal_lab=nominal)
+
+
+# ----------------------------------------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class _Groups:
+    """The groups of one kind, plus unpublished filler groups so that every true age 0..MAX_TRUE_AGE has a group."""
+
+    group_type: GroupType
+    labels: list[str]  # published groups first, in report order
+    first: list[int]
+    last: list[int]
+    n_published: int
+    # Per person and group, the whole-year true ages the group spans: (persons, groups); lo > hi means none.
+    lo: NDArray[np.int64]
+    hi: NDArray[np.int64]
+
+
+def _cohort_groups(taken_year: NDArray[np.int64], settings: HistogramSettings) -> _Groups:
+    cohorts = list(settings.cohorts)
+    # Birth years no cohort covers become filler groups (the same segments in every photo year).
+    start = int(taken_year.min(initial=2000)) - MAX_TRUE_AGE
+    end = int(taken_year.max(initial=2000))
+    fillers, cursor = [], start
+    for _, first, last in sorted(cohorts, key=lambda c: c[1]):
+        if first > cursor:
+            fillers.append(("", cursor, first - 1))
+        cursor = max(cursor, last + 1)
+    if cursor <= end:
+        fillers.append(("", cursor, end))
+    spans = cohorts + fillers
+    first = np.array([s[1] for s in spans])
+    last = np.array([s[2] for s in spans])
+    t = taken_year[:, None]
+    return _Groups("cohort", [s[0] for s in cohorts], list(first[: len(cohorts)]), list(last[: len(cohorts)]),
+                   len(cohorts), lo=t - last[None, :], hi=t - first[None, :])
+
+
+def _bucket_groups(age: NDArray[np.float64], settings: HistogramSettings) -> _Groups:
+    w = settings.age_bucket_years
+    top = int(whole_years(age).max(initial=0)) // w  # index of the oldest bucket anybody is estimated in
+    first = np.arange(top + 1) * w
+    last = first + w - 1
+    labels = [f"{f}-{l}" for f, l in zip(first, last)]
+    lo = np.append(first, last[-1] + 1)  # filler: true ages beyond the oldest bucket
+    hi = np.append(last, MAX_TRUE_AGE)
+    n = len(age)
+    return _Groups("age_bucket", labels, list(first), list(last), top + 1,
+                   lo=np.broadcast_to(lo, (n, len(lo))), hi=np.broadcast_to(hi, (n, len(hi))))
+
+
+def _hard_group(age: NDArray[np.float64], groups: _Groups) -> NDArray[np.int64]:
+    """Index of the group holding each person's point estimate (always exists: the groups tile 0..MAX_TRUE_AGE)."""
+    years = np.clip(whole_years(age), 0, MAX_TRUE_AGE)[:, None]
+    inside = (groups.lo <= years) & (years <= groups.hi)
+    return np.argmax(inside, axis=1)
+
+
+# ------------------------------------------------------------------------------------------------------- age error
+@dataclass(frozen=True, eq=False)
+class AgeCalibration:
+    """How the age model errs, measured on labelled faces: predicted ~ Normal(true + bias(true), sd(true))."""
+
+    bias: NDArray[np.float64]  # (MAX_TRUE_AGE + 1,) mean of predicted - true, per whole-year true age
+    sd: NDArray[np.float64]  # (MAX_TRUE_AGE + 1,) spread of predicted - true around that mean
+    faces: int  # labelled faces it was measured on
+
+    @classmethod
+    def from_predictions(cls, true_age: NDArray, predicted_age: NDArray) -> AgeCalibration:
+        """Kernel-smoothed (Gaussian, ``CALIBRATION_BANDWIDTH`` years) bias and spread as functions of true age.
+
+        Smoothing over the *true* age keeps the measurement independent of the labelled set's age mix. Ages beyond
+        the labelled range take the values at its nearest end.
+        """
+        true_age = np.asarray(true_age, dtype=np.float64)
+        predicted_age = np.asarray(predicted_age, dtype=np.float64)
+        keep = np.isfinite(true_age) & np.isfinite(predicted_age)
+        true_age, error = true_age[keep], predicted_age[keep] - true_age[keep]
+        if len(true_age) < MIN_CALIBRATION_FACES:
+            raise ValueError(f"age calibration: {len(true_age)} labelled faces, at least {MIN_CALIBRATION_FACES} needed")
+        grid = np.clip(np.arange(MAX_TRUE_AGE + 1.0), true_age.min(), true_age.max())
+        w = np.exp(-0.5 * ((grid[:, None] - true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2)
+        w /= w.sum(axis=1, keepdims=True)
+        bias = w @ error
+        sd = np.sqrt(np.einsum("gn,gn->g", w, (error[None, :] - bias[:, None]) ** 2))
+        return cls(bias=bias, sd=np.maximum(sd, MIN_AGE_SD), faces=int(len(true_age)))
+
+
+def load_age_calibration(path: str | Path) -> AgeCalibration:
+    """Read the predictions CSV of ``colortrend eval age --save-predictions`` (rows without a prediction skipped)."""
+    df = pd.read_csv(path)
+    missing = [c for c in ("age", "predicted_age") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: age calibration lacks column(s): {', '.join(missing)}")
+    return AgeCalibration.from_predictions(df["age"].to_numpy(np.float64), df["predicted_age"].to_numpy(np.float64))
+
+
+def _group_likelihood(persons: pd.DataFrame, groups: _Groups, calibration: AgeCalibration | None) -> NDArray:
+    """P(predicted age | group) per person and group: the age-error density averaged over the group's true ages.
+
+    Persons without any usable spread (no calibration and no ``age_sd``) get a one-hot row: their group is taken
+    as known.
+    """
+    predicted = persons["age"].to_numpy(np.float64)
+    true = np.arange(MAX_TRUE_AGE + 1.0)
+    if calibration is not None:
+        mean = true + calibration.bias
+        sd = np.broadcast_to(calibration.sd, (len(predicted), len(true)))
+    else:
+        mean = true
+        sd = np.maximum(persons["age_sd"].to_numpy(np.float64), MIN_AGE_SD)[:, None] + np.zeros_like(true)
+    lik = np.empty(groups.lo.shape)
+    for s in range(0, len(predicted), CHUNK):
+        z = (predicted[s : s + CHUNK, None] - mean[None, :]) / sd[s : s + CHUNK]
+        density = np.exp(-0.5 * z**2) / sd[s : s + CHUNK]
+        cum = np.concatenate([np.zeros((len(z), 1)), np.cumsum(density, axis=1)], axis=1)
+        lo = np.clip(groups.lo[s : s + CHUNK], 0, MAX_TRUE_AGE + 1)
+        hi = np.clip(groups.hi[s : s + CHUNK] + 1, 0, MAX_TRUE_AGE + 1)
+        span = np.maximum(hi - lo, 0)
+        total = np.take_along_axis(cum, np.maximum(hi, lo), 1) - np.take_along_axis(cum, lo, 1)
+        lik[s : s + CHUNK] = np.where(span > 0, total / np.maximum(span, 1), 0.0)
+    unknown = ~np.isfinite(lik).all(axis=1) | (lik.sum(axis=1) <= 0)
+    if unknown.any():
+        hard = _hard_group(predicted[unknown], _subset(groups, unknown))
+        lik[unknown] = np.eye(lik.shape[1])[hard]
+    return lik
+
+
+def _subset(groups: _Groups, rows: NDArray[np.bool_]) -> _Groups:
+    return _Groups(groups.group_type, groups.labels, groups.first, groups.last, groups.n_published,
+                   lo=groups.lo[rows], hi=groups.hi[rows])
+
+
+def deconvolve(likelihood: NDArray, bins: NDArray[np.int64], n_bins: int) -> NDArray[np.float64]:
+    """Maximum-likelihood (group x bin) person counts, given P(observed age | group) per person, by EM.
+
+    ``likelihood``: (persons, groups); ``bins``: each person's bin index. Returns (groups, bins) expected counts
+    summing to the number of persons.
+    """
+    n, n_groups = likelihood.shape
+    if n == 0:
+        return np.zeros((n_groups, n_bins))
+    # Start from a flat prior over groups: the first E-step is the plain soft assignment.
+    table = np.bincount(bins, minlength=n_bins)[None, :] / n_groups * np.ones((n_groups, 1))
+    for _ in range(EM_MAX_ITER):
+        post = likelihood * table[:, bins].T
+        norm = post.sum(axis=1, keepdims=True)
+        # A person whose plausible groups have all lost their share keeps their likelihood (never 0 / 0).
+        post = np.where(norm > 0, post / np.where(norm > 0, norm, 1), likelihood / likelihood.sum(1, keepdims=True))
+        new = np.stack([np.bincount(bins, weights=post[:, g], minlength=n_bins) for g in range(n_groups)])
+        converged = np.abs(new - table).max() <= EM_TOL * n
+        table = new
+        if converged:
+            break
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------- sales
+def load_sales(path: str | Path) -> pd.DataFrame:
+    """Read a sales table (``.csv`` or ``.parquet``) and check its columns (see ``build_sales_histograms``)."""
+    path = Path(path)
+    sales = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") or path.is_dir() else pd.read_csv(path)
+    _check_sales(sales, str(path))
+    return sales
+
+
+def _check_sales(sales: pd.DataFrame, where: str) -> None:
+    missing = [c for c in ("birth_year", "quantity") if c not in sales.columns]
+    has_rgb = all(c in sales.columns for c in "rgb")
+    if not has_rgb and "color_name" not in sales.columns:
+        missing.append("r,g,b or color_name")
+    if missing:
+        raise ValueError(f"{where}: sales table lacks column(s): {', '.join(missing)}")
+    if (sales["quantity"] < 0).any():
+        raise ValueError(f"{where}: sales quantity must not be negative")
+
+
+def _sales_lab(sales: pd.DataFrame) -> NDArray[np.float64]:
+    """CIELAB of each sales row: its r, g, b where all three are given, else its palette name (English or Chinese)."""
+    lab = np.full((len(sales), 3), np.nan)
+    if all(c in sales.columns for c in "rgb"):
+        rgb = sales[list("rgb")].to_numpy(np.float64, na_value=np.nan)
+        given = np.isfinite(rgb).all(axis=1)
+        lab[given] = rgb_to_lab(rgb[given])
+    todo = np.isnan(lab[:, 0])
+    if todo.any():
+        lookup = {e.en.casefold(): i for i, e in enumerate(PALETTE)} | {e.zh: i for i, e in enumerate(PALETTE)}
+        names = sales.loc[todo, "color_name"] if "color_name" in sales.columns else pd.Series([None] * todo.sum())
+        idx = [lookup.get(str(n).strip().casefold(), -1) if pd.notna(n) else -1 for n in names]
+        unknown = sorted({str(n) for n, i in zip(names, idx) if i < 0})
+        if unknown:
+            raise ValueError(f"sales: colour(s) neither r,g,b nor a palette name: {', '.join(unknown[:5])}")
+        lab[todo] = _palette_lab()[idx]
+    return lab
+
+
+def _sales_cells(sales: pd.DataFrame, settings: HistogramSettings) -> tuple[NDArray, NDArray, NDArray]:
+    """(cohort index, bin key, quantity) of each sales row inside a cohort."""
+    _check_sales(sales, "sales")
+    birth = sales["birth_year"].to_numpy(np.float64)
+    cohort = np.full(len(sales), -1)
+    for c, (_, first, last) in enumerate(settings.cohorts):
+        cohort[(birth >= first) & (birth <= last)] = c
+    keep = cohort >= 0
+    lab = _sales_lab(sales)[keep]
+    return cohort[keep], _bin_keys(lab, settings), sales["quantity"].to_numpy(np.float64)[keep]
+
+
+def build_sales_histograms(sales: pd.DataFrame, settings: HistogramSettings) -> pa.Table:
+    """Sales aggregated into the photos' cohort x colour bins (``SALES_SCHEMA``): quantity and share per cohort.
+
+    ``sales`` columns: ``birth_year`` (of the buyer), ``quantity``, and the item colour as ``r, g, b`` (0-255) or
+    ``color_name`` (a palette name, English or Chinese). Rows born outside every cohort are left out.
+    """
+    cohort, keys, quantity = _sales_cells(sales, settings)
+    bins = _make_bins(keys, settings)
+    k = np.searchsorted(bins.keys, keys)
+    table = np.zeros((len(settings.cohorts), len(bins.keys)))
+    np.add.at(table, (cohort, k), quantity)
+    names = [nearest_name(lab_to_rgb(lab)) for lab in bins.nominal_lab]
+    rows = []
+    for c, (label, _, _) in enumerate(settings.cohorts):
+        total = table[c].sum()
+        for j in np.flatnonzero(table[c]):
+            rows.append({"group": label, "bin_id": bins.ids[j], "color_name": names[j][0],
+                         "color_name_zh": names[j][1], "quantity": table[c, j], "sales_share": table[c, j] / total})
+    return pa.Table.from_pylist(rows, schema=SALES_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------------- the table
+def build_histograms(
+    garments: pd.DataFrame,
+    settings: HistogramSettings,
+    *,
+    sales: pd.DataFrame | None = None,
+    age_calibration: AgeCalibration | None = None,
+) -> pa.Table:
+    """The ``histograms/`` table: every published group x every colour bin that holds a person (or a sale).
+
+    Rows are ordered by group type (cohorts, then age buckets), group, then rank (suppressed cells last, in bin
+    order). Identical inputs and settings give an identical table.
+    """
+    persons = select_persons(garments, settings)
+    lab = persons[["l", "a", "b"]].to_numpy(np.float64)
+    keys = _bin_keys(lab, settings)
+    sales_cells = _sales_cells(sales, settings) if sales is not None else None
+    bins = _make_bins(np.concatenate([keys, sales_cells[1] if sales_cells else []]).astype(np.int64), settings)
+    k = np.searchsorted(bins.keys, keys)
+    bin_lab = _bin_median_lab(lab, k, bins)
+    names = [nearest_name(lab_to_rgb(x)) for x in (bins.nominal_lab if settings.bins == "palette" else bin_lab)]
+
+    age = persons["age"].to_numpy(np.float64)
+    taken = persons["taken_year"].to_numpy(np.int64)
+    frames = []
+    for groups in (_cohort_groups(taken, settings), _bucket_groups(age, settings)):
+        if not len(persons) and groups.group_type == "age_bucket":
+            continue  # no ages at all: no buckets to report
+        frame = _group_frame(groups, persons, lab, k, bins, bin_lab, names, settings, age_calibration)
+        if groups.group_type == "cohort":
+            frame = _blend(frame, sales_cells, bins, settings)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    return pa.Table.from_pandas(table[HISTOGRAM_SCHEMA.names], schema=HISTOGRAM_SCHEMA, preserve_index=False)
+
+
+def _bin_median_lab(lab: NDArray, k: NDArray, bins: _Bins) -> NDArray[np.float64]:
+    """Median CIELAB of each bin's persons (the bin's nominal colour where it has none)."""
+    out = bins.nominal_lab.astype(np.float64).copy()
+    if len(lab):
+        medians = pd.DataFrame(lab).groupby(k).median()
+        out[medians.index.to_numpy()] = medians.to_numpy()
+    return out
+
+
+def _group_frame(groups: _Groups, persons: pd.DataFrame, lab: NDArray, k: NDArray, bins: _Bins, bin_lab: NDArray,
+                 names: list[tuple[str, str, tuple[int, int, int]]], settings: HistogramSettings,
+                 calibration: AgeCalibration | None) -> pd.DataFrame:
+    """All cells of one group type: counts, shares, intervals, lift, corrected shares, suppression, ranks."""
+    n_pub, n_bins = groups.n_published, len(bins.keys)
+    hard = _hard_group(persons["age"].to_numpy(np.float64), groups)
+    counts = np.zeros((n_pub, n_bins), dtype=np.int64)
+    inside = hard < n_pub
+    np.add.at(counts, (hard[inside], k[inside]), 1)
+    soft = deconvolve(_group_likelihood(persons, groups, calibration), k, n_bins)[:n_pub]
+
+    totals = counts.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = counts / totals[:, None]
+        share_soft = soft / soft.sum(axis=1, keepdims=True)
+        others = (counts.sum(axis=0)[None, :] - counts) / (totals.sum() - totals)[:, None]
+        lift = np.where(others > 0, share / others, np.nan)
+    ci_low, ci_high = _bootstrap(counts, groups, settings)
+    reason = _suppression(counts, settings.min_persons)
+
+    cell_lab = _cell_median_lab(lab[inside], hard[inside], k[inside], n_pub, n_bins)
+    rows = []
+    for g in range(n_pub):
+        for j in range(n_bins):
+            hidden = reason[g][j] is not None
+            rgb = to_uint8(lab_to_rgb(bin_lab[j] if hidden else cell_lab[g, j]))
+            rows.append({
+                "group_type": groups.group_type, "group": groups.labels[g], "group_first": groups.first[g],
+                "group_last": groups.last[g], "group_persons": totals[g], "bin_id": bins.ids[j],
+                "rep_r": rgb[0], "rep_g": rgb[1], "rep_b": rgb[2],
+                "color_name": names[j][0], "color_name_zh": names[j][1],
+                "persons": None if hidden else counts[g, j],
+                "share": None if hidden else share[g, j],
+                "ci_low": None if hidden else ci_low[g, j],
+                "ci_high": None if hidden else ci_high[g, j],
+                "lift": None if hidden or np.isnan(lift[g, j]) else lift[g, j],
+                "suppressed": hidden, "suppressed_reason": reason[g][j],
+                "persons_soft": None if hidden else soft[g, j],
+                "share_soft": None if hidden else share_soft[g, j],
+                "_group_order": g, "_bin_order": j,
+            })
+    frame = pd.DataFrame(rows)
+    frame["rank"] = _rank(frame, "share")
+    for col in ("sales_quantity", "sales_share", "blended_share", "blended_rank"):
+        frame[col] = None
+    return _ordered(frame, "rank")
+
+
+def _cell_median_lab(lab: NDArray, group: NDArray, k: NDArray, n_groups: int, n_bins: int) -> NDArray:
+    out = np.full((n_groups, n_bins, 3), np.nan)
+    if len(lab):
+        medians = pd.DataFrame(lab).groupby([group, k]).median()
+        g_idx, k_idx = (medians.index.get_level_values(i).to_numpy() for i in (0, 1))
+        out[g_idx, k_idx] = medians.to_numpy()
+    return out
+
+
+def _bootstrap(counts: NDArray[np.int64], groups: _Groups, settings: HistogramSettings) -> tuple[NDArray, NDArray]:
+    """Percentile bootstrap interval of every share (multinomial draws = resampling the group's persons)."""
+    low = np.full(counts.shape, np.nan)
+    high = np.full(counts.shape, np.nan)
+    alpha = (1.0 - settings.ci) / 2
+    for g, row in enumerate(counts):
+        n = int(row.sum())
+        if n == 0:
+            continue
+        seed = zlib.crc32(f"{groups.group_type}:{groups.labels[g]}".encode())
+        rng = np.random.default_rng([settings.seed, seed])
+        draws = rng.multinomial(n, row / n, size=settings.bootstrap) / n
+        low[g], high[g] = np.quantile(draws, [alpha, 1.0 - alpha], axis=0)
+    return low, high
+
+
+def _suppression(counts: NDArray[np.int64], min_persons: int) -> list[list[str | None]]:
+    """Per cell, why it is suppressed (None when published); see "Suppression" in the module docstring."""
+    small = f"fewer than {min_persons} persons"
+    reasons: list[list[str | None]] = []
+    for row in counts:
+        hidden = row < min_persons
+        cell = [small if h else None for h in hidden]
+        if hidden.sum() == 1 and row[hidden].sum() > 0 and (~hidden).any():
+            shown = np.flatnonzero(~hidden)
+            cell[shown[np.argmin(row[shown])]] = "protects a smaller suppressed cell"
+        reasons.append(cell)
+    return reasons
+
+
+def _rank(frame: pd.DataFrame, column: str) -> pd.Series:
+    """1-based rank by ``column`` (descending, ties in bin order) within each group, null where the value is."""
+    valid = frame[frame[column].notna()].sort_values(["_group_order", column, "_bin_order"],
+                                                     ascending=[True, False, True], kind="stable")
+    ranks = valid.groupby("_group_order").cumcount() + 1
+    return ranks.reindex(frame.index).astype("Int32")
+
+
+def _ordered(frame: pd.DataFrame, rank: str) -> pd.DataFrame:
+    key = frame[rank].astype("Float64").fillna(np.inf)
+    return (frame.assign(_key=key).sort_values(["_group_order", "_key", "_bin_order"], kind="stable")
+            .drop(columns="_key").reset_index(drop=True))
+
+
+def _blend(frame: pd.DataFrame, sales_cells: tuple[NDArray, NDArray, NDArray] | None, bins: _Bins,
+           settings: HistogramSettings) -> pd.DataFrame:
+    """Add the sales columns and the blended ranking to the cohort rows."""
+    if sales_cells is None:
+        return frame
+    cohort, keys, quantity = sales_cells
+    table = np.zeros((len(settings.cohorts), len(bins.keys)))
+    np.add.at(table, (cohort, np.searchsorted(bins.keys, keys)), quantity)
+    totals = table.sum(axis=1)
+    g, j = frame["_group_order"].to_numpy(), frame["_bin_order"].to_numpy()
+    has_sales = totals[g] > 0
+    frame["sales_quantity"] = np.where(has_sales, table[g, j], np.nan)
+    frame["sales_share"] = np.where(has_sales, table[g, j] / np.where(has_sales, totals[g], 1), np.nan)
+    w = settings.sales_weight
+    frame["blended_share"] = (1 - w) * frame["share"].astype("Float64") + w * frame["sales_share"]
+    frame["blended_share"] = frame["blended_share"].where(has_sales)
+    frame["blended_rank"] = _rank(frame, "blended_share")
+    return frame

@@ -1,0 +1,312 @@
+"""``colortrend train age``: fine-tune the age network on labelled face folders, through the pipeline's own alignment.
+
+Each training photo goes through the same steps as in a run: decoded like intake decodes it, the most confident
+face found by the pipeline's MTCNN (detections are cached under ``/tmp/colortrend-cache``, keyed by the labels file
+and the detector's code), and the chip cut by :func:`colortrend.stages.align.cut_chips`. Augmentation perturbs the
+*landmarks* (small rotation, scale and shift) before the cut, so augmented chips are chips the aligner could have
+produced; then a horizontal flip, colour jitter and an occasional loss of resolution (faces in crowd photos are
+small).
+
+Validation: the photos :func:`colortrend.evaluate.age.validation_mask` holds out (15 % of each folder, by a hash of
+the path) are never trained on; the epoch with the lowest mean of the per-folder validation MAEs is kept.
+
+Head and loss: the head grows from dlib's 81 classes (ages 0..80) to ``max_age + 1``; new classes start as copies
+of the 80-year class, damped so the initial predictions barely move. The loss is cross-entropy against a Gaussian
+label distribution (width growing with age, as labels of older faces are less precise) plus the L1 error of the
+expected age, the quantity that is reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from colortrend.evaluate.age import (
+    EVAL_MIN_FACE_PX,
+    detection_batch,
+    load_rgb,
+    make_detector,
+    read_labels,
+    validation_mask,
+)
+from colortrend.models import file_checksum
+from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
+from colortrend.stages.age import DLIB_WEIGHTS
+from colortrend.stages.align import cut_chips
+
+CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
+
+
+@dataclass(frozen=True)
+class AgeTrainConfig:
+    """Hyper-parameters of :func:`train_age` (saved with the metrics)."""
+
+    epochs: int = 20
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    max_age: int = 100  # the head covers ages 0..max_age; older labels are clipped
+    l1_weight: float = 0.5  # weight of |expected age - age| next to the label-distribution cross-entropy
+    balance_power: float = 0.5  # sampling weight = (photos in the label's 5-year bin) ** -balance_power
+    max_rotation_deg: float = 8.0  # landmark jitter: rotation, relative scale, shift (fraction of the eye distance)
+    max_scale: float = 0.06
+    max_shift: float = 0.06
+    low_res_prob: float = 0.2  # chance a chip is shrunk to 24-48 px and back
+    init_weights: str = str(DLIB_WEIGHTS)
+    threads: int = 1  # torch threads in the training process
+    workers: int = 1  # processes decoding photos and cutting chips
+    min_face_px: float = EVAL_MIN_FACE_PX
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log: Callable[[str], None] = print):
+    """Landmarks (n, 5, 2) of the most confident face of each photo in ``labels`` (NaN where none), cached.
+
+    The cache key covers the photo list and the detector's source file and settings: editing the detector
+    invalidates it.
+    """
+    detector = make_detector(device, min_face_px)
+    source = inspect.getsourcefile(type(detector))
+    key = hashlib.sha1()
+    for part in (type(detector).__qualname__, file_checksum(source), str(min_face_px), *labels["file"]):
+        key.update(part.encode())
+    path = CACHE_DIR / "age-landmarks" / f"{key.hexdigest()[:20]}.npy"
+    if path.exists():
+        return np.load(path)
+    landmarks = np.full((len(labels), 5, 2), np.nan, np.float32)
+    started = time.time()
+    for start in range(0, len(labels), 64):
+        files = labels["file"].iloc[start : start + 64]
+        batch = detection_batch([load_rgb(f) for f in files], device, min_face_px, detector)
+        for k, marks in enumerate(batch["landmarks"]):
+            if len(marks):
+                landmarks[start + k] = marks[0].reshape(5, 2)
+        if (start // 64) % 20 == 0:
+            log(f"detect {start + len(files)}/{len(labels)} photos, {time.time() - started:.0f} s")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, landmarks)
+    return landmarks
+
+
+def jitter_landmarks(points: np.ndarray, rng: np.random.Generator, cfg: AgeTrainConfig) -> np.ndarray:
+    """A random similarity (rotation, scale, shift) of the 5 landmarks about their centre."""
+    centre = points.mean(axis=0)
+    eye_distance = float(np.linalg.norm(points[1] - points[0]))
+    angle = math.radians(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg))
+    scale = 1.0 + rng.uniform(-cfg.max_scale, cfg.max_scale)
+    rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    shift = rng.uniform(-cfg.max_shift, cfg.max_shift, size=2) * eye_distance
+    return (points - centre) @ rotation.T + centre + shift
+
+
+def jitter_colour(chip: np.ndarray, rng: np.random.Generator, cfg: AgeTrainConfig) -> np.ndarray:
+    """Brightness, contrast and saturation jitter, and sometimes a loss of resolution; uint8 in, uint8 out."""
+    x = chip.astype(np.float32)
+    grey = x.mean(axis=2, keepdims=True)
+    x = grey + (x - grey) * rng.uniform(0.7, 1.3)  # saturation
+    x = (x - x.mean()) * rng.uniform(0.75, 1.25) + x.mean() * rng.uniform(0.75, 1.25)  # contrast, brightness
+    x = np.clip(x, 0, 255).astype(np.uint8)
+    if rng.random() < cfg.low_res_prob:
+        side = int(rng.integers(24, 49))
+        small = cv2.resize(x, (side, side), interpolation=cv2.INTER_AREA)
+        x = cv2.resize(small, chip.shape[:2][::-1], interpolation=cv2.INTER_LINEAR)
+    return x
+
+
+class ChipDataset(Dataset):
+    """Training chips: item ``(photo index, draw seed)`` -> (3, 64, 64) uint8 tensor of an augmented chip, age."""
+
+    def __init__(self, files: Sequence[str], landmarks: np.ndarray, ages: np.ndarray, cfg: AgeTrainConfig):
+        self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        index, draw = key
+        rng = np.random.default_rng(draw)
+        points = jitter_landmarks(self.landmarks[index].astype(np.float64), rng, self.cfg)
+        chip = cut_chips(load_rgb(self.files[index]), points[None])[0]
+        if rng.random() < 0.5:
+            chip = chip[:, ::-1]  # the chip template is left-right symmetric
+        chip = jitter_colour(chip, rng, self.cfg)
+        return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1), float(self.ages[index])
+
+
+def balanced_draws(ages: np.ndarray, n: int, power: float, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n`` (photo index, draw seed) pairs, photos drawn with weight (photos in their 5-year age bin) ** -power."""
+    bins = (ages // 5).astype(int)
+    counts = np.bincount(bins)
+    weights = counts[bins].astype(np.float64) ** -power
+    picks = rng.choice(len(ages), size=n, p=weights / weights.sum())
+    seeds = rng.integers(0, 2**63 - 1, size=n)
+    return list(zip(picks.tolist(), seeds.tolist()))
+
+
+def validation_chips(files: Sequence[str], landmarks: np.ndarray) -> np.ndarray:
+    """Un-augmented chips, exactly as the pipeline cuts them."""
+    return np.concatenate([cut_chips(load_rgb(f), p[None]) for f, p in zip(files, landmarks)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and loss
+
+
+def widen_head(net: AgeNet, n_classes: int) -> AgeNet:
+    """A copy of ``net`` whose head covers ``n_classes`` ages; new classes copy the last one, 6 nats less likely."""
+    old = net.fc.weight.shape[0]
+    if n_classes <= old:
+        return net
+    wide = AgeNet(n_classes)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.") and k != "class_ages"}
+    wide.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        wide.fc.weight[:old] = net.fc.weight
+        wide.fc.bias[:old] = net.fc.bias
+        wide.fc.weight[old:] = net.fc.weight[old - 1]
+        wide.fc.bias[old:] = net.fc.bias[old - 1] - 6.0
+    return wide
+
+
+def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """Cross-entropy against a Gaussian over the classes (sigma = 1 + 0.05 * age) + ``l1_weight`` * L1 of the mean."""
+    classes = net.class_ages
+    sigma = 1.0 + 0.05 * ages
+    target = torch.exp(-0.5 * ((classes[None, :] - ages[:, None]) / sigma[:, None]) ** 2)
+    target = target / target.sum(dim=1, keepdim=True)
+    log_p = F.log_softmax(logits, dim=1)
+    expected = log_p.exp() @ classes
+    return -(target * log_p).sum(dim=1).mean() + l1_weight * (expected - ages).abs().mean()
+
+
+def predict(net: AgeNet, chips: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Expected ages of uint8 chips (N, 64, 64, 3)."""
+    out = []
+    net.eval()
+    with torch.inference_mode():
+        for start in range(0, len(chips), batch_size):
+            x = torch.from_numpy(chips[start : start + batch_size]).permute(0, 3, 1, 2)
+            out.append(net.age_moments(net(x))[0].numpy())
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_age(
+    label_csvs: Sequence[str | Path],
+    out_dir: str | Path,
+    config: AgeTrainConfig = AgeTrainConfig(),
+    device: str = "cpu",
+    max_photos: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Fine-tune the age network; writes ``out_dir/age_finetuned.pt`` (best epoch, fp16) and ``metrics.json``.
+
+    ``max_photos`` caps the photos taken from each folder (for smoke tests). Returns the metrics dict: the config,
+    per-epoch training loss and per-folder validation MAE, and the selected epoch.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+
+    train_parts, val_sets = [], {}
+    for csv in label_csvs:
+        labels = read_labels(csv)
+        if max_photos is not None:
+            labels = labels.iloc[:max_photos].reset_index(drop=True)
+        landmarks = detect_landmarks(labels, device, config.min_face_px, log)
+        found = ~np.isnan(landmarks[:, 0, 0])
+        is_val = validation_mask(labels["path"].tolist())
+        name = Path(csv).parent.name
+        log(f"{name}: {len(labels)} photos, {int((~found).sum())} without a face, {int(is_val.sum())} held out")
+        keep = found & ~is_val
+        train_parts.append((labels["file"][keep].tolist(), landmarks[keep], labels["age"][keep].to_numpy()))
+        held = found & is_val
+        if held.any():
+            val_sets[name] = (validation_chips(labels["file"][held], landmarks[held]), labels["age"][held].to_numpy())
+    files = [f for part in train_parts for f in part[0]]
+    train_landmarks = np.concatenate([part[1] for part in train_parts])
+    ages = np.concatenate([part[2] for part in train_parts]).clip(0, config.max_age).astype(np.float32)
+    dataset = ChipDataset(files, train_landmarks, ages, config)
+
+    net = widen_head(load_age_net(config.init_weights), config.max_age + 1).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(dataset) // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / config.warmup_steps)
+        return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
+
+    history: list[dict] = []
+    best: dict | None = None
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        draws = balanced_draws(ages, steps_per_epoch * config.batch_size, config.balance_power, rng)
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            sampler=draws,
+            num_workers=config.workers,
+            worker_init_fn=_single_thread_worker,
+        )
+        net.train()
+        started, losses = time.time(), []
+        for chips, target in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = age_loss(net, net(chips.to(device)), target.float().to(device), config.l1_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+        val_mae = {
+            name: round(float(np.abs(predict(net, chips) - age).mean()), 3) for name, (chips, age) in val_sets.items()
+        }
+        score = float(np.mean(list(val_mae.values()))) if val_mae else -epoch
+        record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), "val_mae": val_mae,
+                  "seconds": round(time.time() - started, 1)}
+        history.append(record)
+        log(json.dumps(record))
+        if best is None or score < best["score"]:
+            best = {"score": score, "epoch": epoch, "val_mae": val_mae}
+            save_age_net(net, out_dir / "age_finetuned.pt")
+    metrics = {
+        "config": asdict(config),
+        "label_csvs": [str(c) for c in label_csvs],
+        "n_train": len(dataset),
+        "n_val": {name: len(age) for name, (_, age) in val_sets.items()},
+        "history": history,
+        "best_epoch": best["epoch"],
+        "best_val_mae": best["val_mae"],
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _single_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
