@@ -10,6 +10,10 @@ Writes ``src/colortrend/models/weights/age_dlib_cc0.pt`` (fp16 state dict of :cl
 port against onnxruntime on real chips cut by the pipeline's own detect -> align path (``--faces``: labels.csv files
 to draw photos from) and prints the largest probability and age differences, for the fp32 port and for the shipped
 fp16 weights. ``--fixture`` stores a few chips and the reference probabilities for ``tests/test_age.py``.
+
+``--search-template`` then measures the converted model's MAE over a grid of chip templates (dlib's mean face
+scaled about its centre and shifted vertically) on ``--per-csv`` training-split photos of each ``--faces`` file,
+the search behind ``TEMPLATE_SCALE`` / ``TEMPLATE_SHIFT_Y`` in ``colortrend.stages.align``.
 """
 from __future__ import annotations
 
@@ -96,6 +100,35 @@ def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
     return np.stack(chips)
 
 
+def search_template(net: AgeNet, label_csvs: list[Path], per_csv: int, seed: int) -> None:
+    """Print the MAE of ``net`` per labels file for each (scale, shift) of the chip template, best last."""
+    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, load_rgb, read_labels, validation_mask
+    from colortrend.stages.align import chip_template, cut_chips
+    from colortrend.training.age import detect_landmarks
+
+    rng = np.random.default_rng(seed)
+    sets = []
+    for csv in label_csvs:
+        labels = read_labels(csv)  # the whole file, so the training run's landmark cache serves
+        landmarks = detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX)
+        usable = np.flatnonzero(~validation_mask(labels["path"].tolist()) & ~np.isnan(landmarks[:, 0, 0]))
+        picked = rng.choice(usable, size=min(per_csv, len(usable)), replace=False)
+        images = [load_rgb(f) for f in labels["file"].iloc[picked]]
+        sets.append((csv.parent.name, images, landmarks[picked], labels["age"].to_numpy()[picked]))
+    results = []
+    for scale in (0.85, 0.9, 0.95, 1.0, 1.05, 1.1):
+        for shift in (-4.0, -2.0, 0.0, 2.0, 4.0):
+            template = chip_template(scale=scale, shift_y=shift)
+            maes = []
+            for _, images, landmarks, ages in sets:
+                chips = np.concatenate([cut_chips(im, p[None], template=template) for im, p in zip(images, landmarks)])
+                maes.append(float(np.abs(probabilities(net, chips) @ net.class_ages.numpy() - ages).mean()))
+            results.append((float(np.mean(maes)), scale, shift, maes))
+    names = " ".join(name for name, *_ in sets)
+    for mean, scale, shift, maes in sorted(results, reverse=True):
+        print(f"scale {scale:.2f} shift {shift:+.1f}: MAE {names} = {' '.join(f'{m:.2f}' for m in maes)} (mean {mean:.2f})")
+
+
 def probabilities(net: AgeNet, chips: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return net(torch.from_numpy(chips).permute(0, 3, 1, 2)).softmax(dim=1).numpy()
@@ -110,6 +143,7 @@ def main() -> None:
     parser.add_argument("--fixture", type=Path, help="write chips + reference probabilities here (npz)")
     parser.add_argument("--fixture-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-template", action="store_true", help="grid-search the chip template (slow)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -143,6 +177,8 @@ def main() -> None:
         args.fixture.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(args.fixture, chips=keep, probabilities=reference[: args.fixture_size])
         print(f"wrote {args.fixture}")
+    if args.search_template:
+        search_template(net, args.faces, args.per_csv, args.seed)
 
 
 if __name__ == "__main__":

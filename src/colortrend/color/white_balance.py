@@ -9,17 +9,19 @@ Methods (``WB_METHODS``; the config key ``color.white_balance`` picks one):
 * ``gray_edge``: the average *edge* is grey: the p-norm (p = 6) of each channel's gradient magnitude after a
   Gaussian blur (van de Weijer et al. 2007); large uniform areas, such as one big garment, weigh little.
 * ``skin``: the detected faces' skin (cheeks and nose, between the eye and mouth landmarks) compared with the
-  chromaticity of skin under daylight; falls back to ``gray_edge`` on photos without a usable face.
+  chromaticity of skin under daylight; falls back to ``shades_of_gray`` on photos without a usable face.
 
 The light is estimated on a downscaled linear copy of the photo, leaving out clipped pixels (a channel at 250 or
-more, and their neighbours: their true colour is unknown) and, optionally, pixels the caller excludes. The gains
-keep the luminance of a neutral surface and are clamped to ``[1 / max_gain, max_gain]`` so that a wrong estimate
-cannot turn a white shirt pink or lift a black coat to grey; applying them is one 8-bit lookup table per channel.
-``scripts/measure_white_balance.py`` measures every method on photos given known casts.
+more: their true colour is unknown) and, optionally, pixels the caller excludes. An estimate within
+``min_cast_deg`` of neutral leaves the photo untouched: most photos were balanced by the camera, and correcting
+them would only add the method's own error. The gains keep the luminance of a neutral surface and are clamped to
+``[1 / max_gain, max_gain]`` so that a wrong estimate cannot turn a white shirt pink or lift a black coat to grey;
+applying them is one 8-bit lookup table per channel. ``scripts/measure_white_balance.py`` measures every method
+on photos given known casts.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import cv2
 import numpy as np
@@ -45,30 +47,41 @@ SKIN_PATCHES = ((115, 82, 68), (194, 150, 130))
 MIN_SKIN_PX = 100
 
 
+class Correction(NamedTuple):
+    """A white-balanced photo and how it was obtained."""
+
+    image: NDArray[np.uint8]  # the corrected photo (the input itself when nothing was corrected)
+    gains: NDArray[np.float64]  # (3,) linear-RGB gains applied, r, g, b
+    illuminant: NDArray[np.float64]  # (3,) unit-norm light colour the method estimated ((1, 1, 1) / sqrt(3) if none)
+    method: str  # the method actually used: differs from the one asked for after a fallback
+
+
 def white_balance(image: NDArray[np.uint8], method: str, *, landmarks: NDArray | None = None,
-                  exclude: NDArray[np.bool_] | None = None,
-                  max_gain: float = 2.0) -> tuple[NDArray[np.uint8], NDArray[np.float64], str]:
-    """Correct an RGB uint8 photo; returns ``(corrected, gains (r, g, b), method actually used)``.
+                  exclude: NDArray[np.bool_] | None = None, max_gain: float = 3.0,
+                  min_cast_deg: float = 2.0) -> Correction:
+    """Correct an RGB uint8 photo by ``method`` (one of ``WB_METHODS``).
 
     ``landmarks``: (n, 10) face landmarks (x, y of left eye, right eye, nose, mouth corners) for ``skin``.
-    ``exclude``: (h, w) pixels left out of the estimate. The method used differs from ``method`` when ``skin``
-    finds no usable face (``gray_edge``) or when no pixel is usable at all (``none``).
+    ``exclude``: (h, w) pixels left out of the estimate. ``max_gain``: clamp of the gains. ``min_cast_deg``: an
+    estimate closer than this to neutral (angular error) leaves the photo as it is, since most photos were
+    balanced by the camera and correcting them only adds the method's own error. The method used differs from
+    ``method`` when ``skin`` finds no usable face (``shades_of_gray``) or when no pixel is usable (``none``).
     """
     if method not in WB_METHODS:
         raise ValueError(f"unknown white balance method {method!r}; expected one of {', '.join(WB_METHODS)}")
-    if method == "none":
-        return image, np.ones(3), "none"
     illuminant = None
     if method == "skin":
         illuminant = skin_illuminant(image, landmarks)
         if illuminant is None:
-            method = "gray_edge"
-    if illuminant is None:
+            method = "shades_of_gray"
+    if illuminant is None and method != "none":
         illuminant = estimate_illuminant(image, method, exclude=exclude)
     if illuminant is None:
-        return image, np.ones(3), "none"
+        return Correction(image, np.ones(3), _unit(np.ones(3)), "none")
+    if angular_error(illuminant, np.ones(3)) < min_cast_deg:
+        return Correction(image, np.ones(3), illuminant, method)
     gains = illuminant_gains(illuminant, max_gain)
-    return apply_gains(image, gains), gains, method
+    return Correction(apply_gains(image, gains), gains, illuminant, method)
 
 
 def estimate_illuminant(image: NDArray[np.uint8], method: str,
@@ -134,7 +147,7 @@ def skin_illuminant(image: NDArray[np.uint8], landmarks: NDArray | None) -> NDAr
     return _unit(total) if weight_sum else None
 
 
-def illuminant_gains(illuminant: NDArray[np.float64], max_gain: float = 2.0) -> NDArray[np.float64]:
+def illuminant_gains(illuminant: NDArray[np.float64], max_gain: float = 3.0) -> NDArray[np.float64]:
     """Per-channel linear gains mapping ``illuminant`` to grey of the same luminance, clamped to the sane range."""
     gains = float(LUMA @ illuminant) / np.asarray(illuminant, dtype=np.float64)
     return np.clip(gains, 1 / max_gain, max_gain)
@@ -165,14 +178,19 @@ def angular_error(estimate: NDArray[np.float64], truth: NDArray[np.float64]) -> 
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
+# Linear value of each 8-bit code, for cv2.LUT (several times faster than numpy indexing on a whole photo).
+_LINEAR_LUT = srgb_to_linear(np.arange(256, dtype=np.uint8)).astype(np.float32)
+
+
 def _estimation_view(image: NDArray[np.uint8],
                      exclude: NDArray[np.bool_] | None) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """Downscaled linear copy of the photo and the mask of its pixels usable for estimation."""
     h, w = image.shape[:2]
     scale = min(1.0, ESTIMATE_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    linear = cv2.resize(srgb_to_linear(image).astype(np.float32), size, interpolation=cv2.INTER_AREA)
-    bad = (image.max(axis=2) >= CLIP_CODE).astype(np.float32)
+    linear = cv2.resize(cv2.LUT(image, _LINEAR_LUT), size, interpolation=cv2.INTER_AREA)
+    r, g, b = cv2.split(image)
+    bad = (cv2.max(cv2.max(r, g), b) >= CLIP_CODE).astype(np.float32)
     if exclude is not None:
         bad = np.maximum(bad, exclude.astype(np.float32))
     # A downscaled pixel is usable only when none of the pixels it averages is bad.

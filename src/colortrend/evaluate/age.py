@@ -75,30 +75,9 @@ def detection_batch(images: list[np.ndarray], device: str, min_face_px: float, d
 
 def make_detector(device: str, min_face_px: float):
     """The pipeline's face detector."""
-    try:
-        from colortrend.models.mtcnn import FaceDetector
-    except ImportError:  # TEMPORARY until models/mtcnn.py lands
-        return _FacenetDetector(device, min_face_px)
-    return FaceDetector(device=device, min_face_px=min_face_px)
+    from colortrend.models.mtcnn import FaceDetector
 
-
-class _FacenetDetector:  # TEMPORARY
-    def __init__(self, device, min_face_px):
-        from facenet_pytorch import MTCNN
-
-        self.m = MTCNN(min_face_size=int(min_face_px), keep_all=True, device=device)
-
-    def detect(self, images):
-        from types import SimpleNamespace
-
-        out = []
-        for im in images:
-            b, p, l = self.m.detect(im, landmarks=True)
-            if b is None:
-                b, p, l = np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
-            order = np.argsort(-p, kind="stable")
-            out.append(SimpleNamespace(boxes=b[order], scores=p[order], landmarks=l[order]))
-        return out
+    return FaceDetector(device=device, min_face_px=int(min_face_px))
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -177,16 +156,16 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
         "n_predicted": int(landed.sum()),
     }
     if "quality_ok" in scored:
-        ok = scored["quality_ok"].astype(bool).to_numpy()
+        ok = scored["quality_ok"].fillna(False).astype(bool).to_numpy()
         out["quality_ok"] = {
             "n": int(ok.sum()),
             "coverage": _round(ok.mean(), 4) if len(ok) else None,
             "mae": _round(np.abs(err[ok]).mean()) if ok.any() else None,
         }
-        reasons = scored["filter_reason"].to_numpy(object)
+        reasons = scored["filter_reason"].fillna("").to_numpy(str)  # "" = passed
         out["filtered"] = {
             str(r): {"n": int((reasons == r).sum()), "mae": _round(np.abs(err[reasons == r]).mean())}
-            for r in sorted({r for r in reasons if r is not None})
+            for r in sorted(set(reasons) - {""})
         }
     return out
 
@@ -205,3 +184,24 @@ def evaluate_age(
 ) -> dict:
     """:func:`age_metrics` of :func:`predict_ages` (same arguments)."""
     return age_metrics(predict_ages(labels_csv, device, weights, split, batch_size, min_face_px))
+
+
+def format_age_metrics(metrics: dict) -> str:
+    """The human-readable report of ``colortrend eval age`` (``--json`` prints ``metrics`` instead)."""
+    lines = [
+        f"faces scored {metrics['n']}, photos without a face {metrics['missed']} ({metrics['missed_rate']:.1%})",
+        f"MAE {metrics['mae']} years, median {metrics['median_ae']}, bias {metrics['bias']:+}, RMSE {metrics['rmse']}"
+        if metrics["n"]
+        else "no face scored",
+        "MAE by true age: "
+        + ", ".join(f"{band} {mae} (n={metrics['n_by_band'][band]})" for band, mae in metrics["mae_by_band"].items()),
+    ]
+    lo, hi = COHORT_WINDOW
+    window = metrics[f"window_{lo}_{hi}"]
+    lines.append(f"ages {lo}-{hi}: recall {window['recall']}, precision {window['precision']}")
+    if "quality_ok" in metrics:
+        ok = metrics["quality_ok"]
+        lines.append(f"passing the quality filters: {ok['n']} faces ({ok['coverage']}), MAE {ok['mae']}")
+        for reason, info in metrics["filtered"].items():
+            lines.append(f"  filtered as {reason}: {info['n']} faces, MAE {info['mae']}")
+    return "\n".join(lines)

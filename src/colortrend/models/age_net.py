@@ -111,12 +111,22 @@ class AgeNet(nn.Module):
         x = self.blocks(x)
         return self.fc(x.mean(dim=(2, 3)))
 
-    def age_moments(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expected age and the standard deviation of the predicted age distribution, both (N,) float32."""
-        p = logits.float().softmax(dim=1)
+    def predict(self, pixels: torch.Tensor, flip_average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected age and the standard deviation of the predicted distribution, both (N,) float32.
+
+        ``flip_average`` averages the distributions of each chip and its mirror image (the chip template is
+        left-right symmetric), at twice the cost.
+        """
+        p = self(pixels).float().softmax(dim=1)
+        if flip_average:
+            p = (p + self(pixels.flip(3)).float().softmax(dim=1)) / 2
+        return self.moments(p)
+
+    def moments(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation, in years, of distributions over :attr:`class_ages`."""
         ages = self.class_ages.float()
-        mean = p @ ages
-        var = p @ ages.square() - mean.square()
+        mean = probabilities @ ages
+        var = probabilities @ ages.square() - mean.square()
         return mean, var.clamp_min(0).sqrt()
 
 

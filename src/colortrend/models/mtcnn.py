@@ -4,19 +4,27 @@ The networks and weights are facenet-pytorch 2.5.3's P-, R- and O-Net (the weigh
 ``MTCNN.detect`` loop does per-image, per-scale and per-candidate work in Python and batches only equal-sized images;
 this cascade batches across photos instead:
 
-1. Every photo (downscaled to ``max_side`` if larger) is shelf-packed into one canvas. Each pyramid level is the
-   whole canvas resized once, and P-Net runs over it in horizontal strips (strips keep the CPU's working set in
-   cache; on CUDA a strip is the whole level). A candidate window counts only if it lies inside one photo, whose
-   index becomes the candidate's owner, so NMS is ``batched_nms`` keyed by owner.
-2. R-Net and O-Net see every candidate of every photo in one call each. Their crops come from ``roi_align`` on
-   the pyramid level closest above the crop size, so each output pixel averages at most a few samples (an area
-   resize, like facenet's), and crop pixels outside the owner photo are zero (black), as in the original MTCNN.
+1. Every photo (downscaled to ``max_side`` if larger) gets its own image pyramid: halvings down to the pyramid's
+   top (crop sources for faces too small for any level) and the levels P-Net scans. Each pyramid step packs the
+   photos' copies side by side at even offsets into one canvas, and all canvases share one flat uint8 buffer on the
+   device. Because each copy depends only on its own photo, and even offsets keep P-Net's stride-2 grid on every
+   photo's grid, a photo's results do not depend on which other photos share its batch.
+2. P-Net scans each level canvas in row strips (on a CPU a strip's activations stay in cache; on CUDA a strip is
+   the whole canvas). A window counts only if it lies inside one photo, whose index becomes the candidate's
+   owner, so every NMS is one ``batched_nms`` keyed by owner.
+3. R-Net and O-Net see every candidate of every photo together. Their crops are gathered from the buffer in one
+   indexing operation: 2x2 samples per output pixel from the owner's smallest copy on which the box still spans
+   the crop size, which averages like facenet's area resize. Samples outside the photo read black, as in the
+   original MTCNN.
+
+Nothing at full resolution is ever converted to float, which on a CPU would cost as much as P-Net itself.
 
 Geometry is continuous: a box ``(x1, y1, x2, y2)`` covers ``x1 <= x < x2`` with pixel ``i`` spanning ``[i, i + 1)``;
-landmarks are in the same frame, which makes them numerically equal to facenet-pytorch's. Thresholds, NMS overlaps
-and the regressions follow facenet-pytorch, so results agree with it up to resize interpolation (measured in
-scripts/bench_detect.py). One deliberate difference: facenet crops a box that sticks out of the photo to its inside
-part and stretches that, so faces at a photo's edge get distorted crops; here they are zero-padded instead.
+landmarks are in the same frame, which makes them numerically equal to facenet-pytorch's (its boxes' x1 and y1 are
+1-based, one more than here). Thresholds, NMS and the regressions follow facenet-pytorch, so results agree with it up
+to resize interpolation (measured by scripts/bench_detect.py). One deliberate difference: facenet cuts a box that
+sticks out of the photo down to its inside part and stretches that, distorting faces at the photo's edge; here the
+outside is black instead.
 """
 from __future__ import annotations
 
@@ -28,15 +36,16 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms
 
-#: Photos are detected in canvases of at most this many pixels (one photo may exceed it alone): bounds memory
-#: (the float canvas takes 12 bytes a pixel) while keeping batches large.
-CANVAS_PIXELS = 16_000_000
-#: P-Net input pixels per strip on CPU: small enough for its activations (about 60 bytes a pixel) to stay in cache.
-CPU_STRIP_PIXELS = 1 << 18
-#: Candidate crops per R-Net/O-Net call, bounding their activation memory.
-CROP_BATCH = 2048
+#: Photos are detected in groups of at most this many pixels (a larger photo alone is fine): bounds memory while
+#: keeping batches large.
+GROUP_PIXELS = 16_000_000
+#: Work per network call by device type: (P-Net input pixels per strip, R-/O-Net crop pixels per call). On a CPU
+#: small pieces keep the activations in cache, which measured 2-3x faster than one large batch; a GPU wants big ones.
+WORK_PIXELS = {"cpu": (1 << 17, 1 << 16), "cuda": (GROUP_PIXELS, 1 << 21)}
+#: Samples per crop pixel along each axis; crop sources are picked so that samples are at most 1 pixel apart.
+CROP_SUBSAMPLES = 2
 #: P-Net's window side and stride in pixels of a pyramid level.
 PNET_WINDOW, PNET_STRIDE = 12, 2
 
@@ -54,21 +63,26 @@ class Detections:
 
 
 @dataclass
-class _Canvas:
-    """Photos packed side by side into one image tensor, and where each one sits."""
+class _Pyramid:
+    """The resized copies of a group of photos: copy l of every photo is packed into canvas l of a flat buffer."""
 
-    pixels: torch.Tensor  # (1, 3, H, W) float, 0..255, zero outside the photos
-    rects: torch.Tensor  # (n, 4) x1, y1, x2, y2 of each photo in canvas pixels
-    scales: np.ndarray  # (n,) canvas pixels per original photo pixel (< 1 where the photo was downscaled)
-    min_sides: np.ndarray  # (n,) shorter side of each photo in canvas pixels
+    pixels: torch.Tensor  # (N,) int32, the 4 bytes R, G, B, unused of one pixel (one 4-byte gather per sample is
+    # several times faster than three 1-byte ones); all canvases one after another, each row-major
+    starts: torch.Tensor  # (L,) int64 first pixel of each canvas in `pixels`
+    canvas_shapes: list[tuple[int, int]]  # (height, width) of each canvas
+    offsets: torch.Tensor  # (P, L, 2) int64 y, x of each photo's copy in each canvas
+    sizes: torch.Tensor  # (P, L, 2) int64 height, width of each copy; 0 where a photo is too small for a level
+    scales: torch.Tensor  # (P, L, 2) float32 copy pixels per photo pixel along y and x (after size rounding)
+    n_octaves: int  # copies 0 .. n_octaves - 1 are the photo and its halvings (crop sources only); P-Net scans the rest
+    photo_shapes: torch.Tensor  # (P, 2) float32 height, width of each photo as detected
+    photo_scales: np.ndarray  # (P,) detected pixels per original pixel (< 1 where max_side downscaled the photo)
 
 
 class FaceDetector:
     """MTCNN cascade over lists of RGB uint8 photos of any sizes; see the module docstring for how it batches.
 
     Args:
-        device: "cpu" or "cuda". On CUDA the three networks run in fp16 (their outputs change by less than the
-            resize differences that separate this detector from facenet-pytorch's).
+        device: "cpu" or "cuda". On CUDA the three networks run in fp16.
         min_face_px: smallest face side searched, in pixels of the photo as detected (after ``max_side``); the
             pyramid starts at scale 12 / min_face_px, so larger values are much faster.
         thresholds: P-, R- and O-Net face probability thresholds (facenet-pytorch's defaults).
@@ -89,7 +103,7 @@ class FaceDetector:
             raise ValueError(f"min_face_px must be at least {PNET_WINDOW} (P-Net's window), got {min_face_px}")
         if not 0.0 < scale_factor < 1.0:
             raise ValueError(f"scale_factor must be between 0 and 1, got {scale_factor}")
-        # facenet_pytorch's package __init__ imports its other models too; only the MTCNN module is needed.
+        # facenet_pytorch's package __init__ also imports its other models; only the MTCNN module is needed.
         from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
         self.device = torch.device(device)
@@ -99,9 +113,9 @@ class FaceDetector:
         self.scale_factor = scale_factor
         self.max_side = max_side
         self.pnet, self.rnet, self.onet = (
-            net.eval().to(self.device, self.dtype) for net in (PNet(), RNet(), ONet())
+            net.eval().to(self.device, self.dtype, memory_format=torch.channels_last) for net in (PNet(), RNet(), ONet())
         )
-        self._strip_pixels = CPU_STRIP_PIXELS if self.device.type == "cpu" else CANVAS_PIXELS
+        self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
@@ -109,107 +123,119 @@ class FaceDetector:
         for i, image in enumerate(images):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {i}: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
+        shapes = [self._detection_shape(image.shape) for image in images]
         results: list[Detections] = []
-        for chunk in _chunks([self._detection_size(im.shape) for im in images], CANVAS_PIXELS):
-            results.extend(self._detect_canvas(self._make_canvas([images[i] for i in chunk])))
+        for group in _groups(shapes, GROUP_PIXELS):
+            pyramid = self._pyramid([images[i] for i in group], [shapes[i] for i in group])
+            boxes, owner = self._propose(pyramid)
+            boxes, owner = self._refine(pyramid, boxes, owner)
+            boxes, scores, points, owner = self._output(pyramid, boxes, owner)
+            results.extend(_split(pyramid, boxes, scores, points, owner))
         return results
 
-    def _detection_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        h, w = shape[:2]
-        scale = min(1.0, self.max_side / max(h, w))
-        return max(1, round(h * scale)), max(1, round(w * scale))
+    def _detection_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        height, width = shape[:2]
+        scale = min(1.0, self.max_side / max(height, width))
+        return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def _make_canvas(self, images: list[np.ndarray]) -> _Canvas:
-        sizes = [self._detection_size(im.shape) for im in images]
-        offsets, height, width = _shelf_pack(sizes)
-        canvas = np.zeros((height, width, 3), np.uint8)
-        for image, (h, w), (y, x) in zip(images, sizes, offsets):
+    def _pyramid(self, images: list[np.ndarray], shapes: list[tuple[int, int]]) -> _Pyramid:
+        """Copies of every photo at the octave and pyramid scales, packed per scale into one buffer."""
+        top = PNET_WINDOW / self.min_face_px
+        scales = [1.0]
+        while scales[-1] / 2 > top:
+            scales.append(scales[-1] / 2)
+        n_octaves = len(scales)
+        shortest = np.array([min(shape) for shape in shapes])
+        level = top
+        while shortest.max() * level >= PNET_WINDOW:  # facenet's rule, per photo below
+            scales.append(level)
+            level *= self.scale_factor
+        hw = np.array(shapes)
+        sizes = np.maximum(1, np.rint(hw[:, None, :] * np.array(scales)[None, :, None])).astype(np.int64)
+        exists = np.ones(sizes.shape[:2], bool)
+        exists[:, n_octaves:] = shortest[:, None] * np.array(scales[n_octaves:])[None, :] >= PNET_WINDOW
+        sizes[~exists] = 0
+
+        offsets = np.zeros_like(sizes)
+        canvas_shapes = []
+        for k in range(len(scales)):
+            # Even sizes give even offsets: P-Net's stride-2 grid then falls on each photo's own grid.
+            offsets[:, k], height, width = _shelf_pack(sizes[:, k] + sizes[:, k] % 2)
+            canvas_shapes.append((height, width))
+        starts = np.cumsum([0] + [h * w for h, w in canvas_shapes])
+        buffer = np.zeros((starts[-1], 4), np.uint8)
+        canvases = [buffer[a:b].reshape(h, w, 4) for a, b, (h, w) in zip(starts[:-1], starts[1:], canvas_shapes)]
+        for p, image in enumerate(images):
+            (h, w), (y, x) = sizes[p, 0], offsets[p, 0]
             if (h, w) != image.shape[:2]:
-                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-            canvas[y : y + h, x : x + w] = image
-        hw = np.array(sizes, np.float32)
-        rects = np.concatenate([offsets[:, ::-1], offsets[:, ::-1] + hw[:, ::-1]], axis=1)
-        # Uploading uint8 and converting on the device moves 4x less data to a GPU.
-        pixels = torch.from_numpy(canvas).to(self.device).permute(2, 0, 1)[None].float().contiguous()
-        return _Canvas(
-            pixels=pixels,
-            rects=torch.from_numpy(rects).to(self.device),
-            scales=np.array([h / im.shape[0] for (h, _), im in zip(sizes, images)], np.float32),
-            min_sides=hw.min(axis=1),
+                image = cv2.resize(image, (int(w), int(h)), interpolation=cv2.INTER_AREA)
+            canvases[0][y : y + h, x : x + w] = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
+            for k in range(1, len(scales)):
+                if not exists[p, k]:
+                    break
+                (h, w), (y, x), (py, px), (ph, pw) = sizes[p, k], offsets[p, k], offsets[p, k - 1], sizes[p, k - 1]
+                # Each copy from the one before: area-resizing the full photo every time costs several times more.
+                canvases[k][y : y + h, x : x + w] = cv2.resize(
+                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=cv2.INTER_AREA
+                )
+        to = {"device": self.device}
+        return _Pyramid(
+            pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(**to),
+            starts=torch.from_numpy(starts[:-1]).to(**to),
+            canvas_shapes=canvas_shapes,
+            offsets=torch.from_numpy(offsets).to(**to),
+            sizes=torch.from_numpy(sizes).to(**to),
+            scales=torch.from_numpy((sizes / hw[:, None, :]).astype(np.float32)).to(**to),
+            n_octaves=n_octaves,
+            photo_shapes=torch.from_numpy(hw.astype(np.float32)).to(**to),
+            photo_scales=np.array([h / image.shape[0] for (h, _), image in zip(shapes, images)], np.float32),
         )
 
-    def _detect_canvas(self, canvas: _Canvas) -> list[Detections]:
-        levels = self._pyramid(canvas)
-        boxes, owner = self._propose(canvas, levels)
-        boxes, owner = self._refine(canvas, levels, boxes, owner)
-        boxes, scores, points, owner = self._output(canvas, levels, boxes, owner)
-        return self._split(canvas, boxes, scores, points, owner)
-
-    def _pyramid(self, canvas: _Canvas) -> list[tuple[torch.Tensor, float]]:
-        """Canvas resized to scales (12 / min_face_px) * scale_factor**k while some photo still holds a window."""
-        _, _, height, width = canvas.pixels.shape
-        levels = []
-        scale = PNET_WINDOW / self.min_face_px
-        source = canvas.pixels
-        while canvas.min_sides.max() * scale >= PNET_WINDOW:
-            size = (max(PNET_WINDOW, round(height * scale)), max(PNET_WINDOW, round(width * scale)))
-            # Each level is resized from the one above: the same area filter, at a fraction of the cost.
-            source = F.interpolate(source, size=size, mode="area")
-            levels.append((source, scale))
-            scale *= self.scale_factor
-        return levels
-
-    def _propose(self, canvas: _Canvas, levels: list[tuple[torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1: P-Net windows over the pyramid, merged by NMS, regressed and squared."""
-        _, _, height, width = canvas.pixels.shape
-        all_boxes, all_owner = [], []
-        for level, _ in levels:
-            # Actual scales after rounding the level size, so windows map back exactly.
-            sy, sx = level.shape[2] / height, level.shape[3] / width
-            cells, scores, reg = self._pnet_cells(level)
-            ij = cells.to(torch.float32) * PNET_STRIDE
-            windows = torch.stack(
-                [ij[:, 1] / sx, ij[:, 0] / sy, (ij[:, 1] + PNET_WINDOW) / sx, (ij[:, 0] + PNET_WINDOW) / sy], dim=1
-            )
-            owner, inside = _owner(windows, canvas.rects)
-            windows, scores, reg, owner = windows[inside], scores[inside], reg[inside], owner[inside]
+    def _propose(self, pyramid: _Pyramid) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1: P-Net windows over the pyramid, merged by NMS per level and across levels, regressed, squared."""
+        found = [pyramid.photo_shapes.new_zeros((0, 9))]
+        owners = [pyramid.offsets.new_zeros(0)]
+        for k in range(pyramid.n_octaves, len(pyramid.canvas_shapes)):
+            cells, scores, reg = self._pnet_cells(_canvas(pyramid, k))
+            corner = cells * PNET_STRIDE  # window's top-left (y, x) in the canvas
+            offset, size = pyramid.offsets[:, k], pyramid.sizes[:, k]
+            inside = ((corner[:, None] >= offset[None]) & (corner[:, None] + PNET_WINDOW <= offset + size)).all(dim=2)
+            owner = inside.to(torch.uint8).argmax(dim=1)
+            keep = inside.any(dim=1)
+            corner, scores, reg, owner = corner[keep], scores[keep], reg[keep], owner[keep]
+            # Photo pixels: undo the offset, then the copy's scale.
+            yx = (corner - offset[owner]).to(torch.float32)
+            scale = pyramid.scales[owner, k]
+            windows = torch.cat([yx.flip(1), (yx + PNET_WINDOW).flip(1)], dim=1) / scale.flip(1).repeat(1, 2)
             keep = batched_nms(windows, scores, owner, 0.5)
-            all_boxes.append(torch.cat([windows[keep], scores[keep, None], reg[keep]], dim=1))
-            all_owner.append(owner[keep])
-        if not all_boxes:  # every photo is smaller than min_face_px
-            return canvas.pixels.new_zeros((0, 4)), canvas.rects.new_zeros(0, dtype=torch.long)
-        found = torch.cat(all_boxes)
-        owner = torch.cat(all_owner)
+            found.append(torch.cat([windows[keep], scores[keep, None], reg[keep]], dim=1))
+            owners.append(owner[keep])
+        found, owner = torch.cat(found), torch.cat(owners)
         keep = batched_nms(found[:, :4], found[:, 4], owner, 0.7)
-        found, owner = found[keep], owner[keep]
-        boxes = _square(_regress(found[:, :4], found[:, 5:9]))
-        return boxes, owner
+        return _square(_regress(found[keep, :4], found[keep, 5:])), owner[keep]
 
-    def _pnet_cells(self, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """P-Net over one level in row strips: (row, col) of cells over threshold, their scores and regressions."""
-        _, _, height, width = level.shape
+    def _pnet_cells(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P-Net over an (h, w, 4) canvas in row strips: (row, col) of cells over threshold, scores, regressions."""
+        height, width, _ = canvas.shape
         out_rows = (height - PNET_WINDOW) // PNET_STRIDE + 1
         rows_per_strip = max(1, self._strip_pixels // (width * PNET_STRIDE))
         cells, scores, regs = [], [], []
         for r0 in range(0, out_rows, rows_per_strip):
             r1 = min(out_rows, r0 + rows_per_strip)
-            # Input rows of output rows r0..r1-1; an even start keeps the 2x2 pooling aligned with the full level.
-            strip = level[:, :, PNET_STRIDE * r0 : PNET_STRIDE * (r1 - 1) + PNET_WINDOW]
-            strip = ((strip - 127.5) * 0.0078125).to(self.dtype).contiguous(memory_format=torch.channels_last)
-            reg, prob = self.pnet(strip)
+            # The input rows of output rows r0..r1-1; starting on an even row keeps the 2x2 pooling aligned.
+            strip = canvas[PNET_STRIDE * r0 : PNET_STRIDE * (r1 - 1) + PNET_WINDOW]
+            strip = _normalize(strip[..., :3].permute(2, 0, 1)[None]).to(self.dtype)
+            reg, prob = self.pnet(strip.contiguous(memory_format=torch.channels_last))
             prob = prob[0, 1].float()
             hit = (prob >= self.thresholds[0]).nonzero()
             scores.append(prob[hit[:, 0], hit[:, 1]])
             regs.append(reg[0, :, hit[:, 0], hit[:, 1]].float().T)
-            hit[:, 0] += r0
-            cells.append(hit)
+            cells.append(hit + hit.new_tensor([r0, 0]))
         return torch.cat(cells), torch.cat(scores), torch.cat(regs)
 
-    def _refine(
-        self, canvas: _Canvas, levels: list[tuple[torch.Tensor, float]], boxes: torch.Tensor, owner: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refine(self, pyramid: _Pyramid, boxes: torch.Tensor, owner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: R-Net rescoring and regression of every candidate."""
-        reg, prob = self._run(self.rnet, self._crops(canvas, levels, boxes, owner, 24))
+        reg, prob = self._run(self.rnet, pyramid, boxes, owner, 24)
         score = prob[:, 1]
         passed = score > self.thresholds[1]
         boxes, score, reg, owner = boxes[passed], score[passed], reg[passed], owner[passed]
@@ -217,10 +243,10 @@ class FaceDetector:
         return _square(_regress(boxes[keep], reg[keep])), owner[keep]
 
     def _output(
-        self, canvas: _Canvas, levels: list[tuple[torch.Tensor, float]], boxes: torch.Tensor, owner: torch.Tensor
+        self, pyramid: _Pyramid, boxes: torch.Tensor, owner: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 3: O-Net scores, final boxes and landmarks, then facenet's "Min" NMS (drops boxes inside boxes)."""
-        reg, marks, prob = self._run(self.onet, self._crops(canvas, levels, boxes, owner, 48))
+        reg, marks, prob = self._run(self.onet, pyramid, boxes, owner, 48)
         score = prob[:, 1]
         passed = score > self.thresholds[2]
         boxes, score, reg, marks, owner = boxes[passed], score[passed], reg[passed], marks[passed], owner[passed]
@@ -230,71 +256,78 @@ class FaceDetector:
         keep = _nms_min(boxes, score, owner, 0.7)
         return boxes[keep], score[keep], points[keep], owner[keep]
 
-    def _crops(
-        self,
-        canvas: _Canvas,
-        levels: list[tuple[torch.Tensor, float]],
-        boxes: torch.Tensor,
-        owner: torch.Tensor,
-        size: int,
-    ) -> torch.Tensor:
-        """``size`` x ``size`` network inputs of ``boxes`` (canvas pixels), black outside the owner photo."""
-        crops = boxes.new_zeros((len(boxes), 3, size, size))
-        # Source: the smallest image on which the box is still at least `size` wide (else the canvas itself), so
-        # roi_align's adaptive sampling averages at most ~2x2 samples per output pixel, like an area resize.
-        sources = [(canvas.pixels, 1.0)] + levels
-        scales = torch.tensor([s for _, s in sources], device=boxes.device)
-        side = boxes[:, 2] - boxes[:, 0]
-        fits = side[:, None] * scales[None, :] >= size
-        choice = (fits.cumsum(dim=1) * fits).argmax(dim=1)  # last level where the box still fits (0 if none)
-        for index, (source, _) in enumerate(sources):
-            picked = (choice == index).nonzero()[:, 0]
-            if len(picked):
-                sy, sx = source.shape[2] / canvas.pixels.shape[2], source.shape[3] / canvas.pixels.shape[3]
-                rois = boxes[picked] * boxes.new_tensor([sx, sy, sx, sy])
-                crops[picked] = roi_align(source, [rois], size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        # Output pixels whose centre falls outside the owner photo (off the canvas or on a neighbour) read black.
-        t = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size
-        xs = boxes[:, 0:1] + t * side[:, None]
-        ys = boxes[:, 1:2] + t * (boxes[:, 3] - boxes[:, 1])[:, None]
-        rect = canvas.rects[owner]
-        in_x = (xs >= rect[:, 0:1]) & (xs < rect[:, 2:3])
-        in_y = (ys >= rect[:, 1:2]) & (ys < rect[:, 3:4])
-        crops *= (in_y[:, :, None] & in_x[:, None, :])[:, None]
-        return (crops - 127.5) * 0.0078125
-
-    def _run(self, net: torch.nn.Module, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run R-Net or O-Net over all crops, CROP_BATCH at a time; outputs as float32."""
-        n = len(crops)
-        if n == 0:  # the networks flatten with view(n, -1), which an empty batch cannot do: run one dummy crop
-            crops = crops.new_zeros((1, *crops.shape[1:]))
-        outs = [net(crops[i : i + CROP_BATCH].to(self.dtype)) for i in range(0, len(crops), CROP_BATCH)]
+    def _run(
+        self, net: torch.nn.Module, pyramid: _Pyramid, boxes: torch.Tensor, owner: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, ...]:
+        """R-Net or O-Net over ``size`` x ``size`` crops of all boxes, in calls of bounded size; float32 outputs."""
+        n = len(boxes)
+        if n == 0:  # the networks flatten with view(n, -1), which an empty batch cannot do: run one dummy box
+            boxes, owner = boxes.new_tensor([[0.0, 0.0, 1.0, 1.0]]), owner.new_zeros(1)
+        step = max(1, self._crop_pixels // size**2)
+        outs = [
+            net(self._crops(pyramid, boxes[i : i + step], owner[i : i + step], size).to(self.dtype))
+            for i in range(0, len(boxes), step)
+        ]
         return tuple(torch.cat(parts)[:n].float() for parts in zip(*outs))
 
-    def _split(
-        self, canvas: _Canvas, boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor, owner: torch.Tensor
-    ) -> list[Detections]:
-        """Per-photo results in original photo pixels, by score descending."""
-        offsets = canvas.rects[owner, :2]
-        scale = torch.from_numpy(canvas.scales).to(boxes.device)[owner]
-        boxes = ((boxes - offsets.repeat(1, 2)) / scale[:, None]).cpu().numpy()
-        points = ((points - offsets[:, None, :]) / scale[:, None, None]).cpu().numpy()
-        scores_np, owner_np = scores.cpu().numpy(), owner.cpu().numpy()
-        order = np.lexsort((-scores_np, owner_np))
-        bounds = np.cumsum(np.bincount(owner_np, minlength=len(canvas.scales)))[:-1]
-        return [
-            Detections(boxes=b.astype(np.float32), scores=s.astype(np.float32), landmarks=p.astype(np.float32))
-            for b, s, p in zip(
-                np.split(boxes[order], bounds), np.split(scores_np[order], bounds), np.split(points[order], bounds)
-            )
-        ]
+    def _crops(self, pyramid: _Pyramid, boxes: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
+        """Normalised ``size`` x ``size`` network inputs of square ``boxes`` (photo pixels), channels-last."""
+        # Source: the owner's smallest copy on which the box spans at least `size` pixels (the photo when none does).
+        side = boxes[:, 2] - boxes[:, 0]
+        fits = (side[:, None] * pyramid.scales[owner, :, 1] >= size) & (pyramid.sizes[owner, :, 0] > 0)
+        level = (fits * torch.arange(fits.shape[1], device=boxes.device)).argmax(dim=1)
+        scale, offset, copy_size = pyramid.scales[owner, level], pyramid.offsets[owner, level], pyramid.sizes[owner, level]
+        canvas_width = torch.tensor([w for _, w in pyramid.canvas_shapes], device=boxes.device)[level]
+
+        n = size * CROP_SUBSAMPLES
+        t = (torch.arange(n, device=boxes.device, dtype=boxes.dtype) + 0.5) / n
+        xs = boxes[:, 0:1] + t * side[:, None]  # (crops, n) sample positions in photo pixels
+        ys = boxes[:, 1:2] + t * (boxes[:, 3] - boxes[:, 1])[:, None]
+        photo = pyramid.photo_shapes[owner]
+        inside = ((ys >= 0) & (ys < photo[:, 0:1]))[:, :, None] & ((xs >= 0) & (xs < photo[:, 1:2]))[:, None, :]
+        # Clamping only keeps indices in bounds: the samples it moves lie outside the photo and are zeroed below.
+        px = torch.minimum((xs * scale[:, 1:2]).long().clamp(min=0), copy_size[:, 1:2] - 1) + offset[:, 1:2]
+        py = torch.minimum((ys * scale[:, 0:1]).long().clamp(min=0), copy_size[:, 0:1] - 1) + offset[:, 0:1]
+        index = pyramid.starts[level][:, None, None] + py[:, :, None] * canvas_width[:, None, None] + px[:, None, :]
+        samples = pyramid.pixels.index_select(0, index.view(-1)).view(torch.uint8).view(*index.shape, 4)
+        samples = samples[..., :3] * inside[..., None]  # (crops, n, n, 3)
+        return _normalize(F.avg_pool2d(samples.permute(0, 3, 1, 2).float(), CROP_SUBSAMPLES))
 
 
-def _chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+def _canvas(pyramid: _Pyramid, k: int) -> torch.Tensor:
+    """Canvas ``k`` as an (h, w, 4) uint8 view."""
+    start, (height, width) = int(pyramid.starts[k]), pyramid.canvas_shapes[k]
+    return pyramid.pixels[start : start + height * width].view(torch.uint8).view(height, width, 4)
+
+
+def _split(
+    pyramid: _Pyramid, boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor, owner: torch.Tensor
+) -> list[Detections]:
+    """Per-photo results in original photo pixels, by score descending."""
+    scale = torch.from_numpy(pyramid.photo_scales).to(boxes.device)[owner]
+    boxes_np = (boxes / scale[:, None]).cpu().numpy()
+    points_np = (points / scale[:, None, None]).cpu().numpy()
+    scores_np, owner_np = scores.cpu().numpy(), owner.cpu().numpy()
+    order = np.lexsort((-scores_np, owner_np))
+    bounds = np.cumsum(np.bincount(owner_np, minlength=len(pyramid.photo_scales)))[:-1]
+    return [
+        Detections(boxes=b, scores=s, landmarks=p)
+        for b, s, p in zip(
+            np.split(boxes_np[order], bounds), np.split(scores_np[order], bounds), np.split(points_np[order], bounds)
+        )
+    ]
+
+
+def _normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """MTCNN's input scaling of 0..255 pixels to about [-1, 1]."""
+    return (pixels.float() - 127.5) * 0.0078125
+
+
+def _groups(shapes: list[tuple[int, int]], budget: int) -> list[list[int]]:
     """Consecutive groups of indices whose total pixels stay within ``budget`` (a group holds at least one)."""
     groups: list[list[int]] = []
     total = 0
-    for i, (h, w) in enumerate(sizes):
+    for i, (h, w) in enumerate(shapes):
         if not groups or total + h * w > budget:
             groups.append([])
             total = 0
@@ -303,37 +336,30 @@ def _chunks(sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
     return groups
 
 
-def _shelf_pack(sizes: list[tuple[int, int]]) -> tuple[np.ndarray, int, int]:
-    """Pack (h, w) rectangles tallest first into rows of a near-square canvas: (n, 2) offsets (y, x), height, width."""
-    limit = max(max(w for _, w in sizes), math.isqrt(sum(h * w for h, w in sizes)))
-    offsets = np.zeros((len(sizes), 2), np.int64)
+def _shelf_pack(sizes: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Pack (h, w) rectangles tallest first into rows of a near-square canvas: (n, 2) offsets (y, x), height, width.
+
+    Empty (0-sized) rectangles get offset (0, 0) and take no room.
+    """
+    limit = max(int(sizes[:, 1].max()), math.isqrt(int((sizes[:, 0] * sizes[:, 1]).sum())))
+    offsets = np.zeros_like(sizes)
     x = y = row_height = width = 0
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i][0]):
-        h, w = sizes[i]
+    for i in np.argsort(-sizes[:, 0], kind="stable"):
+        h, w = (int(v) for v in sizes[i])
+        if h == 0:
+            break
         if x + w > limit:
             x, y, row_height = 0, y + row_height, 0
         offsets[i] = (y, x)
         x += w
         row_height = max(row_height, h)
         width = max(width, x)
-    return offsets, y + row_height, width
-
-
-def _owner(windows: torch.Tensor, rects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the photo rectangle wholly containing each window, and whether there is one."""
-    inside = (
-        (windows[:, None, 0] >= rects[None, :, 0])
-        & (windows[:, None, 1] >= rects[None, :, 1])
-        & (windows[:, None, 2] <= rects[None, :, 2])
-        & (windows[:, None, 3] <= rects[None, :, 3])
-    )
-    return inside.to(torch.uint8).argmax(dim=1), inside.any(dim=1)
+    return offsets, max(y + row_height, 1), max(width, 1)
 
 
 def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
-    """Apply MTCNN's box regression: offsets as fractions of the box's width and height."""
-    size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
-    return boxes + reg * size
+    """MTCNN's box regression: offsets of each side as fractions of the box's width or height."""
+    return boxes + reg * (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
 
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
@@ -344,23 +370,19 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Greedy NMS within each owner where overlap is intersection over the *smaller* box's area; kept indices."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    """Greedy NMS within each owner, overlap measured over the *smaller* box's area; indices kept."""
     order = scores.argsort(descending=True)
     b = boxes[order]
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    corner_lo = torch.maximum(b[:, None, :2], b[None, :, :2])
-    corner_hi = torch.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = (corner_hi - corner_lo).clamp(min=0).prod(dim=2)
-    overlap = inter / torch.minimum(area[:, None], area[None, :])
-    same = owner[order][:, None] == owner[order][None, :]
-    suppresses = ((overlap > threshold) & same).cpu().numpy()
-    # Candidates after O-Net are few (a handful per photo), so the greedy pass is a short loop.
+    inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0)
+    overlap = inter.prod(dim=2) / torch.minimum(area[:, None], area[None, :])
+    same_photo = owner[order][:, None] == owner[order][None, :]
+    suppresses = ((overlap > threshold) & same_photo).cpu().numpy()
+    # Few candidates survive O-Net (a handful per photo), so a plain greedy pass is cheap.
     removed = np.zeros(len(b), bool)
     keep = []
     for i in range(len(b)):
         if not removed[i]:
             keep.append(i)
             removed |= suppresses[i]
-    return order[torch.as_tensor(keep, device=boxes.device)]
+    return order[torch.as_tensor(keep, dtype=torch.long, device=boxes.device)]

@@ -34,7 +34,16 @@ GARMENT_CLASSES = (UPPER, LOWER)
 #: Label value that contributes nothing to the loss (ambiguous CCP classes, pixels outside the photo).
 IGNORE = 255
 
-#: Our class of each CCP class name (``classes.csv`` in the CCP folder); every CCP class appears exactly once.
+#: Clothing Co-Parsing's class names by label id (its ``classes.csv``): the ids CCP-style masks hold.
+CCP_CLASSES = (
+    "null", "accessories", "bag", "belt", "blazer", "blouse", "bodysuit", "boots", "bra", "bracelet", "cape", "cardigan",
+    "clogs", "coat", "dress", "earrings", "flats", "glasses", "gloves", "hair", "hat", "heels", "hoodie", "intimate",
+    "jacket", "jeans", "jumper", "leggings", "loafers", "necklace", "panties", "pants", "pumps", "purse", "ring",
+    "romper", "sandals", "scarf", "shirt", "shoes", "shorts", "skin", "skirt", "sneakers", "socks", "stockings", "suit",
+    "sunglasses", "sweater", "sweatshirt", "swimwear", "t-shirt", "tie", "tights", "top", "vest", "wallet", "watch",
+    "wedges",
+)
+#: Our class of each CCP class name; every CCP class appears exactly once.
 CCP_TO_PARSE: dict[str, int] = {
     "null": 0,
     "skin": 1,
@@ -50,6 +59,13 @@ CCP_TO_PARSE: dict[str, int] = {
     **dict.fromkeys(
         ("accessories", "belt", "gloves", "hat", "scarf", "socks", "stockings", "tie", "tights"), IGNORE),
 }
+
+
+def ccp_lookup() -> np.ndarray:
+    """256-entry table taking CCP label ids to PARSE_CLASSES ids (IGNORE for ambiguous and unknown ids)."""
+    lut = np.full(256, IGNORE, np.uint8)
+    lut[:len(CCP_CLASSES)] = [CCP_TO_PARSE[name] for name in CCP_CLASSES]
+    return lut
 
 # EfficientNet-Lite0 stages: (repeats, kernel, stride, expansion, out channels); input to the first is the 32-ch stem.
 _LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
@@ -74,8 +90,8 @@ class CropGeometry:
     width: float = 6.0  # crop width in face-box widths, centred on the face
     above: float = 0.8  # crop top, in face-box heights above the face box top
     height: float = 12.0  # crop height in face-box heights
-    input_h: int = 416  # network input height (multiple of 32)
-    input_w: int = 160  # network input width (multiple of 32)
+    input_h: int = 320  # network input height (multiple of 32)
+    input_w: int = 128  # network input width (multiple of 32)
 
 
 def crop_box(face: np.ndarray, geom: CropGeometry) -> tuple[float, float, float, float]:
@@ -227,42 +243,42 @@ def load_parser(path: str | Path, device: str = "cpu") -> ParserNet:
     return model.half() if device == "cuda" else model
 
 
-def parse_crops(model: ParserNet, images: list[np.ndarray], boxes: list[list[tuple[float, float, float, float]]],
-                geom: CropGeometry, flip_average: bool = False, max_batch: int = 64) -> list[list[tuple[int, int, np.ndarray]]]:
-    """Class probabilities for every crop box of every photo, resampled onto the part of the photo each box covers.
 
-    All crops of all photos go through the network together (in chunks of ``max_batch``). Returns, per photo and per
-    box, ``(x0, y0, probs)``: probs is (h, w, classes) float32 for photo pixels [y0:y0+h, x0:x0+w] (empty when the
-    box misses the photo). ``flip_average`` also parses each crop's mirror image and averages (2x the compute).
+def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = False, max_batch: int = 64) -> np.ndarray:
+    """Class probabilities (N, H/2, W/2, classes) float32 for uint8 crops (N, H, W, 3), ``max_batch`` at a time.
+
+    ``flip_average`` also parses each crop's mirror image and averages the two (twice the compute).
     """
-    import cv2
-
-    flat = [(i, box) for i, photo_boxes in enumerate(boxes) for box in photo_boxes]
     param = next(model.parameters())
-    half = param.dtype == torch.float16
-    probs: list[np.ndarray] = []
-    for start in range(0, len(flat), max_batch):
-        chunk = flat[start:start + max_batch]
-        x = normalize(np.stack([cut_crop(images[i], box, geom) for i, box in chunk]), str(param.device), half)
+    out = []
+    for start in range(0, len(crops), max_batch):
+        x = normalize(crops[start:start + max_batch], str(param.device), param.dtype == torch.float16)
         with torch.inference_mode():
             p = torch.softmax(model(x).float(), dim=1)
             if flip_average:
                 p = (p + torch.softmax(model(x.flip(-1)).float(), dim=1).flip(-1)) / 2
-        probs.extend(p.permute(0, 2, 3, 1).cpu().numpy())
+        out.append(p.permute(0, 2, 3, 1).cpu().numpy())
+    if not out:
+        return np.zeros((0, 0, 0, len(PARSE_CLASSES)), np.float32)
+    return np.concatenate(out)
 
-    out: list[list[tuple[int, int, np.ndarray]]] = [[] for _ in images]
-    for (i, box), p in zip(flat, probs):
-        height, width = images[i].shape[:2]
-        x0, y0 = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
-        x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
-        if x1 <= x0 or y1 <= y0:
-            out[i].append((x0, y0, np.zeros((0, 0, p.shape[-1]), np.float32)))
-            continue
-        # Logit u was trained on crop pixel 2u+1, whose centre is 2u+1.5 in crop units (pixel edges at integers);
-        # photo pixel x has its centre at (x + 0.5 - box_x1) * scale there: solve for u and sample.
-        ax, ay = p.shape[1] / (box[2] - box[0]), p.shape[0] / (box[3] - box[1])
-        m = np.array([[ax, 0.0, (x0 + 0.5 - box[0]) * ax - 0.75], [0.0, ay, (y0 + 0.5 - box[1]) * ay - 0.75]])
-        region = cv2.warpAffine(p, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                borderMode=cv2.BORDER_REPLICATE)
-        out[i].append((x0, y0, region))
-    return out
+
+def probs_to_photo(probs: np.ndarray, box: tuple[float, float, float, float], height: int,
+                   width: int) -> tuple[int, int, np.ndarray]:
+    """Resample one crop's probabilities onto the photo pixels its box covers: ``(x0, y0, (h, w, classes))``.
+
+    Bilinear, with ``cv2`` (several times faster than torch on a CPU). The region is empty if the box misses the photo.
+    """
+    import cv2
+
+    x0, y0 = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
+    x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
+    if x1 <= x0 or y1 <= y0:
+        return x0, y0, np.zeros((0, 0, probs.shape[-1]), np.float32)
+    # Logit u was trained on crop pixel 2u+1, whose centre is 2u+1.5 in crop units (pixel edges at integers);
+    # photo pixel x has its centre at (x + 0.5 - box_x1) * scale there: solve for u and sample.
+    ax, ay = probs.shape[1] / (box[2] - box[0]), probs.shape[0] / (box[3] - box[1])
+    m = np.array([[ax, 0.0, (x0 + 0.5 - box[0]) * ax - 0.75], [0.0, ay, (y0 + 0.5 - box[1]) * ay - 0.75]])
+    region = cv2.warpAffine(probs, m, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                            borderMode=cv2.BORDER_REPLICATE)
+    return x0, y0, region.reshape(y1 - y0, x1 - x0, probs.shape[-1])

@@ -27,6 +27,8 @@ class AgeSettings:
     weights: str = "default"
     # Chips per forward pass; a batch's chips go through in as few passes as this allows.
     batch_size: int = 4096
+    # Average the predictions for each chip and its mirror image (twice the age network's cost).
+    flip_average: bool = True
 
 
 def resolve_weights(weights: str) -> Path:
@@ -42,7 +44,9 @@ def resolve_weights(weights: str) -> Path:
     return path
 
 
-def estimate_ages(model, chips: np.ndarray, device: str, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def estimate_ages(
+    model, chips: np.ndarray, device: str, batch_size: int = 4096, flip_average: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Age and age_sd (float32, (n,)) of (n, 64, 64, 3) uint8 chips with a loaded :class:`AgeNet`."""
     import torch
 
@@ -51,8 +55,7 @@ def estimate_ages(model, chips: np.ndarray, device: str, batch_size: int = 4096)
     ages, sds = [], []
     with torch.inference_mode():
         for start in range(0, len(chips), batch_size):
-            logits = model(chips_to_tensor(chips[start : start + batch_size], device))
-            mean, sd = model.age_moments(logits)
+            mean, sd = model.predict(chips_to_tensor(chips[start : start + batch_size], device), flip_average)
             ages.append(mean.cpu().numpy())
             sds.append(sd.cpu().numpy())
     if not ages:
@@ -86,7 +89,9 @@ class AgeStage(Stage):
         if not photos:
             return batch
         chips = np.concatenate([batch["chips"][i] for i in photos])
-        ages, sds = estimate_ages(self._model, chips, self.device, self.settings.batch_size)
+        ages, sds = estimate_ages(
+            self._model, chips, self.device, self.settings.batch_size, self.settings.flip_average
+        )
         start = 0
         for i in photos:
             n = len(batch["chips"][i])

@@ -44,7 +44,7 @@ from colortrend.evaluate.age import (
 )
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
-from colortrend.stages.age import DLIB_WEIGHTS
+from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings
 from colortrend.stages.align import cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
@@ -197,14 +197,14 @@ def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: f
     return -(target * log_p).sum(dim=1).mean() + l1_weight * (expected - ages).abs().mean()
 
 
-def predict(net: AgeNet, chips: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Expected ages of uint8 chips (N, 64, 64, 3)."""
+def predict(net: AgeNet, chips: np.ndarray, flip_average: bool, batch_size: int = 512) -> np.ndarray:
+    """Expected ages of uint8 chips (N, 64, 64, 3), as the age stage computes them."""
     out = []
     net.eval()
     with torch.inference_mode():
         for start in range(0, len(chips), batch_size):
             x = torch.from_numpy(chips[start : start + batch_size]).permute(0, 3, 1, 2)
-            out.append(net.age_moments(net(x))[0].numpy())
+            out.append(net.predict(x, flip_average)[0].numpy())
     return np.concatenate(out)
 
 
@@ -260,6 +260,7 @@ def train_age(
         warm = min(1.0, (step + 1) / config.warmup_steps)
         return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
+    flip_average = AgeSettings().flip_average  # validate as the pipeline predicts
     history: list[dict] = []
     best: dict | None = None
     step = 0
@@ -284,7 +285,8 @@ def train_age(
             losses.append(loss.item())
             step += 1
         val_mae = {
-            name: round(float(np.abs(predict(net, chips) - age).mean()), 3) for name, (chips, age) in val_sets.items()
+            name: round(float(np.abs(predict(net, chips, flip_average) - age).mean()), 3)
+            for name, (chips, age) in val_sets.items()
         }
         score = float(np.mean(list(val_mae.values()))) if val_mae else -epoch
         record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), "val_mae": val_mae,

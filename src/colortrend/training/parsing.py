@@ -25,21 +25,23 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from colortrend.evaluate.parsing import is_validation
 from colortrend.models.parser_net import (
-    CCP_TO_PARSE, GARMENT_CLASSES, IGNORE, PAD_VALUE, PARSE_CLASSES, CropGeometry, ParserNet, crop_affine, crop_box,
-    cut_crop, normalize, parse_crops,
+    GARMENT_CLASSES, IGNORE, PAD_VALUE, PARSE_CLASSES, CropGeometry, ParserNet, ccp_lookup, crop_affine, crop_box,
+    cut_crop, normalize, predict_crops, probs_to_photo,
 )
 
 CACHE_DIR = Path("/tmp/colortrend-cache")
-#: Encoder layers kept at their ImageNet values: the high-resolution ones, which dominate backward cost on a CPU.
-FROZEN_BLOCKS = 3
+#: Encoder blocks kept at their ImageNet values (with the stem): those at strides 2-8, whose high-resolution
+#: backward pass dominates training cost on a CPU.
+FROZEN_BLOCKS = 5
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     """Hyper-parameters of one training run (stored with the metrics)."""
 
-    epochs: int = 40  # passes over the training photos
+    epochs: int = 8  # passes over the training photos
     batch_size: int = 16  # crops per step
     lr: float = 2e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -58,25 +60,6 @@ class Example:
     image: np.ndarray
     labels: np.ndarray
     face: np.ndarray | None
-
-
-def ccp_lookup(ccp_dir: Path) -> np.ndarray:
-    """256-entry table taking CCP class ids to PARSE_CLASSES ids (IGNORE for ambiguous classes)."""
-    lut = np.full(256, IGNORE, np.uint8)
-    with open(ccp_dir / "classes.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            lut[int(row["id"])] = CCP_TO_PARSE[row["name"]]
-    return lut
-
-
-def photo_number(path: str | Path) -> int:
-    """CCP's numeric photo id from a file name (``0008.jpg``, ``ccp_0008.jpg`` -> 8)."""
-    return int(re.findall(r"\d+", Path(path).stem)[-1])
-
-
-def is_validation(path: str | Path) -> bool:
-    """The fixed validation split: photo ids divisible by 8."""
-    return photo_number(path) % 8 == 0
 
 
 def detect_faces_cached(paths: list[Path], cache_file: Path, log: Callable[[str], None] = print) -> dict[str, list]:
@@ -115,7 +98,7 @@ def labelled_face(faces: list, labels: np.ndarray) -> np.ndarray | None:
 
 def load_ccp(ccp_dir: Path, log: Callable[[str], None] = print) -> list[Example]:
     """All CCP photos with mapped labels and their labelled person's face (None when MTCNN did not find it)."""
-    lut = ccp_lookup(ccp_dir)
+    lut = ccp_lookup()
     with open(ccp_dir / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     paths = [ccp_dir / r["image"] for r in rows]
@@ -255,7 +238,9 @@ def validate(model: ParserNet, examples: list[Example], geom: CropGeometry) -> d
             missed += 1
             true += int(np.isin(ex.labels, GARMENT_CLASSES).sum())
             continue
-        (x0, y0, probs), = parse_crops(model, [ex.image], [[crop_box(ex.face, geom)]], geom)[0]
+        box = crop_box(ex.face, geom)
+        probs = predict_crops(model, cut_crop(ex.image, box, geom)[None])[0]
+        x0, y0, probs = probs_to_photo(probs, box, *ex.labels.shape)
         full = np.zeros(ex.labels.shape, np.uint8)
         full[y0:y0 + probs.shape[0], x0:x0 + probs.shape[1]] = probs.argmax(-1)
         i, p, t = garment_scores(full, ex.labels)
@@ -314,13 +299,9 @@ def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSett
             if step % 20 == 0:
                 rate = step * settings.batch_size / (time.time() - start)
                 log(f"epoch {epoch} step {step}/{total} loss {running:.4f} {rate:.1f} crops/s")
-        if epoch % 10 == 9 or epoch == settings.epochs - 1:
-            model.eval()
-            with torch.no_grad():
-                log(f"epoch {epoch} validation {validate(model, val, geom)}")
-            out_path = Path(out_path)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.half() for k, v in model.state_dict().items()}, out_path)
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.half() for k, v in model.state_dict().items()}, out_path)
 
     model.eval()
     with torch.no_grad():

@@ -1,0 +1,126 @@
+"""``colortrend eval color``: how far segmentation moves the measured garment colour.
+
+For each photo of a parsing-style ``labels.csv`` (``image,mask`` columns, paths relative to the CSV; masks hold CCP
+class ids), the dominant colour of the main person is measured twice, both with white balance off and the pipeline's
+clustering (``ColorSettings`` defaults): from the ground-truth garment pixels (CCP garment classes, as the parser
+is trained to see them) and as the pipeline measures it, i.e. detect -> segment -> dominant on the photo. CCP
+labels only the photo's main person, taken to be the one with the largest detected face (as in ``eval parsing``).
+
+Scores are CIEDE2000 between the two colours: median, 90th percentile and mean over the photos scored (``n``);
+photos where the pipeline found no face, or did not parse the main person, count as ``missed``. The same figures
+are given for the photos where one colour clearly dominates the ground truth (its cluster holds at least
+``clear_share`` of the garment pixels), where "the dominant colour" is well defined.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from colortrend.color.kmeans import palettes
+from colortrend.color.space import delta_e2000
+from colortrend.stages.base import Batch
+from colortrend.stages.correct import ColorSettings, CorrectStage
+from colortrend.stages.dominant import DominantStage
+
+#: Ground-truth dominant share from which one colour "clearly dominates" a person's garments.
+CLEAR_SHARE = 0.6
+
+
+def predict_colors(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8) -> pd.DataFrame:
+    """One row per listed photo: ``image``, the ground-truth dominant colour (``gt_r/g/b``, ``gt_lab_l/a/b``,
+    ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``."""
+    from PIL import Image
+
+    from colortrend.evaluate.age import load_rgb
+    from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+    from colortrend.stages.detect import DetectSettings, DetectStage
+    from colortrend.stages.segment import SegmentSettings, SegmentStage
+
+    labels_csv = Path(labels_csv)
+    labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
+    garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
+    settings = ColorSettings(white_balance="none")
+    stages = [DetectStage(DetectSettings(), device), SegmentStage(SegmentSettings(), device),
+              CorrectStage(settings, device), DominantStage(settings, device)]
+
+    rows = []
+    for start in range(0, len(labels), batch_size):
+        part = labels.iloc[start:start + batch_size]
+        images = [load_rgb(str(labels_csv.parent / p)) for p in part["image"]]
+        masks = [np.asarray(Image.open(labels_csv.parent / p)) for p in part["mask"]]
+        gt = palettes([image[np.isin(mask, garment_ids)] for image, mask in zip(images, masks)],
+                      k=settings.k, max_pixels=settings.max_pixels, merge_delta_e=settings.merge_delta_e,
+                      seed=settings.seed)
+        batch: Batch = {"photo_id": list(part["image"]), "status": ["ok"] * len(images),
+                        "error": [None] * len(images), "image": images}
+        for stage in stages:
+            batch = stage(batch)
+        for i, (image_path, palette) in enumerate(zip(part["image"], gt)):
+            rows.append({"image": image_path, **_gt_columns(palette), **_main_person_columns(batch, i)})
+    table = pd.DataFrame(rows)
+    table["delta_e"] = delta_e2000(table[["gt_lab_l", "gt_lab_a", "gt_lab_b"]].to_numpy(float),
+                                   table[["pred_lab_l", "pred_lab_a", "pred_lab_b"]].to_numpy(float))
+    return table
+
+
+def _gt_columns(palette) -> dict:
+    if palette is None:  # no garment labelled in the photo
+        return dict.fromkeys(("gt_r", "gt_g", "gt_b", "gt_lab_l", "gt_lab_a", "gt_lab_b", "gt_share"), np.nan)
+    return {**{f"gt_{c}": int(v) for c, v in zip("rgb", palette.dominant_rgb)},
+            **{f"gt_lab_{c}": float(v) for c, v in zip("lab", palette.dominant_lab)},
+            "gt_share": palette.dominant_share}
+
+
+def _main_person_columns(batch: Batch, i: int) -> dict:
+    """The pipeline's dominant colour of the photo's largest detected face (NaN when missing)."""
+    columns = ("pred_r", "pred_g", "pred_b", "pred_lab_l", "pred_lab_a", "pred_lab_b", "pred_share")
+    if batch["status"][i] != "ok" or not batch["n_faces"][i]:
+        return dict.fromkeys(columns, np.nan)
+    area = (batch["box_x2"][i] - batch["box_x1"][i]) * (batch["box_y2"][i] - batch["box_y1"][i])
+    j = int(np.argmax(area))
+    if batch["dominant_r"][i][j] is None:
+        return dict.fromkeys(columns, np.nan)
+    sources = ("dominant_r", "dominant_g", "dominant_b", "dominant_lab_l", "dominant_lab_a", "dominant_lab_b",
+               "dominant_share")
+    return {column: batch[source][i][j] for column, source in zip(columns, sources)}
+
+
+def color_metrics(predictions: pd.DataFrame, clear_share: float = CLEAR_SHARE) -> dict:
+    """Figures of a :func:`predict_colors` table: ``median``, ``p90``, ``mean`` (CIEDE2000), ``n``, ``missed``,
+    ``no_garment`` (photos with no ground-truth garment pixel, not scored) and the same on ``clear`` photos."""
+    labelled = predictions.dropna(subset=["gt_lab_l"])
+
+    def summary(rows: pd.DataFrame) -> dict:
+        scored = rows["delta_e"].dropna().to_numpy(float)
+        return {
+            "median": round(float(np.median(scored)), 3) if len(scored) else None,
+            "p90": round(float(np.percentile(scored, 90)), 3) if len(scored) else None,
+            "mean": round(float(scored.mean()), 3) if len(scored) else None,
+            "n": int(len(scored)),
+            "missed": int(len(rows) - len(scored)),
+        }
+
+    return {**summary(labelled), "no_garment": int(len(predictions) - len(labelled)), "clear_share": clear_share,
+            "clear": summary(labelled[labelled["gt_share"] >= clear_share])}
+
+
+def evaluate_color(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8,
+                   clear_share: float = CLEAR_SHARE) -> dict:
+    """:func:`color_metrics` of :func:`predict_colors` (same arguments)."""
+    return color_metrics(predict_colors(labels_csv, device, batch_size), clear_share)
+
+
+def format_color_metrics(metrics: dict) -> str:
+    """The human-readable report of ``colortrend eval color`` (``--json`` prints ``metrics`` instead)."""
+    def line(name: str, m: dict) -> str:
+        if not m["n"]:
+            return f"{name}: nothing scored ({m['missed']} missed)"
+        return (f"{name}: CIEDE2000 median {m['median']}, p90 {m['p90']}, mean {m['mean']} "
+                f"(n={m['n']}, missed {m['missed']})")
+
+    return "\n".join([
+        line("all photos", metrics),
+        line(f"one colour >= {metrics['clear_share']:.0%} of the garments", metrics["clear"]),
+    ])

@@ -1,0 +1,165 @@
+"""``colortrend eval parsing``: score the pipeline's garment masks against Clothing Co-Parsing style labels.
+
+Each photo listed in a ``labels.csv`` (``image,mask`` columns, paths relative to the CSV; masks hold CCP label ids)
+goes through the pipeline's own intake -> detect -> segment stages, with their default settings. CCP labels only
+the photo's main person (passers-by are background), so the person scored is the one with the largest detected
+face; their garment pixels (upper and lower classes) are compared with CCP's garment classes over the whole photo.
+CCP's ambiguous classes (hat, scarf, tie, gloves, socks, stockings, tights, belt, accessories) are not scored.
+
+Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks
+(and any outside scoring of them) would be. The validation split (:func:`is_validation`) is fixed by photo number:
+``colortrend train parsing`` never trains on it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from colortrend.models.parser_net import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
+
+Split = Literal["all", "train", "val"]
+
+
+def photo_number(path: str | Path) -> int:
+    """CCP's numeric photo id from a file name (``0008.jpg``, ``ccp_0008.jpg`` -> 8)."""
+    return int(re.findall(r"\d+", Path(path).stem)[-1])
+
+
+def is_validation(path: str | Path) -> bool:
+    """The fixed validation split: photo numbers divisible by 8."""
+    return photo_number(path) % 8 == 0
+
+
+def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
+    """``image``, ``mask`` (as in the CSV) and ``image_file``, ``mask_file`` (absolute paths) of the rows of ``split``."""
+    labels_csv = Path(labels_csv)
+    labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
+    if split != "all":
+        val = np.array([is_validation(p) for p in labels["image"]], bool)
+        labels = labels[val if split == "val" else ~val].reset_index(drop=True)
+    labels["image_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["image"]]
+    labels["mask_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["mask"]]
+    return labels
+
+
+def segment_stages(folder: str | Path, device: str = "cpu") -> list:
+    """The pipeline's intake, detect and segment stages with default settings, for photos under ``folder``."""
+    from colortrend.stages.detect import DetectSettings, DetectStage
+    from colortrend.stages.intake import InputSettings, IntakeStage
+    from colortrend.stages.segment import SegmentSettings, SegmentStage
+
+    return [IntakeStage(InputSettings(paths=(str(folder),))), DetectStage(DetectSettings(), device),
+            SegmentStage(SegmentSettings(), device)]
+
+
+def run_stages(stages: list, paths: list[str]) -> dict:
+    """One pipeline batch of ``paths`` (photo ids = paths) after ``stages``."""
+    batch: dict = {"photo_id": list(paths), "path": list(paths)}
+    for stage in stages:
+        batch = stage(batch)
+    return batch
+
+
+def main_person_labels(batch: dict, i: int) -> np.ndarray | None:
+    """Photo ``i``'s class map (analysed-image size) of the person with the largest face; None if no face was found."""
+    if batch["status"][i] != "ok" or not batch["n_faces"][i]:
+        return None
+    area = (batch["box_x2"][i] - batch["box_x1"][i]) * (batch["box_y2"][i] - batch["box_y1"][i])
+    out = np.zeros(batch["image"][i].shape[:2], np.uint8)
+    parse = batch["person_parse"][i][int(np.argmax(area))]
+    if parse is not None:
+        x0, y0, labels = parse
+        out[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] = labels
+    return out
+
+
+class _Tally:
+    """Pixel counts pooled over photos, per class and for garments against the rest."""
+
+    def __init__(self) -> None:
+        self.inter = np.zeros(len(PARSE_CLASSES), np.int64)
+        self.pred = np.zeros(len(PARSE_CLASSES), np.int64)
+        self.true = np.zeros(len(PARSE_CLASSES), np.int64)
+        self.garment = np.zeros(3, np.int64)  # intersection, predicted, true
+        self.per_photo: list[tuple[float, float, float]] = []
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        scored = truth != IGNORE
+        n = len(PARSE_CLASSES)
+        p, t = pred[scored].astype(np.int64), truth[scored].astype(np.int64)
+        self.inter += np.bincount(p[p == t], minlength=n)[:n]
+        self.pred += np.bincount(p, minlength=n)[:n]
+        self.true += np.bincount(t, minlength=n)[:n]
+        pg, tg = np.isin(p, GARMENT_CLASSES), np.isin(t, GARMENT_CLASSES)
+        counts = np.array([(pg & tg).sum(), pg.sum(), tg.sum()])
+        self.garment += counts
+        self.per_photo.append(_ratios(*counts))
+
+
+def _ratios(inter: int, pred: int, true: int) -> tuple[float, float, float]:
+    """IoU, precision, recall; an empty prediction of an empty truth is perfect."""
+    union = pred + true - inter
+    return (inter / union if union else 1.0, inter / pred if pred else float(true == 0),
+            inter / true if true else float(pred == 0))
+
+
+def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir: str | Path | None = None,
+                     split: Split = "all", batch_size: int = 16) -> dict:
+    """Garment-vs-rest IoU, precision and recall of the main person's mask, pooled over pixels and averaged per
+    photo, per-class IoU (``iou_by_class``), ``n`` (photos scored) and ``missed`` (photos without a detected face).
+
+    ``save_masks_dir``: writes ``<image stem>.png`` per photo, 255 where the main person's garments are predicted,
+    0 elsewhere, at the photo's size (all 0 where no face was found).
+    """
+    import cv2
+
+    labels = read_labels(labels_csv, split)
+    stages = segment_stages(Path(labels_csv).parent, device)
+    lut = ccp_lookup()
+    if save_masks_dir is not None:
+        Path(save_masks_dir).mkdir(parents=True, exist_ok=True)
+    tally, missed = _Tally(), 0
+    for start in range(0, len(labels), batch_size):
+        part = labels.iloc[start:start + batch_size]
+        batch = run_stages(stages, list(part["image_file"]))
+        for i, (image, mask_file) in enumerate(zip(part["image"], part["mask_file"])):
+            truth = lut[cv2.imread(mask_file, cv2.IMREAD_UNCHANGED)]
+            pred = main_person_labels(batch, i)
+            if pred is None:
+                missed += 1
+                pred = np.zeros(truth.shape, np.uint8)
+            elif pred.shape != truth.shape:  # analysed at a reduced size: back to the labels' pixels
+                pred = cv2.resize(pred, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
+            tally.add(pred, truth)
+            if save_masks_dir is not None:
+                garment = np.isin(pred, GARMENT_CLASSES).astype(np.uint8) * 255
+                cv2.imwrite(str(Path(save_masks_dir) / f"{Path(image).stem}.png"), garment)
+
+    iou, precision, recall = _ratios(*tally.garment)
+    per_photo = np.array(tally.per_photo).reshape(-1, 3)
+    union = tally.pred + tally.true - tally.inter
+    return {
+        "iou": round(iou, 4), "precision": round(precision, 4), "recall": round(recall, 4),
+        "mean_iou": round(float(per_photo[:, 0].mean()), 4) if len(per_photo) else None,
+        "mean_precision": round(float(per_photo[:, 1].mean()), 4) if len(per_photo) else None,
+        "mean_recall": round(float(per_photo[:, 2].mean()), 4) if len(per_photo) else None,
+        "iou_by_class": {name: round(float(tally.inter[k] / union[k]), 4) if union[k] else None
+                         for k, name in enumerate(PARSE_CLASSES)},
+        "n": len(labels), "missed": missed, "split": split,
+    }
+
+
+def format_parsing_metrics(metrics: dict) -> str:
+    """The human-readable report of ``colortrend eval parsing`` (``--json`` prints ``metrics`` instead)."""
+    by_class = ", ".join(f"{k} {v}" for k, v in metrics["iou_by_class"].items())
+    return "\n".join([
+        f"photos {metrics['n']} ({metrics['split']}), without a detected face {metrics['missed']}",
+        f"garments, pooled pixels: IoU {metrics['iou']}, precision {metrics['precision']}, recall {metrics['recall']}",
+        f"garments, mean per photo: IoU {metrics['mean_iou']}, precision {metrics['mean_precision']}, "
+        f"recall {metrics['mean_recall']}",
+        f"IoU by class: {by_class}",
+    ])

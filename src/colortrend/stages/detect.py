@@ -1,0 +1,113 @@
+"""Stage "detect": faces and their 5 landmarks in every photo, the first model stage.
+
+One :class:`~colortrend.models.mtcnn.FaceDetector` call covers all analysable photos of a batch (the detector
+batches across photos of any sizes). Faces are kept when their final MTCNN score reaches ``min_score``, best first,
+at most ``max_faces`` per photo. Coordinates are in pixels of the batch's ``image`` (the table builder maps them to
+the original photo). Photos without a kept face keep status ``ok`` with ``n_faces`` 0.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from colortrend.stages.base import Batch, Stage, fail, ok_indices
+
+if TYPE_CHECKING:
+    from colortrend.models.mtcnn import Detections
+
+#: facenet-pytorch's MTCNN weight files, inside its installed package.
+FACENET_WEIGHTS = ("pnet.pt", "rnet.pt", "onet.pt")
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    min_face_px: int = 40  # smallest face side searched, in pixels (after max_side downscaling); smaller is slower
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # MTCNN P-, R-, O-Net face probability thresholds
+    min_score: float = 0.9  # final detection score a face needs to be kept
+    max_side: int = 1280  # photos with a longer side are downscaled for detection (coordinates map back)
+    max_faces: int = 20  # faces kept per photo, best scores first
+
+
+class DetectStage(Stage):
+    """Adds ``n_faces`` per photo and, per face, box, ``det_score``, ``landmarks`` (n, 10) and ``face_idx``."""
+
+    name = "detect"
+    photo_fields = pa.schema([pa.field("n_faces", pa.int32())])
+    face_fields = pa.schema(
+        [
+            pa.field("face_idx", pa.int32()),
+            pa.field("box_x1", pa.float32()),
+            pa.field("box_y1", pa.float32()),
+            pa.field("box_x2", pa.float32()),
+            pa.field("box_y2", pa.float32()),
+            pa.field("det_score", pa.float32()),
+            # x, y of left eye, right eye, nose, mouth left, mouth right (10 values)
+            pa.field("landmarks", pa.list_(pa.float32())),
+        ]
+    )
+
+    def __init__(self, settings: DetectSettings | None = None, device: str = "cpu"):
+        super().__init__(settings or DetectSettings(), device)
+        self._model = None
+
+    def setup(self) -> None:
+        from colortrend.models.mtcnn import FaceDetector
+
+        s = self.settings
+        self._model = FaceDetector(
+            device=self.device, min_face_px=s.min_face_px, thresholds=s.thresholds, max_side=s.max_side
+        )
+
+    def model_files(self) -> list[str]:
+        # Located without importing facenet_pytorch, whose package import loads torch and all its models.
+        spec = importlib.util.find_spec("facenet_pytorch")
+        package = Path(next(iter(spec.submodule_search_locations)))
+        return [str(package / "data" / name) for name in FACENET_WEIGHTS]
+
+    def process(self, batch: Batch) -> Batch:
+        n_photos = len(batch["status"])
+        empty = _face_columns(np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2)))
+        columns = {name: [value] * n_photos for name, value in empty.items()}
+        columns["n_faces"] = [0] * n_photos
+        ok = ok_indices(batch)
+        for i, found in zip(ok, self._detect([batch["image"][i] for i in ok])):
+            if isinstance(found, Exception):
+                fail(batch, i, f"face detection failed: {type(found).__name__}: {found}")
+                continue
+            keep = np.flatnonzero(found.scores >= self.settings.min_score)[: self.settings.max_faces]
+            for name, value in _face_columns(found.boxes[keep], found.scores[keep], found.landmarks[keep]).items():
+                columns[name][i] = value
+            columns["n_faces"][i] = len(keep)
+        batch.update(columns)
+        return batch
+
+    def _detect(self, images: list[np.ndarray]) -> list[Detections | Exception]:
+        """Detections per image; if the batched call fails, each image alone, an exception standing for a failure."""
+        try:
+            return self._model.detect(images)
+        except Exception:  # noqa: BLE001 - one bad photo must not fail the batch: find it by retrying one by one
+            results: list[Detections | Exception] = []
+            for image in images:
+                try:
+                    results.extend(self._model.detect([image]))
+                except Exception as exc:  # noqa: BLE001 - recorded on the photo
+                    results.append(exc)
+            return results
+
+
+def _face_columns(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> dict[str, np.ndarray]:
+    """The stage's face-level columns for faces with these (n, 4) boxes, (n,) scores and (n, 5, 2) landmarks."""
+    return {
+        "face_idx": np.arange(len(scores), dtype=np.int32),
+        "box_x1": boxes[:, 0].astype(np.float32),
+        "box_y1": boxes[:, 1].astype(np.float32),
+        "box_x2": boxes[:, 2].astype(np.float32),
+        "box_y2": boxes[:, 3].astype(np.float32),
+        "det_score": scores.astype(np.float32),
+        "landmarks": landmarks.reshape(-1, 10).astype(np.float32),
+    }

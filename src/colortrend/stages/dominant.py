@@ -1,0 +1,102 @@
+"""Dominant colours: a CIELAB palette of each measured person's garments, and of their upper and lower garment.
+
+Reads ``person_parse`` (segment) and ``image_wb`` (correct). For every person with a parse it gathers up to
+``color.max_pixels`` garment pixels (upper + lower classes, evenly sampled) of the white-balanced photo, plus the
+upper and lower garments on their own, and clusters all of them, for every person of the batch, in one batched
+k-means (``colortrend.color.kmeans``). The largest cluster is the dominant colour, named by the curated palette.
+
+Face-level output columns are, per photo, lists with one entry per face; entries are None for faces without a
+parse, and the upper/lower colours are None where that garment has fewer than ``color.min_part_px`` pixels.
+The CIELAB columns are ``dominant_lab_l/a/b``: ``dominant_b`` is already the blue channel.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from colortrend.color.kmeans import Palette, palettes, sample_pixels
+from colortrend.color.names import nearest_name
+from colortrend.stages.base import Batch, Stage, ok_indices
+from colortrend.stages.correct import ColorSettings
+
+_RGB = ("r", "g", "b")
+PALETTE_TYPE = pa.list_(pa.struct([("r", pa.uint8()), ("g", pa.uint8()), ("b", pa.uint8()), ("share", pa.float32())]))
+COLUMNS = (
+    *(f"dominant_{c}" for c in _RGB), "dominant_lab_l", "dominant_lab_a", "dominant_lab_b", "dominant_share",
+    "palette", *(f"upper_{c}" for c in _RGB), *(f"lower_{c}" for c in _RGB), "color_name", "color_name_zh",
+)
+
+
+class DominantStage(Stage):
+    """Writes each measured person's dominant colour, palette, upper/lower colours and colour name."""
+
+    name = "dominant"
+    garment_fields = pa.schema([
+        *((f"dominant_{c}", pa.uint8()) for c in _RGB),
+        ("dominant_lab_l", pa.float32()),
+        ("dominant_lab_a", pa.float32()),
+        ("dominant_lab_b", pa.float32()),
+        ("dominant_share", pa.float32()),
+        ("palette", PALETTE_TYPE),
+        *((f"upper_{c}", pa.uint8()) for c in _RGB),
+        *((f"lower_{c}", pa.uint8()) for c in _RGB),
+        ("color_name", pa.string()),
+        ("color_name_zh", pa.string()),
+    ])
+
+    def __init__(self, settings: ColorSettings | None = None, device: str = "cpu"):
+        super().__init__(settings or ColorSettings(), device)
+
+    def process(self, batch: Batch) -> Batch:
+        # The parser's class ids live with its network, whose module imports torch: import at run time only.
+        from colortrend.models.parser_net import GARMENT_CLASSES, LOWER, UPPER
+
+        s = self.settings
+        n_photos = len(batch["status"])
+        parses = batch.get("person_parse") or [[] for _ in range(n_photos)]
+        for column in COLUMNS:
+            batch[column] = [[None] * len(parses[i]) for i in range(n_photos)]
+
+        # One pixel list per (photo, face, part) to measure; part is "all", "upper" or "lower".
+        jobs: list[tuple[int, int, str]] = []
+        pixel_sets: list[np.ndarray] = []
+        for i in ok_indices(batch):
+            flat_image = batch["image_wb"][i].reshape(-1, 3)
+            width = batch["image_wb"][i].shape[1]
+            for j, parse in enumerate(parses[i]):
+                if parse is None:
+                    continue
+                x0, y0, labels = parse
+                parts = {"all": np.flatnonzero(np.isin(labels, GARMENT_CLASSES)),
+                         "upper": np.flatnonzero(labels == UPPER), "lower": np.flatnonzero(labels == LOWER)}
+                for part, idx in parts.items():
+                    # The segment stage parses only persons with enough garment pixels (segment.min_clothing_px);
+                    # a garment part of its own needs color.min_part_px.
+                    if len(idx) < (1 if part == "all" else s.min_part_px):
+                        continue
+                    # Sample label positions first, then read only those pixels of the photo.
+                    idx = sample_pixels(idx, s.max_pixels)
+                    rows, cols = np.divmod(idx, labels.shape[1])
+                    jobs.append((i, j, part))
+                    pixel_sets.append(flat_image[(y0 + rows) * width + x0 + cols])
+
+        results = palettes(pixel_sets, k=s.k, max_pixels=s.max_pixels, merge_delta_e=s.merge_delta_e, seed=s.seed)
+        for (i, j, part), palette in zip(jobs, results):  # no palette is None: every pixel list is non-empty
+            if part == "all":
+                self._write_person(batch, i, j, palette)
+            else:
+                for c, value in zip(_RGB, palette.dominant_rgb):
+                    batch[f"{part}_{c}"][i][j] = int(value)
+        return batch
+
+    @staticmethod
+    def _write_person(batch: Batch, i: int, j: int, palette: Palette) -> None:
+        for c, value in zip(_RGB, palette.dominant_rgb):
+            batch[f"dominant_{c}"][i][j] = int(value)
+        for c, value in zip("lab", palette.dominant_lab):
+            batch[f"dominant_lab_{c}"][i][j] = float(value)
+        batch["dominant_share"][i][j] = palette.dominant_share
+        batch["palette"][i][j] = [{"r": int(r), "g": int(g), "b": int(b), "share": float(share)}
+                                  for (r, g, b), share in zip(palette.rgb, palette.share)]
+        name = nearest_name(palette.dominant_lab, space="lab")
+        batch["color_name"][i][j], batch["color_name_zh"][i][j] = name.en, name.zh

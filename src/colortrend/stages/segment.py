@@ -1,0 +1,162 @@
+"""Segment: each detected person's clothes, from a parser run on a crop anchored on their face.
+
+For every face wide enough to show clothing, a crop is cut around where that person's body should be (the face at
+the top centre, down to the feet; ``parser_net.crop_box``), so one model serves full-body shots, half-body selfies
+(the crop runs past the photo's edge and is padded there, as in training) and group photos alike. All crops of all
+photos in the batch go through the parser in one batched forward pass (fp16 on CUDA).
+
+Crops of people standing close overlap, and each crop's parser may see part of the other person. A pixel claimed by
+several people goes to the one whose parser is most confident it belongs to a person (1 - P(background)): the
+parser was trained to call neighbours background, so the owner's own crop is normally the confident one.
+
+Writes ``person_parse`` (in memory only: per face None, or ``(x0, y0, labels)`` with a uint8 PARSE_CLASSES map of
+the person's bounding box at (x0, y0) in the analysed image) and per measured person its box and garment pixel
+counts. A person is measured when at least ``min_clothing_px`` of their pixels are garments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from colortrend.models import WEIGHTS_DIR
+from colortrend.models.parser_net import LOWER, UPPER, CropGeometry
+from colortrend.stages.base import Batch, Stage, ok_indices
+
+#: The parser trained by ``colortrend train parsing`` (CCP), shipped with the package.
+PARSER_WEIGHTS = WEIGHTS_DIR / "parser_lite0.pt"
+_GEOMETRY = CropGeometry()
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    # "default" (the shipped parser) or a path to weights saved by `colortrend train parsing`.
+    weights: str = "default"
+    # Crop geometry and input size: must be what the weights were trained with (see parser_net.CropGeometry).
+    crop_width: float = _GEOMETRY.width
+    crop_above: float = _GEOMETRY.above
+    crop_height: float = _GEOMETRY.height
+    input_h: int = _GEOMETRY.input_h
+    input_w: int = _GEOMETRY.input_w
+    # Faces narrower than this (analysed pixels) are not parsed: their clothes are too small to measure.
+    min_face_px: int = 16
+    # A person is measured (gets a garments row) only with at least this many garment pixels.
+    min_clothing_px: int = 400
+    # Also parse each crop's mirror image and average (about +0.005 IoU for twice the parser's cost).
+    flip_average: bool = False
+    # Crops per forward pass; a batch's crops go through in as few passes as this allows.
+    batch_size: int = 64
+
+    @property
+    def geometry(self) -> CropGeometry:
+        return CropGeometry(self.crop_width, self.crop_above, self.crop_height, self.input_h, self.input_w)
+
+
+def resolve_weights(weights: str) -> Path:
+    """The weight file a :class:`SegmentSettings.weights` value names; raises FileNotFoundError if it is missing."""
+    path = PARSER_WEIGHTS if weights == "default" else Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"segment.weights: no weight file at {path}")
+    return path
+
+
+Parse = tuple[int, int, np.ndarray]
+
+
+def assign_pixels(regions: list[Parse], height: int, width: int) -> list[Parse | None]:
+    """Label maps of each person from their (x0, y0, probs) regions, each pixel given to at most one person.
+
+    Where regions overlap, the pixel goes to the person with the highest P(not background) there. Each label map
+    is trimmed to the person's bounding box; a person with no pixel left is None.
+    """
+    owner = np.full((height, width), -1, np.int16)
+    best = np.zeros((height, width), np.float32)
+    labels = []
+    for k, (x0, y0, probs) in enumerate(regions):
+        h, w = probs.shape[:2]
+        label = probs.argmax(-1).astype(np.uint8)
+        labels.append(label)
+        if len(regions) > 1:
+            person = 1.0 - probs[..., 0]
+            window = (slice(y0, y0 + h), slice(x0, x0 + w))
+            wins = (person > best[window]) & (label > 0)
+            best[window][wins] = person[wins]
+            owner[window][wins] = k
+    out: list[Parse | None] = []
+    for k, ((x0, y0, _), label) in enumerate(zip(regions, labels)):
+        if len(regions) > 1:
+            label[owner[y0:y0 + label.shape[0], x0:x0 + label.shape[1]] != k] = 0
+        ys, xs = np.nonzero(np.any(label, axis=1)), np.nonzero(np.any(label, axis=0))
+        if not len(ys[0]):
+            out.append(None)
+            continue
+        r0, r1, c0, c1 = ys[0][0], ys[0][-1] + 1, xs[0][0], xs[0][-1] + 1
+        out.append((x0 + int(c0), y0 + int(r0), np.ascontiguousarray(label[r0:r1, c0:c1])))
+    return out
+
+
+class SegmentStage(Stage):
+    """Reads ``image`` and the face boxes; writes ``person_parse`` and the garment pixel columns per face."""
+
+    name = "segment"
+    garment_fields = pa.schema([
+        ("person_x1", pa.int32()), ("person_y1", pa.int32()), ("person_x2", pa.int32()), ("person_y2", pa.int32()),
+        ("clothing_px", pa.int32()), ("upper_px", pa.int32()), ("lower_px", pa.int32()),
+    ])
+    _COUNTS = ("person_x1", "person_y1", "person_x2", "person_y2", "clothing_px", "upper_px", "lower_px")
+
+    def __init__(self, settings: SegmentSettings | None = None, device: str = "cpu"):
+        super().__init__(settings or SegmentSettings(), device)
+        self._model = None
+
+    def model_files(self) -> list[str]:
+        return [str(resolve_weights(self.settings.weights))]
+
+    def setup(self) -> None:
+        from colortrend.models.parser_net import load_parser
+
+        self._model = load_parser(resolve_weights(self.settings.weights), self.device)
+
+    def process(self, batch: Batch) -> Batch:
+        from colortrend.models.parser_net import crop_box, cut_crop, predict_crops, probs_to_photo
+
+        s, geom = self.settings, self.settings.geometry
+        n_photos = len(batch["status"])
+        batch["person_parse"] = [[] for _ in range(n_photos)]
+        for col in self._COUNTS:
+            batch[col] = [np.zeros(0, np.int32) for _ in range(n_photos)]
+
+        # Every parseable face of every photo: (photo, face index, crop box).
+        jobs: list[tuple[int, int, tuple[float, float, float, float]]] = []
+        for i in ok_indices(batch):
+            n = int(batch["n_faces"][i] or 0)
+            batch["person_parse"][i] = [None] * n
+            for col in self._COUNTS:
+                batch[col][i] = np.zeros(n, np.int32)
+            faces = np.stack([batch[f"box_{c}"][i] for c in ("x1", "y1", "x2", "y2")], axis=1) if n else []
+            jobs += [(i, j, crop_box(face, geom)) for j, face in enumerate(faces) if face[2] - face[0] >= s.min_face_px]
+        if not jobs:
+            return batch
+
+        crops = np.stack([cut_crop(batch["image"][i], box, geom) for i, _, box in jobs])
+        probs = predict_crops(self._model, crops, s.flip_average, s.batch_size)
+        for i in sorted({i for i, _, _ in jobs}):
+            height, width = batch["image"][i].shape[:2]
+            mine = [(j, box, p) for (pi, j, box), p in zip(jobs, probs) if pi == i]
+            parses = assign_pixels([probs_to_photo(p, box, height, width) for _, box, p in mine], height, width)
+            for (j, _, _), parse in zip(mine, parses):
+                if parse is not None:
+                    self._measure(batch, i, j, parse)
+        return batch
+
+    def _measure(self, batch: Batch, i: int, j: int, parse: Parse) -> None:
+        x0, y0, labels = parse
+        counts = np.bincount(labels.ravel(), minlength=max(UPPER, LOWER) + 1)
+        upper, lower = int(counts[UPPER]), int(counts[LOWER])
+        values = (x0, y0, x0 + labels.shape[1], y0 + labels.shape[0], upper + lower, upper, lower)
+        for col, value in zip(self._COUNTS, values):
+            batch[col][i][j] = value
+        if upper + lower >= self.settings.min_clothing_px:
+            batch["person_parse"][i][j] = parse

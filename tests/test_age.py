@@ -1,0 +1,124 @@
+"""The age network port, the age stage, `eval age` and `train age` on real faces."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from colortrend.evaluate.age import age_metrics, evaluate_age, predict_ages
+from colortrend.models.age_net import AgeNet, load_age_net, padded_add
+from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, AgeStage, resolve_weights
+
+HERE = Path(__file__).resolve().parent
+AGE_DATA = HERE.parent / ".." / "shared" / "data" / "age"
+needs_age_data = pytest.mark.skipif(
+    not (AGE_DATA / "aaf" / "labels.csv").exists() or not (AGE_DATA / "utkface" / "labels.csv").exists(),
+    reason="../shared/data/age not present",
+)
+
+
+def few_faces_csv(tmp_path: Path, per_set: int = 3) -> Path:
+    """A labels.csv listing a few AAF and UTKFace photos by absolute path, plus one photo without a face."""
+    rows = []
+    for name in ("aaf", "utkface"):
+        labels = pd.read_csv(AGE_DATA / name / "labels.csv")
+        picked = labels.iloc[np.linspace(0, len(labels) - 1, per_set).astype(int)]
+        rows += [(str((AGE_DATA / name / p).resolve()), a) for p, a in zip(picked["path"], picked["age"])]
+    blank = tmp_path / "blank.png"
+    import cv2
+
+    cv2.imwrite(str(blank), np.full((120, 120, 3), 128, np.uint8))
+    rows.append((str(blank), 30))
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["path", "age"]).to_csv(csv, index=False)
+    return csv
+
+
+def test_padded_add_pads_trailing_channels_rows_and_columns():
+    a = torch.ones(1, 2, 3, 3)
+    b = torch.full((1, 4, 2, 2), 10.0)
+    out = padded_add(a, b)
+    assert out.shape == (1, 4, 3, 3)
+    assert out[0, 0, 0, 0] == 11 and out[0, 0, 2, 2] == 1  # b's missing last row/column are zeros
+    assert out[0, 3, 0, 0] == 10 and out[0, 3, 2, 2] == 0  # a's missing channels are zeros
+
+
+def test_port_matches_onnxruntime_reference():
+    """Shipped fp16 weights against probabilities onnxruntime gave for the original ONNX on real chips."""
+    fixture = np.load(HERE / "fixtures" / "age_dlib_reference.npz")
+    net = load_age_net(DLIB_WEIGHTS)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(fixture["chips"]).permute(0, 3, 1, 2))
+    p = logits.softmax(dim=1).numpy()
+    reference = fixture["probabilities"]
+    ages = net.class_ages.numpy()
+    assert np.abs(p - reference).max() < 1e-2  # fp16 weights; the fp32 port agrees to 5e-6
+    assert np.abs(p @ ages - reference @ ages).max() < 0.2
+
+
+def test_moments_of_a_known_distribution():
+    net = AgeNet(5)
+    mean, sd = net.moments(torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]))
+    assert mean.item() == pytest.approx(2.0, abs=1e-4) and sd.item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_default_weights_resolve_and_bad_path_is_reported():
+    assert resolve_weights("default").is_file()
+    assert resolve_weights("dlib") == DLIB_WEIGHTS
+    with pytest.raises(FileNotFoundError, match="age.weights"):
+        resolve_weights("/nonexistent/age.pt")
+
+
+@needs_age_data
+def test_eval_on_a_few_faces(tmp_path):
+    csv = few_faces_csv(tmp_path)
+    predictions = predict_ages(csv, batch_size=4)
+    assert list(predictions.columns[:3]) == ["path", "age", "predicted_age"]
+    assert predictions["path"].tolist() == pd.read_csv(csv)["path"].tolist()
+    assert np.isnan(predictions["predicted_age"].iloc[-1])  # the blank photo
+    found = predictions["predicted_age"].iloc[:-1]
+    assert found.notna().all() and found.between(0, 100).all()
+    assert (predictions["age_sd"].iloc[:-1] > 0).all()
+    metrics = age_metrics(predictions)
+    assert metrics["n"] == 6 and metrics["missed"] == 1
+    assert metrics["mae"] < 25 and set(metrics["mae_by_band"]) == {"0-12", "13-19", "20-29", "30-39", "40-49",
+                                                                    "50-59", "60+"}
+    assert {"recall", "precision"} <= set(metrics["window_17_21"])
+    json.dumps(metrics)  # what `eval age --json` prints
+
+
+@needs_age_data
+def test_age_stage_batches_faces_of_several_photos(tmp_path):
+    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
+    from colortrend.stages.align import AlignStage
+
+    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
+    batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
+    batch["status"][0] = "error"  # a failed photo is skipped
+    out = AgeStage(AgeSettings(weights="dlib"))(batch)
+    assert len(out["age"][0]) == 0
+    for i in range(1, 4):
+        assert len(out["age"][i]) == len(out["chips"][i]) >= 1
+        assert 0 < out["age"][i][0] < 100 and out["age"][i].dtype == np.float32
+
+
+@needs_age_data
+def test_train_a_step_writes_weights(tmp_path, monkeypatch):
+    from colortrend.training import age as training
+
+    monkeypatch.setattr(training, "CACHE_DIR", tmp_path / "cache")
+    config = training.AgeTrainConfig(epochs=1, batch_size=4, workers=0, warmup_steps=1)
+    metrics = training.train_age(
+        [AGE_DATA / "aaf" / "labels.csv"], tmp_path / "out", config, max_photos=12, log=lambda _: None
+    )
+    weights = tmp_path / "out" / "age_finetuned.pt"
+    assert weights.is_file() and (tmp_path / "out" / "metrics.json").is_file()
+    net = load_age_net(weights)
+    assert net.fc.out_features == config.max_age + 1
+    assert metrics["history"][0]["train_loss"] > 0
+    result = evaluate_age(few_faces_csv(tmp_path, per_set=1), weights=str(weights))
+    assert result["n"] == 2

@@ -1,0 +1,124 @@
+"""Chip geometry and face quality measures of the align stage."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from colortrend.stages.align import (
+    CHIP_SIZE,
+    AlignSettings,
+    AlignStage,
+    chip_template,
+    chip_transform,
+    cut_chips,
+    face_size_px,
+    filter_reasons,
+    transform_scale,
+    yaw_proxy,
+)
+
+AAF = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "age" / "aaf"
+needs_aaf = pytest.mark.skipif(not (AAF / "labels.csv").exists(), reason="../shared/data/age/aaf not present")
+
+
+def place(template: np.ndarray, angle_deg: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    """The template moved into a photo by a known similarity."""
+    a = math.radians(angle_deg)
+    rotation = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return template @ rotation.T + np.array(shift)
+
+
+def test_template_is_left_right_symmetric_and_inside_the_chip():
+    """Flipping a chip left-right (a training augmentation) gives a chip of the same template."""
+    t = chip_template()
+    centre = t[:, 0].mean()
+    mirrored = np.stack([2 * centre - t[[1, 0, 2, 4, 3], 0], t[[1, 0, 2, 4, 3], 1]], axis=1)
+    assert np.abs(mirrored - t).max() < 0.05
+    assert abs(centre - CHIP_SIZE / 2) < 0.5
+    assert (t > 0).all() and (t < CHIP_SIZE).all()
+
+
+def test_chip_transform_inverts_a_known_similarity():
+    photo_points = place(chip_template(), angle_deg=17.0, scale=3.5, shift=(120.0, 80.0))
+    matrix = chip_transform(photo_points)
+    back = photo_points @ matrix[:, :2].T + matrix[:, 2]
+    np.testing.assert_allclose(back, chip_template(), atol=1e-9)
+    assert transform_scale(matrix) == pytest.approx(1 / 3.5)
+
+
+def test_pyramid_keeps_large_and_small_copies_of_a_face_alike():
+    """A face 4x larger in the photo gives (almost) the same chip: the pyramid removes aliasing, not detail."""
+    rng = np.random.default_rng(0)
+    small = cv2.resize(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), (200, 200), interpolation=cv2.INTER_CUBIC)
+    large = cv2.resize(small, (800, 800), interpolation=cv2.INTER_CUBIC)
+    points = place(chip_template(), angle_deg=5.0, scale=2.5, shift=(30.0, 25.0))
+    chip_small = cut_chips(small, points[None])[0].astype(float)
+    # Pixel centres: x in the 4x copy is 4 x + 1.5.
+    chip_large = cut_chips(large, points[None] * 4 + 1.5)[0].astype(float)
+    assert np.abs(chip_small - chip_large).mean() < 3.0  # a plain bilinear warp of the large copy gives 10.6
+
+
+def test_chip_outside_the_photo_is_black():
+    image = np.full((100, 100, 3), 200, np.uint8)
+    points = place(chip_template(), 0.0, 1.0, (1000.0, 1000.0))
+    assert cut_chips(image, points[None]).max() == 0
+
+
+def test_quality_measures_follow_the_geometry():
+    frontal = place(chip_template(), angle_deg=30.0, scale=2.0, shift=(50.0, 60.0))
+    assert abs(yaw_proxy(frontal)[0]) < 0.02  # roll does not read as yaw
+    turned = frontal.copy()
+    eye_axis = (frontal[1] - frontal[0]) / np.linalg.norm(frontal[1] - frontal[0])
+    turned[2] += 0.3 * np.linalg.norm(frontal[1] - frontal[0]) * eye_axis  # nose towards the right eye
+    assert yaw_proxy(turned)[0] > 0.5
+    assert face_size_px(frontal * 3)[0] == pytest.approx(3 * face_size_px(frontal)[0])
+    settings = AlignSettings(min_face_px=50, min_sharpness=10, max_yaw=0.5, min_score=0.9)
+    reasons = filter_reasons(
+        settings,
+        face_px=np.array([40, 80, 80, 80, 80]),
+        sharp=np.array([50, 5, 50, 50, 50]),
+        yaw=np.array([0, 0, -0.7, 0, 0]),
+        score=np.array([1, 1, 1, 0.5, 0.99]),
+    )
+    assert reasons == ["small", "blurred", "pose", "low_score", None]
+
+
+def test_align_stage_columns_per_photo():
+    rng = np.random.default_rng(1)
+    image = cv2.resize(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8), (300, 300))
+    faces = np.stack([place(chip_template(), 0, 2.0, (40, 40)), place(chip_template(), 10, 1.0, (150, 160))])
+    batch = {
+        "status": ["ok", "error", "ok"],
+        "error": [None, "cannot decode", None],
+        "image": [image, None, image],
+        "landmarks": [faces.reshape(2, 10).astype(np.float32), np.zeros((0, 10)), np.zeros((0, 10), np.float32)],
+        "det_score": [np.array([0.99, 0.5], np.float32), np.zeros(0), np.zeros(0, np.float32)],
+    }
+    out = AlignStage()(batch)
+    assert out["chips"][0].shape == (2, CHIP_SIZE, CHIP_SIZE, 3) and out["chips"][0].dtype == np.uint8
+    assert [len(out["chips"][i]) for i in range(3)] == [2, 0, 0]
+    assert out["face_px"][0][0] == pytest.approx(2 * out["face_px"][0][1], rel=1e-4)
+    assert out["filter_reason"][0][1] == "low_score"
+    for field in AlignStage.face_fields.names:
+        assert len(out[field][0]) == 2 and len(out[field][1]) == 0
+
+
+@needs_aaf
+def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
+    """The chip `train age` learns from is the chip the pipeline feeds the model, bit for bit."""
+    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
+    from colortrend.training import age as training
+
+    monkeypatch.setattr(training, "CACHE_DIR", tmp_path)
+    labels = read_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
+    landmarks = training.detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log=lambda _: None)
+    train_chips = training.validation_chips(labels["file"], landmarks)
+
+    images = [load_rgb(f) for f in labels["file"]]
+    pipeline = AlignStage()(detection_batch(images, "cpu", EVAL_MIN_FACE_PX))
+    inference_chips = np.stack([chips[0] for chips in pipeline["chips"]])
+    np.testing.assert_array_equal(train_chips, inference_chips)

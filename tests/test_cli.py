@@ -1,0 +1,92 @@
+"""The command line: help, version, and one clear line + exit code for every mistake, with nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+from click.testing import CliRunner
+
+from colortrend import __version__
+from colortrend.cli import main
+
+
+def config(tmp_path, extra: str = "", inputs: str = "[data/demo]", output: str | None = None):
+    out = output or str(tmp_path / "out")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"name: t\ninput: {{paths: {inputs}, year: 2016}}\noutput: {out}\ndevice: cpu\n{extra}")
+    return str(path), out
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_and_version():
+    for flag in ("-h", "--help"):
+        result = invoke(flag)
+        assert result.exit_code == 0
+        for command in ("run", "status", "report", "eval", "train"):
+            assert command in result.output
+    assert invoke("--version").output.strip().endswith(__version__)
+    assert "--executor" in invoke("run", "-h").output
+
+
+@pytest.mark.parametrize(
+    "extra, inputs, message",
+    [
+        ("colour: {k: 3}\n", "[data/demo]", "colour: unknown key"),
+        ("batch_size: '16'\n", "[data/demo]", "batch_size: expected an integer"),
+        ("", "[no/such/folder]", "input.paths[0]: 'no/such/folder' does not exist"),
+    ],
+)
+def test_config_errors_exit_2_with_one_line_and_write_nothing(tmp_path, extra, inputs, message):
+    path, out = config(tmp_path, extra, inputs)
+    result = invoke("run", path)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+    assert not os.path.exists(out)
+
+
+def test_output_that_cannot_be_written_is_a_config_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    path, out = config(tmp_path, output=str(blocker / "out"))
+    result = invoke("run", path)
+    assert result.exit_code == 2 and "output: cannot write" in result.output
+
+
+def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path, out = config(tmp_path)
+    result = invoke("run", path, "--device", "cuda")
+    assert result.exit_code == 2 and "device: cuda requested" in result.output
+    assert not os.path.exists(out)
+
+
+def test_second_run_on_a_locked_output_exits_3(tmp_path):
+    path, out = config(tmp_path)
+    os.makedirs(out)
+    with open(os.path.join(out, "_lock"), "w") as f:  # held by a live process: this one
+        json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+    result = invoke("run", path)
+    assert result.exit_code == 3
+    assert f"pid {os.getpid()}" in result.output
+
+
+def test_status_before_any_run(tmp_path):
+    path, _ = config(tmp_path)
+    result = invoke("status", path, "--json")
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["photos_pending"] == info["inputs"] > 0 and info["photos_committed"] == 0
+
+
+def test_report_before_any_run_says_so(tmp_path):
+    path, _ = config(tmp_path)
+    result = invoke("report", path)
+    assert result.exit_code == 2 and "nothing committed" in result.output

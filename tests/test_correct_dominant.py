@@ -1,0 +1,136 @@
+"""The correct and dominant stages on hand-built batches: a synthetic photo with garments of known colours, and a
+real CCP photo whose ground-truth mask stands in for the parser."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from colortrend.color.kmeans import palettes
+from colortrend.color.space import delta_e2000, rgb_to_lab
+from colortrend.color.white_balance import apply_cast
+from colortrend.models.parser_net import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
+from colortrend.stages.correct import ColorSettings, CorrectStage
+from colortrend.stages.dominant import COLUMNS, DominantStage
+
+CCP = Path(__file__).resolve().parents[1] / "../shared/data/parsing/ccp"
+RED, NAVY, GREY = (170, 30, 40), (28, 34, 60), (128, 128, 128)
+SKIN = PARSE_CLASSES.index("skin")
+
+
+def synthetic_batch() -> dict[str, list]:
+    """Photo 0: a grey scene with two people; the first wears a red top over navy trousers (upper 1,600 px, lower
+    2,400 px), the second was not parsed. Photo 1 failed earlier in the pipeline."""
+    rng = np.random.default_rng(0)
+    image = np.full((200, 160, 3), GREY, np.float64)
+    labels = np.zeros((110, 40), np.uint8)
+    labels[:5] = SKIN
+    labels[10:50], labels[50:110] = UPPER, LOWER
+    image[60:100, 20:60] = RED
+    image[100:160, 20:60] = NAVY
+    image += rng.normal(0, 2, image.shape)
+    photo = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return {
+        "photo_id": ["a", "b"], "status": ["ok", "error"], "error": [None, "unreadable"],
+        "image": [photo, None],
+        "landmarks": [np.zeros((2, 10), np.float32), np.zeros((0, 10), np.float32)],
+        "person_parse": [[(20, 50, labels), None], []],
+    }
+
+
+def test_correct_none_passes_the_photo_through():
+    batch = CorrectStage(ColorSettings(white_balance="none"))(synthetic_batch())
+    assert batch["image_wb"][0] is batch["image"][0]
+    assert batch["wb_method"] == ["none", None]
+    assert (batch["wb_gain_r"][0], batch["wb_gain_g"][0], batch["wb_gain_b"][0]) == (1.0, 1.0, 1.0)
+    assert batch["image_wb"][1] is None
+
+
+def test_correct_removes_a_cast_and_records_gains():
+    batch = synthetic_batch()
+    batch["image"][0] = apply_cast(batch["image"][0], (1.0, 0.85, 0.7))
+    batch = CorrectStage(ColorSettings(white_balance="gray_world"))(batch)
+    assert batch["wb_method"][0] == "gray_world"
+    assert batch["wb_gain_b"][0] > batch["wb_gain_g"][0] > batch["wb_gain_r"][0]
+    # The background is grey and (garments excluded) the only thing the estimate sees: it comes back grey.
+    background = rgb_to_lab(batch["image_wb"][0][5:40, 100:150].reshape(-1, 3).mean(0))
+    assert np.hypot(background[1], background[2]) < 1.5
+
+
+def test_dominant_measures_each_person_and_part():
+    batch = DominantStage(ColorSettings())(CorrectStage(ColorSettings(white_balance="none"))(synthetic_batch()))
+    assert [len(batch[c][0]) for c in COLUMNS] == [2] * len(COLUMNS)
+    assert all(batch[c][1] == [] for c in COLUMNS)
+    assert all(batch[c][0][1] is None for c in COLUMNS)  # the unparsed person
+
+    dominant = tuple(batch[f"dominant_{c}"][0][0] for c in "rgb")
+    assert delta_e2000(rgb_to_lab(np.array(dominant, np.uint8)), rgb_to_lab(np.array(NAVY, np.uint8))) < 2
+    assert batch["dominant_share"][0][0] == pytest.approx(0.6, abs=0.01)
+    assert (batch["color_name"][0][0], batch["color_name_zh"][0][0]) == ("navy", "藏青")
+    lab = [batch[f"dominant_lab_{c}"][0][0] for c in "lab"]
+    assert lab == pytest.approx(rgb_to_lab(np.array(dominant, np.uint8)), abs=1.0)
+    palette = batch["palette"][0][0]
+    assert [p["share"] for p in palette] == pytest.approx([0.6, 0.4], abs=0.01)
+    upper = tuple(batch[f"upper_{c}"][0][0] for c in "rgb")
+    lower = tuple(batch[f"lower_{c}"][0][0] for c in "rgb")
+    assert delta_e2000(rgb_to_lab(np.array([upper, lower], np.uint8)),
+                       rgb_to_lab(np.array([RED, NAVY], np.uint8))) == pytest.approx([0, 0], abs=2)
+
+
+def test_small_garment_parts_get_no_colour_of_their_own():
+    settings = ColorSettings(white_balance="none", min_part_px=2000)
+    batch = DominantStage(settings)(CorrectStage(settings)(synthetic_batch()))
+    assert batch["upper_r"][0][0] is None and batch["lower_r"][0][0] is not None
+    assert batch["dominant_r"][0][0] is not None
+
+
+def test_dominant_columns_fit_the_declared_schema():
+    batch = DominantStage(ColorSettings())(CorrectStage(ColorSettings())(synthetic_batch()))
+    for field in DominantStage.garment_fields:
+        values = [v for per_photo in batch[field.name] for v in per_photo]
+        assert pa.array(values, type=field.type).type == field.type
+    for field in CorrectStage.photo_fields:
+        assert pa.array(batch[field.name], type=field.type).null_count == 1
+
+
+def test_settings_are_validated_with_the_key_name():
+    with pytest.raises(ValueError, match="^k:"):
+        ColorSettings(k=0)
+    with pytest.raises(ValueError, match="^max_gain:"):
+        ColorSettings(max_gain=0.5)
+
+
+@pytest.mark.skipif(not CCP.exists(), reason="needs ../shared/data/parsing/ccp")
+def test_real_photo_matches_clustering_its_garment_pixels():
+    """A CCP photo with its ground-truth labels as the person's parse: the stage measures exactly those pixels."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(CCP / "images/0008.jpg").convert("RGB"))
+    labels = ccp_lookup()[np.asarray(Image.open(CCP / "masks/0008.png"))]
+    labels[labels == 255] = 0  # ambiguous classes: not garment
+    batch = {"photo_id": ["0008"], "status": ["ok"], "error": [None], "image": [image],
+             "person_parse": [[(0, 0, labels)]]}
+    settings = ColorSettings(white_balance="none")
+    batch = DominantStage(settings)(CorrectStage(settings)(batch))
+    pixels = image[np.isin(labels, (UPPER, LOWER))]
+    expected = palettes([pixels])[0]
+    assert tuple(batch[f"dominant_{c}"][0][0] for c in "rgb") == tuple(int(v) for v in expected.dominant_rgb)
+    assert batch["dominant_share"][0][0] == pytest.approx(expected.dominant_share)
+
+
+def test_color_metrics_scores_clear_photos_separately():
+    from colortrend.evaluate.color import color_metrics, format_color_metrics
+
+    rows = pd.DataFrame({
+        "gt_lab_l": [50.0, 50.0, 50.0, 50.0, np.nan],
+        "gt_share": [0.9, 0.8, 0.4, 0.7, np.nan],
+        "delta_e": [1.0, 3.0, 20.0, np.nan, np.nan],  # the fourth photo was missed, the fifth has no garment
+    })
+    metrics = color_metrics(rows, clear_share=0.6)
+    assert (metrics["n"], metrics["missed"], metrics["no_garment"]) == (3, 1, 1)
+    assert metrics["median"] == 3.0 and metrics["mean"] == 8.0
+    assert metrics["clear"] == {"median": 2.0, "p90": 2.8, "mean": 2.0, "n": 2, "missed": 1}
+    assert "median 3.0" in format_color_metrics(metrics)

@@ -1,0 +1,128 @@
+"""The batched MTCNN detector and the detect stage, on the demo photos (CCP street shots, one main person each)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from torchvision.ops import box_iou
+
+import torch
+from colortrend.models.mtcnn import Detections, FaceDetector
+from colortrend.stages.detect import DetectSettings, DetectStage
+
+
+def rgb(path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(box_iou(torch.from_numpy(a[None]), torch.from_numpy(b[None]))[0, 0])
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector()
+
+
+@pytest.fixture(scope="module")
+def photos(demo_photos) -> list[np.ndarray]:
+    return [rgb(p) for p in demo_photos]
+
+
+@pytest.fixture(scope="module")
+def found(detector, photos) -> list[Detections]:
+    return detector.detect(photos)
+
+
+def test_finds_the_main_person_in_nearly_every_demo_photo(found, photos):
+    with_face = [d for d in found if len(d) and d.scores[0] >= 0.9]
+    assert len(photos) == 37
+    assert len(with_face) >= 35
+    # The main person's face is the biggest one found, and CCP shoots people whole: it sits in the upper part.
+    for d, image in zip(found, photos):
+        if len(d):
+            big = d.boxes[np.argmax(d.boxes[:, 2] - d.boxes[:, 0])]
+            assert big[3] < image.shape[0] / 2
+
+
+def test_boxes_landmarks_and_order_are_consistent(found, photos):
+    for d, image in zip(found, photos):
+        h, w = image.shape[:2]
+        assert d.boxes.dtype == d.scores.dtype == d.landmarks.dtype == np.float32
+        assert d.boxes.shape == (len(d), 4) and d.landmarks.shape == (len(d), 5, 2)
+        assert (np.diff(d.scores) <= 0).all() and ((d.scores > 0.7) & (d.scores <= 1)).all()
+        strong = d.scores >= 0.9
+        boxes, points = d.boxes[strong], d.landmarks[strong]
+        assert (boxes[:, :2] >= -1).all() and (boxes[:, 2] <= w + 1).all() and (boxes[:, 3] <= h + 1).all()
+        assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all()
+        # Landmarks: inside their box, eyes above nose above mouth, left (in the image) before right.
+        assert (points >= boxes[:, None, :2] - 2).all() and (points <= boxes[:, None, 2:] + 2).all()
+        eyes_y, nose_y, mouth_y = points[:, :2, 1].max(axis=1), points[:, 2, 1], points[:, 3:, 1].min(axis=1)
+        assert (eyes_y < nose_y).all() and (nose_y < mouth_y).all()
+        assert (points[:, 0, 0] < points[:, 1, 0]).all() and (points[:, 3, 0] < points[:, 4, 0]).all()
+
+
+def test_no_face_in_flat_colour_or_noise(detector):
+    rng = np.random.default_rng(0)
+    blank = np.full((480, 640, 3), (120, 160, 200), np.uint8)
+    noise = rng.integers(0, 256, (600, 400, 3), dtype=np.uint8)
+    tiny = np.full((8, 8, 3), 90, np.uint8)  # smaller than any face the detector searches
+    assert [len(d) for d in detector.detect([blank, noise, tiny])] == [0, 0, 0]
+    assert detector.detect([]) == []
+
+
+def test_a_batch_of_mixed_sizes_finds_what_each_photo_alone_finds(detector, photos, found):
+    """Shrunk, padded to landscape, oversized (beyond max_side) and untouched photos share one call."""
+    base = photos[:4]
+    mixed = [
+        cv2.resize(base[0], None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA),
+        cv2.copyMakeBorder(base[1], 40, 0, 100, 600, cv2.BORDER_CONSTANT, value=(30, 30, 30)),
+        cv2.resize(base[2], None, fx=3, fy=3, interpolation=cv2.INTER_CUBIC),  # detected downscaled to 1280
+        base[3],
+    ]
+    assert mixed[1].shape[1] > mixed[1].shape[0] and max(mixed[2].shape) > 1280
+    expected = [
+        found[0].boxes[0] * 0.75,
+        found[1].boxes[0] + np.float32([100, 40, 100, 40]),
+        found[2].boxes[0] * 3,
+        found[3].boxes[0],
+    ]
+    for result, box in zip(detector.detect(mixed), expected):
+        assert iou(result.boxes[0], box) > 0.8
+    # An unchanged photo gives the same answer in any company.
+    alone = detector.detect([base[3]])[0]
+    np.testing.assert_allclose(alone.boxes, found[3].boxes, atol=0.5)
+    np.testing.assert_allclose(alone.landmarks, found[3].landmarks, atol=0.5)
+
+
+def test_agrees_with_facenet_pytorch(detector, photos, found):
+    from facenet_pytorch import MTCNN
+
+    reference = MTCNN(min_face_size=40, select_largest=False)
+    for k in (0, 9, 20):
+        boxes, scores, points = reference.detect(photos[k], landmarks=True)
+        top = int(np.argmax(scores))
+        theirs = boxes[top].astype(np.float32) - np.float32([1, 1, 0, 0])  # facenet's x1, y1 are 1-based
+        assert iou(found[k].boxes[0], theirs) > 0.85
+        their_points = np.asarray(points[top], np.float32)
+        assert np.linalg.norm(found[k].landmarks[0] - their_points, axis=1).mean() < 3.0
+        assert abs(found[k].scores[0] - scores[top]) < 0.02
+
+
+def test_stage_writes_columns_and_isolates_a_failing_photo(photos):
+    stage = DetectStage(DetectSettings(max_faces=1), "cpu")
+    batch = {
+        "status": ["ok", "error", "ok", "ok"],
+        "error": [None, "cannot read file", None, None],
+        "image": [photos[0], None, np.zeros((30, 40), np.uint8), np.full((300, 200, 3), 77, np.uint8)],
+    }
+    out = stage(batch)
+    assert out["status"] == ["ok", "error", "error", "ok"]
+    assert "face detection failed" in out["error"][2] and out["error"][1] == "cannot read file"
+    assert out["n_faces"] == [1, 0, 0, 0]
+    for name in ("face_idx", "box_x1", "box_y1", "box_x2", "box_y2", "det_score"):
+        assert [len(v) for v in out[name]] == [1, 0, 0, 0]
+    assert out["landmarks"][0].shape == (1, 10) and out["landmarks"][2].shape == (0, 10)
+    assert out["det_score"][0][0] >= 0.9 and out["face_idx"][0].tolist() == [0]
+    assert set(stage.face_fields.names) <= set(out) and set(stage.photo_fields.names) <= set(out)
+    assert len(stage.model_files()) == 3 and len(stage.fingerprint()) == 16

@@ -1,0 +1,96 @@
+"""The person/garment parser on real photos: the segment stage, its multi-person handling and `eval parsing`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from colortrend.evaluate.parsing import evaluate_parsing, main_person_labels, run_stages, segment_stages
+from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+
+HERE = Path(__file__).resolve().parent
+DEMO = HERE.parent / "data" / "demo"
+CCP = HERE.parent / ".." / "shared" / "data" / "parsing" / "ccp"
+needs_ccp = pytest.mark.skipif(not (CCP / "labels.csv").exists(), reason="../shared/data/parsing/ccp not present")
+#: Demo photos from CCP's validation split (never trained on) whose labels are in ../shared.
+LABELLED = ("ccp_0008.jpg", "ccp_0016.jpg", "ccp_0024.jpg")
+
+
+@pytest.fixture(scope="module")
+def stages():
+    return segment_stages(DEMO)
+
+
+@pytest.fixture(scope="module")
+def demo_batch(stages):
+    return run_stages(stages, [str(DEMO / name) for name in LABELLED])
+
+
+def garment_iou(pred: np.ndarray, mask_file: Path) -> float:
+    truth = ccp_lookup()[cv2.imread(str(mask_file), cv2.IMREAD_UNCHANGED)]
+    scored = truth != 255
+    p, t = np.isin(pred, GARMENT_CLASSES) & scored, np.isin(truth, GARMENT_CLASSES)
+    return (p & t).sum() / (p | t).sum()
+
+
+def test_clothed_person_is_parsed_inside_their_box(demo_batch):
+    for i in range(len(LABELLED)):
+        face = int(np.argmax(demo_batch["box_x2"][i] - demo_batch["box_x1"][i]))
+        x0, y0, labels = demo_batch["person_parse"][i][face]
+        height, width = demo_batch["image"][i].shape[:2]
+        assert 0 <= x0 and 0 <= y0 and x0 + labels.shape[1] <= width and y0 + labels.shape[0] <= height
+        # The person box is the labels' extent, and the person stands below their face.
+        assert (demo_batch["person_x1"][i][face], demo_batch["person_y2"][i][face]) == (x0, y0 + labels.shape[0])
+        assert y0 >= demo_batch["box_y1"][i][face] - 2 * (demo_batch["box_y2"][i][face] - demo_batch["box_y1"][i][face])
+        # A street-fashion photo: clothes cover a good part of the frame, split into upper and lower garments.
+        assert demo_batch["clothing_px"][i][face] > 0.1 * height * width
+        assert demo_batch["clothing_px"][i][face] == demo_batch["upper_px"][i][face] + demo_batch["lower_px"][i][face]
+
+
+@needs_ccp
+def test_garments_match_the_labels(demo_batch):
+    for i, name in enumerate(LABELLED):
+        iou = garment_iou(main_person_labels(demo_batch, i), CCP / "masks" / name.replace("ccp_", "").replace(".jpg", ".png"))
+        assert iou > 0.8, (name, iou)
+
+
+def test_two_people_in_one_photo_get_separate_masks(stages, tmp_path):
+    left, right = (cv2.imread(str(DEMO / name)) for name in LABELLED[:2])
+    height = min(left.shape[0], right.shape[0])
+    pair = tmp_path / "pair.jpg"
+    cv2.imwrite(str(pair), np.concatenate([left[:height], right[:height]], axis=1))
+    batch = run_stages(stages, [str(pair)])
+    boxes = np.stack([batch[f"box_{c}"][0] for c in ("x1", "y1", "x2", "y2")], axis=1)
+    width = left.shape[1]
+    owned = np.zeros((height, 2 * width), np.int32)
+    for side in (0, 1):  # the largest face on each half is that photo's person
+        on_side = np.flatnonzero(((boxes[:, 0] + boxes[:, 2]) / 2 >= width) == bool(side))
+        face = on_side[np.argmax(boxes[on_side, 2] - boxes[on_side, 0])]
+        x0, y0, labels = batch["person_parse"][0][face]
+        garments = np.zeros_like(owned, dtype=bool)
+        garments[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] = np.isin(labels, GARMENT_CLASSES)
+        owned[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] += labels > 0
+        # Each person's clothes lie on their own half of the photo.
+        assert garments[:, side * width:(side + 1) * width].sum() > 0.97 * garments.sum() > 0
+    assert owned.max() == 1  # no pixel belongs to both
+
+
+@needs_ccp
+def test_eval_parsing_scores_and_writes_masks(tmp_path):
+    labels = pd.read_csv(CCP / "labels.csv")
+    rows = labels[labels["image"].isin([f"images/{n.removeprefix('ccp_')}" for n in LABELLED])]
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"image": [str((CCP / p).resolve()) for p in rows["image"]],
+                  "mask": [str((CCP / p).resolve()) for p in rows["mask"]]}).to_csv(csv, index=False)
+    masks = tmp_path / "masks"
+    metrics = evaluate_parsing(csv, save_masks_dir=masks)
+    assert metrics["n"] == 3 and metrics["missed"] == 0
+    assert metrics["iou"] > 0.8 and metrics["precision"] > 0.85 and metrics["recall"] > 0.85
+    assert set(metrics["iou_by_class"]) == {"background", "skin", "hair", "upper", "lower", "shoes", "accessory"}
+    for image in rows["image"]:
+        written = cv2.imread(str(masks / Path(image).with_suffix(".png").name), cv2.IMREAD_UNCHANGED)
+        photo = cv2.imread(str(CCP / image))
+        assert written.shape == photo.shape[:2] and set(np.unique(written)) == {0, 255}
