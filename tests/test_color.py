@@ -181,7 +181,7 @@ def test_skin_method_uses_faces_and_falls_back_without_them():
     result = white_balance(apply_cast(image, CAST), "skin", landmarks=landmarks)
     assert result.method == "skin"
     assert angular_error(result.illuminant, CAST) < 5.0
-    assert white_balance(image, "skin", landmarks=np.zeros((0, 10))).method == "gray_edge"
+    assert white_balance(image, "skin", landmarks=np.zeros((0, 10))).method == "shades_of_gray"
 
 
 def test_unknown_method_is_refused():

@@ -15,6 +15,7 @@ from colortrend.color.white_balance import apply_cast
 from colortrend.models.parser_net import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
 from colortrend.stages.correct import ColorSettings, CorrectStage
 from colortrend.stages.dominant import COLUMNS, DominantStage
+from colortrend.stages.segment import PARSER_WEIGHTS
 
 CCP = Path(__file__).resolve().parents[1] / "../shared/data/parsing/ccp"
 RED, NAVY, GREY = (170, 30, 40), (28, 34, 60), (128, 128, 128)
@@ -134,3 +135,22 @@ def test_color_metrics_scores_clear_photos_separately():
     assert metrics["median"] == 3.0 and metrics["mean"] == 8.0
     assert metrics["clear"] == {"median": 2.0, "p90": 2.8, "mean": 2.0, "n": 2, "missed": 1}
     assert "median 3.0" in format_color_metrics(metrics)
+
+
+@pytest.mark.skipif(not CCP.exists(), reason="needs ../shared/data/parsing/ccp")
+@pytest.mark.skipif(not PARSER_WEIGHTS.exists(), reason="the trained parser is not shipped yet")
+def test_eval_color_on_validation_photos(tmp_path):
+    """Photos the parser never trained on (CCP ids divisible by 8): the pipeline's colour of the main person lies
+    near the ground truth's."""
+    from colortrend.evaluate.color import predict_colors
+
+    numbers = ("0008", "0016", "0024", "0032")
+    labels = pd.DataFrame({"image": [str(CCP / f"images/{n}.jpg") for n in numbers],
+                           "mask": [str(CCP / f"masks/{n}.png") for n in numbers]})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    table = predict_colors(tmp_path / "labels.csv")
+    assert list(table["image"]) == list(labels["image"])
+    scored = table.dropna(subset=["delta_e"])
+    assert len(scored) >= 3
+    assert scored["delta_e"].median() < 10
+    assert (scored[["pred_r", "pred_g", "pred_b"]].to_numpy() <= 255).all()

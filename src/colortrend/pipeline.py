@@ -66,6 +66,16 @@ class Pipeline:
         self.stages = build_stages(cfg, device)
         self.schemas = table_schemas(self.stages)
 
+    def check_models(self) -> None:
+        """Every weight file the chain needs exists (a wrong ``weights:`` path is a config error, found early)."""
+        from colortrend.errors import ConfigError
+
+        for stage in self.stages:
+            try:
+                stage.model_files()
+            except FileNotFoundError as exc:
+                raise ConfigError(str(exc).strip("'\"")) from None
+
     # ---- identity of the work -----------------------------------------------------------------------------------
     def fingerprints(self) -> dict[str, str]:
         """Per stage, a hash of its settings and model *and of every stage before it*: a change reruns downstream."""

@@ -61,6 +61,16 @@ def check_environment(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
+    from colortrend.stages.histograms import load_age_calibration, load_sales
+
+    for key, path, loader in (("histograms.sales_path", cfg.histograms.sales_path, load_sales),
+                              ("histograms.age_calibration_path", cfg.histograms.age_calibration_path,
+                               load_age_calibration)):
+        if path:
+            try:
+                loader(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ConfigError(f"{key}: {' '.join(str(exc).split())}") from None
     out = os.path.abspath(cfg.output)
     parent = out
     while not os.path.exists(parent):
@@ -96,6 +106,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     t0 = time.perf_counter()
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
+    pipeline.check_models()
     the_plan = plan(cfg, pipeline, store, full)  # raises ConfigError on missing inputs, before any write
     summary = RunSummary()
     try:
@@ -240,6 +251,7 @@ def status(cfg: Config) -> dict:
     """Done / pending / stale work and photos by status, without loading any model."""
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
+    pipeline.check_models()
     the_plan = plan(cfg, pipeline, store)
     markers = store.markers()
     photos = store.read_table("photos", columns=None) if markers else None

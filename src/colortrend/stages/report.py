@@ -110,7 +110,8 @@ def _groups(histograms: pd.DataFrame, group_type: str) -> dict[str, pd.DataFrame
     out = {}
     for label in order.index:
         part = rows[rows["group"] == label]
-        out[str(label)] = part.assign(_rank=np.nan_to_num(_num(part["rank"]), nan=math.inf)).sort_values("_rank", kind="stable").drop(columns="_rank")
+        rank = np.nan_to_num(_num(part["rank"]), nan=math.inf)
+        out[str(label)] = part.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank")
     return out
 
 
@@ -124,8 +125,7 @@ def _sample_counts(photos: pd.DataFrame, garments: pd.DataFrame, faces: pd.DataF
     else:
         n_faces = None
     quality = faces if faces is not None and "quality_ok" in faces else None
-    ok = photos[photos["status"] == "ok"] if "status" in photos else photos
-    years = sorted({int(y) for y in pd.to_numeric(ok.get("taken_year", pd.Series(dtype=float))).dropna()})
+    years = sorted({int(y) for y in pd.to_numeric(photos.get("taken_year", pd.Series(dtype=float))).dropna()})
     buckets = histograms[histograms["group_type"] == "age_bucket"].drop_duplicates("group")
     cohorts = histograms[histograms["group_type"] == "cohort"].drop_duplicates("group")
     return {
@@ -135,7 +135,7 @@ def _sample_counts(photos: pd.DataFrame, garments: pd.DataFrame, faces: pd.DataF
         "faces": n_faces,
         "faces_ok": int(quality["quality_ok"].fillna(False).astype(bool).sum()) if quality is not None else None,
         "measured": len(garments),
-        # Age buckets hold every counted person (they start at age 0 and reach the oldest estimate).
+        # Age buckets hold every counted person (they span the youngest to the oldest estimate).
         "counted": int(buckets["group_persons"].sum()),
         "in_cohorts": int(cohorts["group_persons"].sum()),
     }
@@ -231,15 +231,15 @@ class _Charts:
             ax = fig.add_axes((0.34, 0.1, 0.6, 0.76))
             y = np.arange(len(shown))
             colours = [_rgb01(r) for _, r in shown.iterrows()]
-            share = shown["share"].to_numpy(float)
-            err = np.vstack([share - shown["ci_low"].to_numpy(float), shown["ci_high"].to_numpy(float) - share])
+            share, low, high = _num(shown["share"]), _num(shown["ci_low"]), _num(shown["ci_high"])
+            err = np.clip(np.vstack([share - low, high - share]), 0, None)
             ax.barh(y, share, color=colours, edgecolor="#3f3f46", linewidth=0.4, height=0.7)
-            ax.errorbar(share, y, xerr=np.clip(err, 0, None), fmt="none", ecolor="#9b2c2c", elinewidth=1, capsize=2)
+            ax.errorbar(share, y, xerr=err, fmt="none", ecolor="#9b2c2c", elinewidth=1, capsize=2)
             names = [str(r["color_name"]) if not _cjk_font() else f"{r['color_name_zh']} {r['color_name']}"
                      for _, r in shown.iterrows()]
             ax.set_yticks(y, names)
             ax.invert_yaxis()
-            ax.set_xlim(0, min(1.0, float(np.nanmax(shown["ci_high"].to_numpy(float))) * 1.12 + 0.02))
+            ax.set_xlim(0, min(1.0, float(np.nanmax(high)) * 1.12 + 0.02))
             ax.xaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
             ax.tick_params(length=0, labelsize=9)
             for side in ("top", "right"):

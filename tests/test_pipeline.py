@@ -1,0 +1,179 @@
+"""End to end: the real models on real photos, with hostile files mixed in; reruns, crashes and runners."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from colortrend import read
+from colortrend.config import load_config
+from colortrend.run import run
+from conftest import make_hostile_corpus
+
+N_DEMO = 6
+CONTRACT = {
+    "photos": ["photo_id", "path", "status", "error", "width", "height", "taken_year", "content_hash"],
+    "faces": ["photo_id", "face_idx", "box_x1", "box_y1", "box_x2", "box_y2", "det_score", "landmarks",
+              "quality_ok", "filter_reason", "age"],
+    "garments": ["photo_id", "face_idx", "clothing_px", "dominant_r", "dominant_g", "dominant_b", "palette",
+                 "wb_gain_r", "wb_gain_g", "wb_gain_b"],
+    "histograms": ["group_type", "group", "bin_id", "rep_r", "rep_g", "rep_b", "color_name", "persons", "share",
+                   "ci_low", "ci_high"],
+}
+
+
+def write_config(folder: Path, inputs: Path, output: Path, **extra) -> Path:
+    cfg = {"name": "e2e", "input": {"paths": [str(inputs)], "year": 2016}, "output": str(output), "device": "cpu",
+           "batch_size": 4, "shard_size": 4, "histograms": {"min_persons": 1, "bootstrap": 50}, **extra}
+    path = folder / f"{output.name}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def run_cli(config: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "colortrend.cli", "run", str(config), "--no-progress", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def tables(output: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in ("photos", "faces", "garments"):
+        df = read(str(output), name)
+        keys = [k for k in ("photo_id", "face_idx") if k in df.columns]
+        out[name] = df.sort_values(keys).reset_index(drop=True)
+    return out
+
+
+def assert_same_tables(a: Path, b: Path) -> None:
+    ta, tb = tables(a), tables(b)
+    for name in ta:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=False, rtol=1e-5, obj=name)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, demo_photos):
+    root = tmp_path_factory.mktemp("e2e")
+    photos = root / "photos"
+    photos.mkdir()
+    for p in demo_photos[:N_DEMO]:
+        shutil.copy(p, photos / p.name)
+    expected = make_hostile_corpus(photos / "hostile", demo_photos[0])
+    big = np.linspace(0, 255, 6000, dtype=np.uint8)[None, :, None].repeat(5000, 0).repeat(3, 2)
+    from PIL import Image
+
+    Image.fromarray(big).save(photos / "hostile" / "thirty-megapixel.jpg", quality=60)
+    expected["thirty-megapixel.jpg"] = "no_face"
+    config = write_config(root, photos, root / "out")
+    summary = run(load_config(config), progress=False)
+    return {"root": root, "photos": photos, "config": config, "out": root / "out", "summary": summary,
+            "expected": expected}
+
+
+def test_every_file_has_one_row_with_an_honest_status(demo):
+    photos = read(str(demo["out"]), "photos")
+    assert photos["photo_id"].is_unique
+    files = [p for p in demo["photos"].rglob("*") if p.is_file() or p.is_symlink()]
+    assert len(photos) == len(files)
+    status = {os.path.relpath(p, demo["photos"] / "hostile"): s for p, s in zip(photos["path"], photos["status"])}
+    for name, want in demo["expected"].items():
+        got = status[name]
+        if want == "ok":
+            assert got in ("ok", "no_face"), name
+        elif want == "ok_or_error":
+            assert got in ("ok", "no_face", "error"), name
+        else:
+            assert got == want, (name, got)
+    failed = photos[photos["status"].isin(["error", "too_large", "skipped"])]
+    assert failed["error"].notna().all()
+    dup = photos[photos["status"] == "duplicate"]
+    assert set(dup["duplicate_of"]) <= set(photos["photo_id"])
+
+
+def test_contract_tables_and_columns(demo):
+    for table, columns in CONTRACT.items():
+        df = pd.read_parquet(demo["out"] / table)  # what an analyst does, without our reader
+        assert set(columns) <= set(df.columns), (table, set(columns) - set(df.columns))
+    assert (demo["out"] / "report" / "index.html").exists()
+    assert list((demo["out"] / "report").glob("*.png"))
+    record = json.loads((demo["out"] / "_runs" / "latest.json").read_text())
+    assert record["config"]["name"] == "e2e" and record["models"] and record["version"]
+
+
+def test_people_are_found_aged_and_measured(demo):
+    photos, faces, garments = (read(str(demo["out"]), t) for t in ("photos", "faces", "garments"))
+    street = photos[photos["path"].str.contains("/photos/ccp_")]
+    assert len(street) == N_DEMO
+    assert (street["status"] == "ok").sum() >= N_DEMO - 1  # one main person per CCP photo
+    assert faces["age"].between(0, 100).all()
+    assert ((faces["box_x2"] > faces["box_x1"]) & (faces["box_y2"] > faces["box_y1"])).all()
+    measured = garments[garments["photo_id"].isin(street["photo_id"])]
+    assert measured["photo_id"].nunique() >= N_DEMO - 1
+    assert measured[["dominant_r", "dominant_g", "dominant_b"]].stack().between(0, 255).all()
+    shares = measured["palette"].map(lambda p: sum(c["share"] for c in p))
+    assert np.allclose(shares, 1.0, atol=1e-3)
+
+
+def test_histograms_hold_every_measured_person(demo):
+    hist = read(str(demo["out"]), "histograms")
+    garments = read(str(demo["out"]), "garments")
+    buckets = hist[hist["group_type"] == "age_bucket"]
+    assert len(buckets) and buckets.groupby("group")["share"].sum().round(6).eq(1).all()
+    assert buckets["persons"].sum() == garments["quality_ok"].sum()
+
+
+def test_rerun_with_nothing_new_loads_no_model(demo):
+    code = ("import sys, json; from colortrend.config import load_config; from colortrend.run import run;"
+            f"s = run(load_config({str(demo['config'])!r}), progress=False);"
+            "print(json.dumps({'shards': s.shards, 'torch': 'torch' in sys.modules, 'agg': s.aggregates}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"shards": 0, "torch": False, "agg": "up to date"}
+
+
+def test_new_photo_alone_is_analysed(demo, demo_photos, tmp_path):
+    output = tmp_path / "out"
+    shutil.copytree(demo["out"], output)
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(demo_photos[N_DEMO], new / demo_photos[N_DEMO].name)
+    config = write_config(tmp_path, demo["photos"], output)
+    cfg = load_config(config, {"input.paths": [str(demo["photos"]), str(new)]})  # one more folder, one new photo
+    summary = run(cfg, progress=False)
+    assert sum(summary.photos.values()) == 1 and summary.shards == 1
+    assert len(read(str(output), "photos")) == len(read(str(demo["out"]), "photos")) + 1
+    assert summary.aggregates == "rebuilt"
+
+
+def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
+    config = write_config(tmp_path, demo["photos"], tmp_path / "killed", shard_size=1, batch_size=1)
+    proc = run_cli(config)
+    markers = tmp_path / "killed" / "_markers"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list(markers.glob("*.json")))
+    assert 0 < committed < len(read(str(demo["out"]), "photos"))
+    rerun = run_cli(config)
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+    assert_same_tables(demo["out"], tmp_path / "killed")
+    assert not list((tmp_path / "killed" / "_staging").iterdir())
+
+
+def test_ray_executor_gives_the_same_rows(demo, tmp_path):
+    pytest.importorskip("ray")
+    config = write_config(tmp_path, demo["photos"], tmp_path / "ray")
+    proc = run_cli(config, "--executor", "ray")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert_same_tables(demo["out"], tmp_path / "ray")
