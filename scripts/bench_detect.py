@@ -5,8 +5,10 @@
 Both detectors run in this process on the same decoded photos (decoding is not timed), alternately for --rounds
 rounds; the best round of each is reported, since other processes on a shared machine only ever slow a round down.
 Agreement: a face of ours matches a facenet face when each is the other's best overlap with IoU > 0.5; for matched
-faces the mean distance between corresponding landmarks is reported. facenet reports x1 and y1 1-based, so 1 is
-subtracted from them first (colortrend's boxes are continuous, see colortrend.models.mtcnn).
+faces the IoU and the mean distance between corresponding landmarks are reported. facenet reports x1 and y1 1-based,
+so 1 is subtracted from them first (colortrend's boxes are continuous, see colortrend.models.mtcnn). --noise-floor
+also compares facenet with itself on every photo shifted by one pixel (first row and column cut off): how much the
+cascade's answer moves under a perturbation far smaller than any resize difference.
 """
 from __future__ import annotations
 
@@ -23,11 +25,17 @@ from torchvision.ops import box_iou
 from colortrend.models.mtcnn import Detections, FaceDetector
 
 
-def load_photos(paths: list[str], limit: int | None) -> tuple[list[str], list[np.ndarray]]:
+def load_photos(paths: list[str], limit: int | None) -> list[np.ndarray]:
+    """RGB photos under ``paths``; ``limit`` of them evenly spaced in path order (AAF's paths sort by age)."""
     files = sorted(
-        f for p in map(Path, paths) for f in (p.rglob("*") if p.is_dir() else [p]) if f.suffix.lower() in (".jpg", ".png")
-    )[:limit]
-    return [str(f) for f in files], [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
+        f
+        for p in map(Path, paths)
+        for f in (p.rglob("*") if p.is_dir() else [p])
+        if f.suffix.lower() in (".jpg", ".png")
+    )
+    if limit is not None and limit < len(files):
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    return [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
 
 
 def facenet_detect(mtcnn, images: list[np.ndarray]) -> list[Detections]:
@@ -46,7 +54,7 @@ def facenet_detect(mtcnn, images: list[np.ndarray]) -> list[Detections]:
 def agreement(ours: list[Detections], theirs: list[Detections], min_score: float) -> dict:
     """Face counts, mutual-best IoU > 0.5 matches and landmark distances, over faces scoring >= min_score."""
     counts = {"ours": 0, "facenet": 0, "matched": 0, "photos_with_face": 0, "top_face_found": 0}
-    landmark_px = []
+    landmark_px, ious = [], []
     for a, b in zip(ours, theirs):
         a_keep, b_keep = a.scores >= min_score, b.scores >= min_score
         counts["ours"] += int(a_keep.sum())
@@ -61,11 +69,13 @@ def agreement(ours: list[Detections], theirs: list[Detections], min_score: float
         for i, j in enumerate(iou.argmax(axis=1)):
             if iou[i, j] > 0.5 and iou[:, j].argmax() == i:
                 counts["matched"] += 1
+                ious.append(iou[i, j])
                 dist = np.linalg.norm(a.landmarks[a_keep][i] - b.landmarks[b_keep][j], axis=1)
                 landmark_px.append(dist.mean())
     lm = np.array(landmark_px) if landmark_px else np.zeros(1)
     return {
         **counts,
+        "iou_median": round(float(np.median(ious)), 3) if ious else None,
         "landmark_px_mean": round(float(lm.mean()), 2),
         "landmark_px_median": round(float(np.median(lm)), 2),
         "landmark_px_p95": round(float(np.percentile(lm, 95)), 2),
@@ -86,18 +96,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="photo files or folders (searched recursively for .jpg/.png)")
     parser.add_argument("--min-face", type=int, default=40)
-    parser.add_argument("--limit", type=int, default=None, help="use the first N photos (sorted by path)")
+    parser.add_argument("--limit", type=int, default=None, help="use N photos, evenly spaced in path order")
     parser.add_argument("--batch", type=int, default=32, help="photos per FaceDetector.detect call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-facenet-timing", action="store_true", help="run facenet once, for agreement only")
+    parser.add_argument("--noise-floor", action="store_true", help="also compare facenet with itself, shifted 1 px")
     args = parser.parse_args()
 
     from facenet_pytorch import MTCNN
 
     torch.set_num_threads(args.threads)
-    paths, images = load_photos(args.paths, args.limit)
+    images = load_photos(args.paths, args.limit)
     ours_detector = FaceDetector(device=args.device, min_face_px=args.min_face)
     facenet = MTCNN(min_face_size=args.min_face, device=args.device, select_largest=False)
     ours_detector.detect(images[:2]), facenet_detect(facenet, images[:2])  # warm-up
@@ -119,8 +130,15 @@ def main() -> None:
         "facenet_photos_per_s": None if args.skip_facenet_timing else round(facenet_rate, 2),
         "all_faces": agreement(ours, theirs, 0.0),
         "faces_score_ge_0.9": agreement(ours, theirs, 0.9),
-        "photos_with_no_face_ours": sum(len(d) == 0 for d in ours),
+        "photos_without_face_score_ge_0.9": {
+            "ours": sum(not (d.scores >= 0.9).any() for d in ours),
+            "facenet": sum(not (d.scores >= 0.9).any() for d in theirs),
+        },
     }
+    if args.noise_floor:
+        shifted = facenet_detect(facenet, [np.ascontiguousarray(im[1:, 1:]) for im in images])
+        shifted = [Detections(d.boxes + 1, d.scores, d.landmarks + 1) for d in shifted]
+        report["facenet_vs_itself_shifted_1px_score_ge_0.9"] = agreement(shifted, theirs, 0.9)
     print(json.dumps(report, indent=1))
 
 

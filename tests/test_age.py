@@ -91,6 +91,15 @@ def test_eval_on_a_few_faces(tmp_path):
     json.dumps(metrics)  # what `eval age --json` prints
 
 
+def test_labels_without_an_age_column_are_refused(tmp_path):
+    from colortrend.errors import ConfigError
+
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,years\na.jpg,20\n")
+    with pytest.raises(ConfigError, match="no age column"):
+        evaluate_age(csv)
+
+
 @needs_age_data
 def test_age_stage_batches_faces_of_several_photos(tmp_path):
     from colortrend.evaluate.age import detection_batch, load_rgb, read_labels

@@ -4,9 +4,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 from torchvision.ops import box_iou
 
-import torch
 from colortrend.models.mtcnn import Detections, FaceDetector
 from colortrend.stages.detect import DetectSettings, DetectStage
 

@@ -53,7 +53,8 @@ def test_clothed_person_is_parsed_inside_their_box(demo_batch):
 @needs_ccp
 def test_garments_match_the_labels(demo_batch):
     for i, name in enumerate(LABELLED):
-        iou = garment_iou(main_person_labels(demo_batch, i), CCP / "masks" / name.replace("ccp_", "").replace(".jpg", ".png"))
+        mask = CCP / "masks" / name.removeprefix("ccp_").replace(".jpg", ".png")
+        iou = garment_iou(main_person_labels(demo_batch, i), mask)
         assert iou > 0.8, (name, iou)
 
 

@@ -103,6 +103,46 @@ def eval() -> None:  # noqa: A001 - the command is called `eval`
     """Measure the models against labelled data."""
 
 
+@eval.command("color", context_settings=CONTEXT)
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write per-photo colours to this CSV.")
+@reports_errors
+def eval_color(labels: str, device: str, as_json: bool, save_predictions: str | None):
+    """Dominant colour from the pipeline's own mask vs from the true garment pixels (CIEDE2000).
+
+    LABELS is a CSV with `image,mask` columns (CCP ids), paths relative to it. White balance is off.
+    """
+    from colortrend.evaluate.color import color_metrics, format_color_metrics, predict_colors
+    from colortrend.models import pick_device
+
+    predictions = predict_colors(labels, pick_device(device))
+    if save_predictions:
+        predictions.to_csv(save_predictions, index=False)
+    metrics = color_metrics(predictions)
+    click.echo(json.dumps(metrics) if as_json else format_color_metrics(metrics))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("photo", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="Settings to analyse with (default: defaults).")
+@click.option("--out", "out_png", type=click.Path(dir_okay=False), help="PNG to write (default: <photo>.explain.png).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
+@reports_errors
+def explain(photo: str, config: str | None, out_png: str | None, device: str | None):
+    """Draw one photo's analysis: faces and ages, garment masks, palettes and colour names."""
+    from colortrend.config import default_config
+    from colortrend.explain import explain as draw
+
+    cfg = load(config, device=device) if config else default_config(photo, device=device or "auto")
+    path, people = draw(photo, cfg, out_png)
+    for j, person in enumerate(people):
+        rgb = "/".join(map(str, person["dominant"])) if person["dominant"] else "-"
+        click.echo(f"#{j} {person['age_text']}: {person['name'] or 'no garment'} {person['name_zh'] or ''} RGB {rgb}")
+    click.echo(path)
+
+
 @main.group(context_settings=CONTEXT)
 def train() -> None:
     """Train or fine-tune the models (needs `pip install -e .[train]`)."""

@@ -85,6 +85,15 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     return parse_section(Config, raw, "")
 
 
+def default_config(photo: str, **overrides: Any) -> Config:
+    """Defaults for commands that analyse one photo outside any run (``colortrend explain``)."""
+    return load_from_dict({"name": "explain", "input": {"paths": [photo]}, "output": ".", **overrides})
+
+
+def load_from_dict(raw: dict[str, Any]) -> Config:
+    return parse_section(Config, raw, "")
+
+
 def parse_section(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types with the key's dotted name."""
     if not isinstance(raw, dict):

@@ -1,10 +1,11 @@
 """``colortrend explain PHOTO``: one photo through the whole chain, drawn so a person can check every number.
 
-Face boxes with their age, each person's garment mask tinted by part (upper / lower), the person's region, and
-the palette swatches with shares and the colour's name. Nothing is written to the output dataset.
+Face boxes with their age, each person's garment mask outlined by part (upper / lower), and the palette swatches
+with shares and the colour's name. Nothing is written to the output dataset.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 from colortrend.config import Config
 from colortrend.io.discover import photo_id_for
 
-PART_TINTS = {"upper": (255, 64, 160), "lower": (64, 160, 255)}
+PART_OUTLINES = {"upper": (255, 0, 255), "lower": (0, 255, 255)}
 
 
 def analyse_photo(path: str, cfg: Config) -> dict:
@@ -45,34 +46,48 @@ def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, li
         raise ValueError(f"{path}: {batch['status'][0]}: {batch['error'][0]}")
     n = int(batch["n_faces"][0])
     people = _people(batch, n)
-    overlay = image.astype(np.float32).copy()
-    parses = batch.get("person_parse", [[None] * n])[0] or [None] * n
+    parses = (batch.get("person_parse") or [None])[0] or [None] * n
+    outlined = _outline_garments(image, parses, PARSE_CLASSES)
+
+    from colortrend.stages.report import _cjk_font
+
+    font = _cjk_font()
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a CJK font without "normal" weight warns
+    rows = max(1, len(people))
+    with matplotlib.rc_context({"font.family": [font, "DejaVu Sans"] if font else ["DejaVu Sans"]}):
+        fig = plt.figure(figsize=(12, max(6.0, 1.5 * rows + 2)), dpi=110)
+        ax = fig.add_axes([0.01, 0.02, 0.5, 0.93])
+        ax.imshow(outlined)
+        ax.set_axis_off()
+        ax.set_title(f"{Path(path).name}: {batch['status'][0]}, {n} face(s); outlines: upper (magenta), lower (cyan)",
+                     fontsize=9, loc="left")
+        for j, person in enumerate(people):
+            x1, y1, x2, y2 = person["box"]
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec="yellow"))
+            ax.text(x1, y1 - 4, f"#{j} {person['age_text']}", color="black", fontsize=8,
+                    bbox={"fc": "yellow", "ec": "none", "pad": 1})
+        for j, person in enumerate(people):
+            pax = fig.add_axes([0.55, 0.95 - (j + 1) * 0.9 / rows, 0.43, 0.9 / rows * 0.8])
+            _draw_palette(pax, j, person)
+        fig.savefig(out_png)
+        plt.close(fig)
+    return out_png, people
+
+
+def _outline_garments(image: np.ndarray, parses: list, classes: tuple[str, ...]) -> np.ndarray:
+    """The photo with each person's upper/lower garment outlined: the colours underneath stay visible."""
+    import cv2
+
+    out = image.copy()
     for parse in parses:
         if parse is None:
             continue
         x0, y0, labels = parse
-        region = overlay[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]]
-        for part, tint in PART_TINTS.items():
-            sel = labels == PARSE_CLASSES.index(part)
-            region[sel] = 0.55 * region[sel] + 0.45 * np.array(tint, np.float32)
-
-    rows = max(1, len(people))
-    fig = plt.figure(figsize=(11, max(6, 1.6 * rows + 2)), dpi=110)
-    ax = fig.add_axes([0.01, 0.02, 0.55, 0.94])
-    ax.imshow(overlay.clip(0, 255).astype(np.uint8))
-    ax.set_axis_off()
-    ax.set_title(f"{Path(path).name}: {batch['status'][0]}, {n} face(s)", fontsize=10, loc="left")
-    for j, person in enumerate(people):
-        x1, y1, x2, y2 = person["box"]
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, ec="yellow"))
-        ax.text(x1, y1 - 4, f"#{j} {person['age_text']}", color="black", fontsize=8,
-                bbox={"fc": "yellow", "ec": "none", "pad": 1})
-    for j, person in enumerate(people):
-        pax = fig.add_axes([0.6, 0.96 - (j + 1) * 0.9 / rows, 0.38, 0.9 / rows * 0.8])
-        _draw_palette(pax, j, person)
-    fig.savefig(out_png)
-    plt.close(fig)
-    return out_png, people
+        for part, colour in PART_OUTLINES.items():
+            mask = (labels == classes.index(part)).astype(np.uint8)
+            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(out, contours, -1, colour, max(1, image.shape[1] // 400), offset=(int(x0), int(y0)))
+    return out
 
 
 def _people(batch: dict, n: int) -> list[dict]:
@@ -92,10 +107,17 @@ def _people(batch: dict, n: int) -> list[dict]:
             "palette": face("palette", j) or [],
             "dominant": None if face("dominant_r", j) is None else
             tuple(int(face(c, j)) for c in ("dominant_r", "dominant_g", "dominant_b")),
+            "upper": _rgb(face, "upper", j),
+            "lower": _rgb(face, "lower", j),
             "name": face("color_name", j),
             "name_zh": face("color_name_zh", j),
         })
     return people
+
+
+def _rgb(face, part: str, j: int) -> tuple[int, int, int] | None:
+    values = [face(f"{part}_{c}", j) for c in "rgb"]
+    return None if any(v is None for v in values) else tuple(int(v) for v in values)
 
 
 def _draw_palette(ax, j: int, person: dict) -> None:
@@ -117,4 +139,5 @@ def _draw_palette(ax, j: int, person: dict) -> None:
     ax.set_ylim(0, 1)
     r, g, b = person["dominant"] or (0, 0, 0)
     name = f"{person['name']} {person['name_zh']}" if person["name"] else ""
-    ax.text(0, 0.85, f"#{j} dominant {name}  RGB {r}/{g}/{b}", fontsize=9)
+    parts = "  ".join(f"{part} {'/'.join(map(str, person[part]))}" for part in ("upper", "lower") if person[part])
+    ax.text(0, 0.85, f"#{j} dominant {name}  RGB {r}/{g}/{b}   {parts}", fontsize=9)

@@ -11,6 +11,7 @@ seen.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from colortrend.errors import ConfigError
 from colortrend.stages.align import AlignSettings, AlignStage
 from colortrend.stages.base import Batch
 
@@ -43,7 +45,11 @@ def validation_mask(paths: Sequence[str], fraction: float = VALIDATION_FRACTION)
 def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
     """``path`` (as in the CSV), ``age`` and ``file`` (absolute path) of the rows of ``split``."""
     labels_csv = Path(labels_csv)
-    labels = pd.read_csv(labels_csv, usecols=["path", "age"])
+    labels = pd.read_csv(labels_csv)
+    missing = {"path", "age"} - set(labels.columns)
+    if missing:
+        raise ConfigError(f"{labels_csv}: no {', '.join(sorted(missing))} column (expected path,age)")
+    labels = labels[["path", "age"]]
     if split != "all":
         val = validation_mask(labels["path"].tolist())
         labels = labels[val if split == "val" else ~val]
@@ -53,11 +59,16 @@ def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
 
 
 def load_rgb(path: str) -> np.ndarray:
-    """Decode a photo exactly as the pipeline's intake does (EXIF orientation applied, RGB uint8)."""
-    from colortrend.stages.intake import decode_image
+    """Decode a photo exactly as the pipeline's intake does by default (EXIF orientation applied, RGB uint8)."""
+    from colortrend.stages.intake import InputSettings, decode_image
 
-    with open(path, "rb") as f:
-        return decode_image(f.read(), max_pixels=60_000_000, max_side=2048)["image"]
+    defaults = {f.name: f.default for f in dataclasses.fields(InputSettings)}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        return decode_image(data, defaults["max_pixels"], defaults["max_side"])["image"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable labelled photo is a problem of the labels file
+        raise ConfigError(f"{path}: cannot read the labelled photo ({exc})") from exc
 
 
 def detection_batch(images: list[np.ndarray], device: str, min_face_px: float, detector=None) -> Batch:

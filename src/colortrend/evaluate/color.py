@@ -98,8 +98,8 @@ def color_metrics(predictions: pd.DataFrame, clear_share: float = CLEAR_SHARE) -
             "median": round(float(np.median(scored)), 3) if len(scored) else None,
             "p90": round(float(np.percentile(scored, 90)), 3) if len(scored) else None,
             "mean": round(float(scored.mean()), 3) if len(scored) else None,
-            "n": int(len(scored)),
-            "missed": int(len(rows) - len(scored)),
+            "n": len(scored),
+            "missed": len(rows) - len(scored),
         }
 
     return {**summary(labelled), "no_garment": int(len(predictions) - len(labelled)), "clear_share": clear_share,

@@ -6,9 +6,10 @@ the photo's main person (passers-by are background), so the person scored is the
 face; their garment pixels (upper and lower classes) are compared with CCP's garment classes over the whole photo.
 CCP's ambiguous classes (hat, scarf, tie, gloves, socks, stockings, tights, belt, accessories) are not scored.
 
-Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks
-(and any outside scoring of them) would be. The validation split (:func:`is_validation`) is fixed by photo number:
-``colortrend train parsing`` never trains on it.
+Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks (and
+any outside scoring of them) would be. A mask that labels nobody (CCP has such a photo) cannot say what the main
+person wears: the photo counts as ``unlabelled`` and is not scored. The validation split (:func:`is_validation`) is
+fixed by photo number: ``colortrend train parsing`` never trains on it.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def is_validation(path: str | Path) -> bool:
 
 
 def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
-    """``image``, ``mask`` (as in the CSV) and ``image_file``, ``mask_file`` (absolute paths) of the rows of ``split``."""
+    """``image`` and ``mask`` (as in the CSV), ``image_file`` and ``mask_file`` (absolute) of the rows of ``split``."""
     labels_csv = Path(labels_csv)
     labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
     if split != "all":
@@ -110,7 +111,8 @@ def _ratios(inter: int, pred: int, true: int) -> tuple[float, float, float]:
 def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir: str | Path | None = None,
                      split: Split = "all", batch_size: int = 16) -> dict:
     """Garment-vs-rest IoU, precision and recall of the main person's mask, pooled over pixels and averaged per
-    photo, per-class IoU (``iou_by_class``), ``n`` (photos scored) and ``missed`` (photos without a detected face).
+    photo, per-class IoU (``iou_by_class``), ``n`` (photos scored), ``missed`` (photos without a detected face, scored
+    as empty) and ``unlabelled`` (photos whose mask labels nobody, not scored).
 
     ``save_masks_dir``: writes ``<image stem>.png`` per photo, 255 where the main person's garments are predicted,
     0 elsewhere, at the photo's size (all 0 where no face was found).
@@ -122,7 +124,7 @@ def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir
     lut = ccp_lookup()
     if save_masks_dir is not None:
         Path(save_masks_dir).mkdir(parents=True, exist_ok=True)
-    tally, missed = _Tally(), 0
+    tally, missed, unlabelled = _Tally(), 0, 0
     for start in range(0, len(labels), batch_size):
         part = labels.iloc[start:start + batch_size]
         batch = run_stages(stages, list(part["image_file"]))
@@ -130,11 +132,14 @@ def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir
             truth = lut[cv2.imread(mask_file, cv2.IMREAD_UNCHANGED)]
             pred = main_person_labels(batch, i)
             if pred is None:
-                missed += 1
                 pred = np.zeros(truth.shape, np.uint8)
             elif pred.shape != truth.shape:  # analysed at a reduced size: back to the labels' pixels
                 pred = cv2.resize(pred, truth.shape[::-1], interpolation=cv2.INTER_NEAREST)
-            tally.add(pred, truth)
+            if not truth.any():
+                unlabelled += 1
+            else:
+                missed += int(not batch["n_faces"][i])
+                tally.add(pred, truth)
             if save_masks_dir is not None:
                 garment = np.isin(pred, GARMENT_CLASSES).astype(np.uint8) * 255
                 cv2.imwrite(str(Path(save_masks_dir) / f"{Path(image).stem}.png"), garment)
@@ -149,17 +154,18 @@ def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir
         "mean_recall": round(float(per_photo[:, 2].mean()), 4) if len(per_photo) else None,
         "iou_by_class": {name: round(float(tally.inter[k] / union[k]), 4) if union[k] else None
                          for k, name in enumerate(PARSE_CLASSES)},
-        "n": len(labels), "missed": missed, "split": split,
+        "n": len(tally.per_photo), "missed": missed, "unlabelled": unlabelled, "split": split,
     }
 
 
 def format_parsing_metrics(metrics: dict) -> str:
     """The human-readable report of ``colortrend eval parsing`` (``--json`` prints ``metrics`` instead)."""
     by_class = ", ".join(f"{k} {v}" for k, v in metrics["iou_by_class"].items())
+    m = metrics
     return "\n".join([
-        f"photos {metrics['n']} ({metrics['split']}), without a detected face {metrics['missed']}",
-        f"garments, pooled pixels: IoU {metrics['iou']}, precision {metrics['precision']}, recall {metrics['recall']}",
-        f"garments, mean per photo: IoU {metrics['mean_iou']}, precision {metrics['mean_precision']}, "
-        f"recall {metrics['mean_recall']}",
+        f"photos scored {m['n']} ({m['split']} split), without a detected face {m['missed']}, "
+        + f"unlabelled {m['unlabelled']}",
+        f"garments, pooled pixels: IoU {m['iou']}, precision {m['precision']}, recall {m['recall']}",
+        f"garments, mean per photo: IoU {m['mean_iou']}, precision {m['mean_precision']}, recall {m['mean_recall']}",
         f"IoU by class: {by_class}",
     ])

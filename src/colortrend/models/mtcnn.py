@@ -70,6 +70,7 @@ class _Pyramid:
     # several times faster than three 1-byte ones); all canvases one after another, each row-major
     starts: torch.Tensor  # (L,) int64 first pixel of each canvas in `pixels`
     canvas_shapes: list[tuple[int, int]]  # (height, width) of each canvas
+    canvas_widths: torch.Tensor  # (L,) int64, the same widths on the device
     offsets: torch.Tensor  # (P, L, 2) int64 y, x of each photo's copy in each canvas
     sizes: torch.Tensor  # (P, L, 2) int64 height, width of each copy; 0 where a photo is too small for a level
     scales: torch.Tensor  # (P, L, 2) float32 copy pixels per photo pixel along y and x (after size rounding)
@@ -113,7 +114,8 @@ class FaceDetector:
         self.scale_factor = scale_factor
         self.max_side = max_side
         self.pnet, self.rnet, self.onet = (
-            net.eval().to(self.device, self.dtype, memory_format=torch.channels_last) for net in (PNet(), RNet(), ONet())
+            net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+            for net in (PNet(), RNet(), ONet())
         )
         self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
 
@@ -121,7 +123,7 @@ class FaceDetector:
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Detect faces in each of ``images`` (H x W x 3 uint8 RGB, sizes may differ); one result per image."""
         for i, image in enumerate(images):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or image.size == 0:
                 raise ValueError(f"image {i}: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
         shapes = [self._detection_shape(image.shape) for image in images]
         results: list[Detections] = []
@@ -147,7 +149,7 @@ class FaceDetector:
         n_octaves = len(scales)
         shortest = np.array([min(shape) for shape in shapes])
         level = top
-        while shortest.max() * level >= PNET_WINDOW:  # facenet's rule, per photo below
+        while shortest.max() * level >= PNET_WINDOW:  # facenet's stopping rule, per photo in `exists`
             scales.append(level)
             level *= self.scale_factor
         hw = np.array(shapes)
@@ -178,16 +180,16 @@ class FaceDetector:
                 canvases[k][y : y + h, x : x + w] = cv2.resize(
                     canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=cv2.INTER_AREA
                 )
-        to = {"device": self.device}
         return _Pyramid(
-            pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(**to),
-            starts=torch.from_numpy(starts[:-1]).to(**to),
+            pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(self.device),
+            starts=torch.from_numpy(starts[:-1]).to(self.device),
             canvas_shapes=canvas_shapes,
-            offsets=torch.from_numpy(offsets).to(**to),
-            sizes=torch.from_numpy(sizes).to(**to),
-            scales=torch.from_numpy((sizes / hw[:, None, :]).astype(np.float32)).to(**to),
+            canvas_widths=torch.tensor([w for _, w in canvas_shapes], device=self.device),
+            offsets=torch.from_numpy(offsets).to(self.device),
+            sizes=torch.from_numpy(sizes).to(self.device),
+            scales=torch.from_numpy((sizes / hw[:, None, :]).astype(np.float32)).to(self.device),
             n_octaves=n_octaves,
-            photo_shapes=torch.from_numpy(hw.astype(np.float32)).to(**to),
+            photo_shapes=torch.from_numpy(hw.astype(np.float32)).to(self.device),
             photo_scales=np.array([h / image.shape[0] for (h, _), image in zip(shapes, images)], np.float32),
         )
 
@@ -276,8 +278,8 @@ class FaceDetector:
         side = boxes[:, 2] - boxes[:, 0]
         fits = (side[:, None] * pyramid.scales[owner, :, 1] >= size) & (pyramid.sizes[owner, :, 0] > 0)
         level = (fits * torch.arange(fits.shape[1], device=boxes.device)).argmax(dim=1)
-        scale, offset, copy_size = pyramid.scales[owner, level], pyramid.offsets[owner, level], pyramid.sizes[owner, level]
-        canvas_width = torch.tensor([w for _, w in pyramid.canvas_shapes], device=boxes.device)[level]
+        scale, offset = pyramid.scales[owner, level], pyramid.offsets[owner, level]
+        copy_size, canvas_width = pyramid.sizes[owner, level], pyramid.canvas_widths[level]
 
         n = size * CROP_SUBSAMPLES
         t = (torch.arange(n, device=boxes.device, dtype=boxes.dtype) + 0.5) / n

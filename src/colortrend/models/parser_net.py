@@ -29,33 +29,34 @@ from torch import nn
 from torch.nn import functional as F
 
 PARSE_CLASSES = ("background", "skin", "hair", "upper", "lower", "shoes", "accessory")
-UPPER, LOWER = PARSE_CLASSES.index("upper"), PARSE_CLASSES.index("lower")
+BACKGROUND, SKIN, HAIR, UPPER, LOWER, SHOES, ACCESSORY = range(len(PARSE_CLASSES))
 GARMENT_CLASSES = (UPPER, LOWER)
 #: Label value that contributes nothing to the loss (ambiguous CCP classes, pixels outside the photo).
 IGNORE = 255
 
 #: Clothing Co-Parsing's class names by label id (its ``classes.csv``): the ids CCP-style masks hold.
 CCP_CLASSES = (
-    "null", "accessories", "bag", "belt", "blazer", "blouse", "bodysuit", "boots", "bra", "bracelet", "cape", "cardigan",
-    "clogs", "coat", "dress", "earrings", "flats", "glasses", "gloves", "hair", "hat", "heels", "hoodie", "intimate",
-    "jacket", "jeans", "jumper", "leggings", "loafers", "necklace", "panties", "pants", "pumps", "purse", "ring",
-    "romper", "sandals", "scarf", "shirt", "shoes", "shorts", "skin", "skirt", "sneakers", "socks", "stockings", "suit",
-    "sunglasses", "sweater", "sweatshirt", "swimwear", "t-shirt", "tie", "tights", "top", "vest", "wallet", "watch",
-    "wedges",
+    "null", "accessories", "bag", "belt", "blazer", "blouse", "bodysuit", "boots", "bra", "bracelet", "cape",
+    "cardigan", "clogs", "coat", "dress", "earrings", "flats", "glasses", "gloves", "hair", "hat", "heels", "hoodie",
+    "intimate", "jacket", "jeans", "jumper", "leggings", "loafers", "necklace", "panties", "pants", "pumps", "purse",
+    "ring", "romper", "sandals", "scarf", "shirt", "shoes", "shorts", "skin", "skirt", "sneakers", "socks",
+    "stockings", "suit", "sunglasses", "sweater", "sweatshirt", "swimwear", "t-shirt", "tie", "tights", "top", "vest",
+    "wallet", "watch", "wedges",
 )
 #: Our class of each CCP class name; every CCP class appears exactly once.
 CCP_TO_PARSE: dict[str, int] = {
-    "null": 0,
-    "skin": 1,
-    "hair": 2,
+    "null": BACKGROUND,
+    "skin": SKIN,
+    "hair": HAIR,
     **dict.fromkeys(
         ("blazer", "blouse", "bodysuit", "bra", "cape", "cardigan", "coat", "hoodie", "intimate", "jacket", "jumper",
          "shirt", "suit", "sweater", "sweatshirt", "swimwear", "t-shirt", "top", "vest"), UPPER),
     **dict.fromkeys(("dress", "jeans", "leggings", "panties", "pants", "romper", "shorts", "skirt"), LOWER),
     **dict.fromkeys(
-        ("boots", "clogs", "flats", "heels", "loafers", "pumps", "sandals", "shoes", "sneakers", "wedges"), 5),
+        ("boots", "clogs", "flats", "heels", "loafers", "pumps", "sandals", "shoes", "sneakers", "wedges"), SHOES),
     **dict.fromkeys(
-        ("bag", "bracelet", "earrings", "glasses", "necklace", "purse", "ring", "sunglasses", "wallet", "watch"), 6),
+        ("bag", "bracelet", "earrings", "glasses", "necklace", "purse", "ring", "sunglasses", "wallet", "watch"),
+        ACCESSORY),
     **dict.fromkeys(
         ("accessories", "belt", "gloves", "hat", "scarf", "socks", "stockings", "tie", "tights"), IGNORE),
 }
@@ -66,6 +67,7 @@ def ccp_lookup() -> np.ndarray:
     lut = np.full(256, IGNORE, np.uint8)
     lut[:len(CCP_CLASSES)] = [CCP_TO_PARSE[name] for name in CCP_CLASSES]
     return lut
+
 
 # EfficientNet-Lite0 stages: (repeats, kernel, stride, expansion, out channels); input to the first is the 32-ch stem.
 _LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
@@ -244,7 +246,8 @@ def load_parser(path: str | Path, device: str = "cpu") -> ParserNet:
 
 
 
-def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = False, max_batch: int = 64) -> np.ndarray:
+def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = False,
+                  max_batch: int = 64) -> np.ndarray:
     """Class probabilities (N, H/2, W/2, classes) float32 for uint8 crops (N, H, W, 3), ``max_batch`` at a time.
 
     ``flip_average`` also parses each crop's mirror image and averages the two (twice the compute).

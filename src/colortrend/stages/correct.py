@@ -67,7 +67,8 @@ def garment_mask(shape: tuple[int, int], parses: list, garment_ids: tuple[int, .
 
 
 class CorrectStage(Stage):
-    """Writes ``image_wb`` (in memory) and the photo's ``wb_method``, ``wb_gain_r/g/b``."""
+    """Reads ``image``, ``landmarks`` (the ``skin`` method) and ``person_parse`` (``exclude_garments``) when present;
+    writes ``image_wb`` (in memory) and the photo's ``wb_method``, ``wb_gain_r/g/b``."""
 
     name = "correct"
     photo_fields = pa.schema([

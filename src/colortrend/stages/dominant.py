@@ -53,7 +53,7 @@ class DominantStage(Stage):
 
         s = self.settings
         n_photos = len(batch["status"])
-        parses = batch.get("person_parse") or [[] for _ in range(n_photos)]
+        parses = batch["person_parse"]
         for column in COLUMNS:
             batch[column] = [[None] * len(parses[i]) for i in range(n_photos)]
 

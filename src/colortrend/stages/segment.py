@@ -71,29 +71,26 @@ def assign_pixels(regions: list[Parse], height: int, width: int) -> list[Parse |
     Where regions overlap, the pixel goes to the person with the highest P(not background) there. Each label map
     is trimmed to the person's bounding box; a person with no pixel left is None.
     """
-    owner = np.full((height, width), -1, np.int16)
-    best = np.zeros((height, width), np.float32)
-    labels = []
-    for k, (x0, y0, probs) in enumerate(regions):
-        h, w = probs.shape[:2]
-        label = probs.argmax(-1).astype(np.uint8)
-        labels.append(label)
-        if len(regions) > 1:
+    labels = [probs.argmax(-1).astype(np.uint8) for _, _, probs in regions]
+    if len(regions) > 1:
+        owner = np.full((height, width), -1, np.int16)
+        best = np.zeros((height, width), np.float32)
+        for k, ((x0, y0, probs), label) in enumerate(zip(regions, labels)):
+            window = (slice(y0, y0 + label.shape[0]), slice(x0, x0 + label.shape[1]))
             person = 1.0 - probs[..., 0]
-            window = (slice(y0, y0 + h), slice(x0, x0 + w))
             wins = (person > best[window]) & (label > 0)
             best[window][wins] = person[wins]
             owner[window][wins] = k
-    out: list[Parse | None] = []
-    for k, ((x0, y0, _), label) in enumerate(zip(regions, labels)):
-        if len(regions) > 1:
+        for k, ((x0, y0, _), label) in enumerate(zip(regions, labels)):
             label[owner[y0:y0 + label.shape[0], x0:x0 + label.shape[1]] != k] = 0
-        ys, xs = np.nonzero(np.any(label, axis=1)), np.nonzero(np.any(label, axis=0))
-        if not len(ys[0]):
+    out: list[Parse | None] = []
+    for (x0, y0, _), label in zip(regions, labels):
+        rows, cols = np.flatnonzero(label.any(axis=1)), np.flatnonzero(label.any(axis=0))
+        if not len(rows):
             out.append(None)
             continue
-        r0, r1, c0, c1 = ys[0][0], ys[0][-1] + 1, xs[0][0], xs[0][-1] + 1
-        out.append((x0 + int(c0), y0 + int(r0), np.ascontiguousarray(label[r0:r1, c0:c1])))
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        out.append((x0 + c0, y0 + r0, np.ascontiguousarray(label[r0:r1, c0:c1])))
     return out
 
 

@@ -27,8 +27,21 @@ from torch.nn import functional as F
 
 from colortrend.evaluate.parsing import is_validation
 from colortrend.models.parser_net import (
-    GARMENT_CLASSES, IGNORE, PAD_VALUE, PARSE_CLASSES, CropGeometry, ParserNet, ccp_lookup, crop_affine, crop_box,
-    cut_crop, normalize, predict_crops, probs_to_photo,
+    ACCESSORY,
+    GARMENT_CLASSES,
+    HAIR,
+    IGNORE,
+    PAD_VALUE,
+    SKIN,
+    CropGeometry,
+    ParserNet,
+    ccp_lookup,
+    crop_affine,
+    crop_box,
+    cut_crop,
+    normalize,
+    predict_crops,
+    probs_to_photo,
 )
 
 CACHE_DIR = Path("/tmp/colortrend-cache")
@@ -41,7 +54,7 @@ FROZEN_BLOCKS = 5
 class TrainSettings:
     """Hyper-parameters of one training run (stored with the metrics)."""
 
-    epochs: int = 8  # passes over the training photos
+    epochs: int = 26  # passes over the training photos
     batch_size: int = 16  # crops per step
     lr: float = 2e-3  # peak AdamW learning rate (cosine decay after a short warm-up)
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -63,21 +76,22 @@ class Example:
 
 
 def detect_faces_cached(paths: list[Path], cache_file: Path, log: Callable[[str], None] = print) -> dict[str, list]:
-    """MTCNN face boxes (x1, y1, x2, y2, score) per photo stem, computed once and cached as JSON."""
+    """Face boxes (x1, y1, x2, y2) per photo stem from the pipeline's detector, computed once and cached as JSON."""
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if all(p.stem in cached for p in paths):
             return cached
-    from facenet_pytorch import MTCNN
+    from colortrend.models.mtcnn import FaceDetector
 
-    detector = MTCNN(keep_all=True, min_face_size=20, device="cpu")
+    # A lower floor than the pipeline's default: the labelled person's face must be found whenever possible.
+    detector = FaceDetector(device="cpu", min_face_px=20)
     faces: dict[str, list] = {}
-    for i, path in enumerate(paths):
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        boxes, scores = detector.detect(image)
-        faces[path.stem] = [] if boxes is None else [[*b, s] for b, s in zip(boxes.tolist(), scores.tolist())]
-        if i % 100 == 0:
-            log(f"faces: {i}/{len(paths)}")
+    for start in range(0, len(paths), 32):
+        chunk = paths[start:start + 32]
+        images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in chunk]
+        for path, found in zip(chunk, detector.detect(images)):
+            faces[path.stem] = found.boxes.tolist()
+        log(f"faces: {start + len(chunk)}/{len(paths)} photos")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(faces))
     return faces
@@ -87,9 +101,9 @@ def labelled_face(faces: list, labels: np.ndarray) -> np.ndarray | None:
     """The face of the person CCP labels: the largest detected face lying mostly on that person's head (skin, hair,
     glasses...). Other faces belong to passers-by, whom CCP labels background."""
     best, best_width = None, 0.0
-    head = np.isin(labels, (PARSE_CLASSES.index("skin"), PARSE_CLASSES.index("hair"), PARSE_CLASSES.index("accessory")))
+    head = np.isin(labels, (SKIN, HAIR, ACCESSORY))
     for face in faces:
-        x1, y1, x2, y2 = (int(round(v)) for v in face[:4])
+        x1, y1, x2, y2 = (round(v) for v in face[:4])
         window = head[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)]
         if window.size and window.mean() > 0.5 and x2 - x1 > best_width:
             best, best_width = np.asarray(face[:4], np.float32), x2 - x1
@@ -102,7 +116,7 @@ def load_ccp(ccp_dir: Path, log: Callable[[str], None] = print) -> list[Example]
     with open(ccp_dir / "labels.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     paths = [ccp_dir / r["image"] for r in rows]
-    faces = detect_faces_cached(paths, CACHE_DIR / "ccp_faces_mtcnn.json", log)
+    faces = detect_faces_cached(paths, CACHE_DIR / "ccp_faces.json", log)
     examples = []
     for row, path in zip(rows, paths):
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -149,7 +163,7 @@ class CropSampler:
             crop[row:], labels[row:] = PAD_VALUE, IGNORE
         if r.random() < s.p_side_cut:
             side = r.choice((-1, 1))
-            col = int(round(((x1 + x2) / 2 + side * r.uniform(0.9, 2.5) * fw) * m[0, 0] + m[0, 2]))
+            col = round(((x1 + x2) / 2 + side * r.uniform(0.9, 2.5) * fw) * m[0, 0] + m[0, 2])
             col = min(max(col, 0), crop.shape[1])
             if side > 0:
                 crop[:, col:], labels[:, col:] = PAD_VALUE, IGNORE
@@ -249,13 +263,15 @@ def validate(model: ParserNet, examples: list[Example], geom: CropGeometry) -> d
             "recall": inter / max(true, 1), "n": len(examples), "missed": missed}
 
 
-def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSettings = TrainSettings(),
-                  geom: CropGeometry = CropGeometry(), metrics_path: str | Path | None = None,
+def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSettings | None = None,
+                  geom: CropGeometry | None = None, metrics_path: str | Path | None = None,
                   log: Callable[[str], None] = print) -> dict:
     """Train the parser on CCP's training split and save fp16 weights to ``out_path``.
 
-    Returns (and writes to ``metrics_path``, when given) the validation-split figures, settings and timing.
+    ``settings`` and ``geom`` default to :class:`TrainSettings` and :class:`CropGeometry` (the shipped weights'
+    values). Returns (and writes to ``metrics_path``, when given) the validation-split figures, settings and timing.
     """
+    settings, geom = settings or TrainSettings(), geom or CropGeometry()
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     cv2.setNumThreads(1)
@@ -277,17 +293,23 @@ def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSett
     steps_per_epoch = len(sampler.examples) // settings.batch_size
     total = settings.epochs * steps_per_epoch
     warmup = min(100, total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup))))
 
-    start, step, running = time.time(), 0, 0.0
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    start, step, recent = time.time(), 0, []
     for epoch in range(settings.epochs):
         model.train()
         for module in _frozen_modules(model):
             module.eval()  # frozen layers keep their ImageNet batch-norm statistics
         order = rng.permutation(len(sampler.examples))
         for b in range(steps_per_epoch):
-            crops, labels = zip(*(sampler.sample(i) for i in order[b * settings.batch_size:(b + 1) * settings.batch_size]))
+            picked = order[b * settings.batch_size:(b + 1) * settings.batch_size]
+            crops, labels = zip(*(sampler.sample(i) for i in picked))
             logits = model(normalize(np.stack(crops)))
             loss = F.cross_entropy(logits, torch.from_numpy(np.stack(labels)).long(), ignore_index=IGNORE)
             optimizer.zero_grad(set_to_none=True)
@@ -295,18 +317,22 @@ def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSett
             optimizer.step()
             schedule.step()
             step += 1
-            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            recent.append(loss.item())
             if step % 20 == 0:
                 rate = step * settings.batch_size / (time.time() - start)
-                log(f"epoch {epoch} step {step}/{total} loss {running:.4f} {rate:.1f} crops/s")
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.half() for k, v in model.state_dict().items()}, out_path)
+                log(f"epoch {epoch} step {step}/{total} loss {np.mean(recent):.4f} {rate:.1f} crops/s")
+                recent.clear()
 
     model.eval()
     with torch.no_grad():
-        metrics = {"validation": validate(model, val, geom), "train_photos": len(train), "train_crops": len(sampler.examples),
-                   "minutes": (time.time() - start) / 60, "settings": asdict(settings), "geometry": asdict(geom)}
+        metrics = {"validation": validate(model, val, geom), "train_photos": len(train),
+                   "train_crops": len(sampler.examples), "minutes": round((time.time() - start) / 60, 1),
+                   "settings": asdict(settings), "geometry": asdict(geom)}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(out_path.name + ".partial")  # a reader never sees a half-written weight file
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, partial)
+    partial.replace(out_path)
     if metrics_path is not None:
         Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     log(json.dumps(metrics))
