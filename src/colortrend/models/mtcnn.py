@@ -177,8 +177,10 @@ class FaceDetector:
                     break
                 (h, w), (y, x), (py, px), (ph, pw) = sizes[p, k], offsets[p, k], offsets[p, k - 1], sizes[p, k - 1]
                 # Each copy from the one before: area-resizing the full photo every time costs several times more.
+                import os
+                interp = cv2.INTER_LINEAR if (os.environ.get('LIN') and k >= n_octaves) else cv2.INTER_AREA
                 canvases[k][y : y + h, x : x + w] = cv2.resize(
-                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=cv2.INTER_AREA
+                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=interp
                 )
         return _Pyramid(
             pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(self.device),
