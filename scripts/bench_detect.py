@@ -109,6 +109,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     images = load_photos(args.paths, args.limit)
+    if not images:
+        parser.error(f"no .jpg/.png photos under {' '.join(args.paths)}")
     ours_detector = FaceDetector(device=args.device, min_face_px=args.min_face)
     facenet = MTCNN(min_face_size=args.min_face, device=args.device, select_largest=False)
     ours_detector.detect(images[:2]), facenet_detect(facenet, images[:2])  # warm-up

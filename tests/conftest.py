@@ -82,12 +82,13 @@ def make_hostile_corpus(folder: Path, demo_photo: Path) -> dict[str, str]:
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     put("animated.gif", buf.getvalue(), "no_face")
     put("notes.txt", b"not an image extension", "skipped")
-    put("photo copy ü.jpg", photo, "ok")
-    put("the same photo.jpg", photo, "duplicate")
+    # three names for the same bytes: one is analysed, the others are duplicates of it
+    put("photo copy ü.jpg", photo, "copy")
+    put("the same photo.jpg", photo, "copy")
     (folder / "folder.jpg").mkdir()
     put("folder.jpg/inside.jpg", encoded(rgb_image(), "JPEG"), "no_face")
     os.symlink(folder / "photo copy ü.jpg", folder / "link.jpg")
-    expected["link.jpg"] = "duplicate"
+    expected["link.jpg"] = "copy"
     os.symlink(folder / "missing-target.jpg", folder / "dangling.jpg")
     expected["dangling.jpg"] = "error"
     if os.geteuid() != 0:  # root reads everything: an unreadable file cannot be made for root

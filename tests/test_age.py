@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from colortrend.errors import ConfigError
 from colortrend.evaluate.age import age_metrics, evaluate_age, predict_ages
 from colortrend.models.age_net import AgeNet, load_age_net, padded_add
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, AgeStage, resolve_weights
@@ -69,7 +70,7 @@ def test_moments_of_a_known_distribution():
 def test_default_weights_resolve_and_bad_path_is_reported():
     assert resolve_weights("default").is_file()
     assert resolve_weights("dlib") == DLIB_WEIGHTS
-    with pytest.raises(FileNotFoundError, match="age.weights"):
+    with pytest.raises(ConfigError, match="age.weights"):
         resolve_weights("/nonexistent/age.pt")
 
 
@@ -92,8 +93,6 @@ def test_eval_on_a_few_faces(tmp_path):
 
 
 def test_labels_without_an_age_column_are_refused(tmp_path):
-    from colortrend.errors import ConfigError
-
     csv = tmp_path / "labels.csv"
     csv.write_text("path,years\na.jpg,20\n")
     with pytest.raises(ConfigError, match="no age column"):

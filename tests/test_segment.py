@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from colortrend.evaluate.parsing import evaluate_parsing, main_person_labels, run_stages, segment_stages
-from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup, crop_box
+from colortrend.stages.segment import SegmentSettings
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE.parent / "data" / "demo"
@@ -29,23 +30,31 @@ def demo_batch(stages):
     return run_stages(stages, [str(DEMO / name) for name in LABELLED])
 
 
-def garment_iou(pred: np.ndarray, mask_file: Path) -> float:
-    truth = ccp_lookup()[cv2.imread(str(mask_file), cv2.IMREAD_UNCHANGED)]
+def ccp_mask(photo_name: str) -> np.ndarray:
+    """CCP label ids of a demo photo (``ccp_0008.jpg`` -> ``masks/0008.png``)."""
+    return cv2.imread(str(CCP / "masks" / photo_name.removeprefix("ccp_").replace(".jpg", ".png")), -1)
+
+
+def garment_iou(pred: np.ndarray, ccp_ids: np.ndarray) -> float:
+    truth = ccp_lookup()[ccp_ids]
     scored = truth != 255
     p, t = np.isin(pred, GARMENT_CLASSES) & scored, np.isin(truth, GARMENT_CLASSES)
     return (p & t).sum() / (p | t).sum()
 
 
 def test_clothed_person_is_parsed_inside_their_box(demo_batch):
+    geometry = SegmentSettings().geometry
     for i in range(len(LABELLED)):
         face = int(np.argmax(demo_batch["box_x2"][i] - demo_batch["box_x1"][i]))
         x0, y0, labels = demo_batch["person_parse"][i][face]
+        x1, y1 = x0 + labels.shape[1], y0 + labels.shape[0]
+        # The mask lies in the photo and in the crop cut around this face, and the person box is its extent.
         height, width = demo_batch["image"][i].shape[:2]
-        assert 0 <= x0 and 0 <= y0 and x0 + labels.shape[1] <= width and y0 + labels.shape[0] <= height
-        # The person box is the labels' extent, and the person stands below their face.
-        assert (demo_batch["person_x1"][i][face], demo_batch["person_y2"][i][face]) == (x0, y0 + labels.shape[0])
-        assert y0 >= demo_batch["box_y1"][i][face] - 2 * (demo_batch["box_y2"][i][face] - demo_batch["box_y1"][i][face])
-        # A street-fashion photo: clothes cover a good part of the frame, split into upper and lower garments.
+        cx1, cy1, cx2, cy2 = crop_box([demo_batch[f"box_{c}"][i][face] for c in ("x1", "y1", "x2", "y2")], geometry)
+        assert max(0, cx1) <= x0 < x1 <= min(width, cx2) and max(0, cy1) <= y0 < y1 <= min(height, cy2)
+        person_box = [demo_batch[f"person_{c}"][i][face] for c in ("x1", "y1", "x2", "y2")]
+        assert person_box == [x0, y0, x1, y1]
+        # A street-fashion photo: clothes cover a good part of the frame.
         assert demo_batch["clothing_px"][i][face] > 0.1 * height * width
         assert demo_batch["clothing_px"][i][face] == demo_batch["upper_px"][i][face] + demo_batch["lower_px"][i][face]
 
@@ -53,9 +62,23 @@ def test_clothed_person_is_parsed_inside_their_box(demo_batch):
 @needs_ccp
 def test_garments_match_the_labels(demo_batch):
     for i, name in enumerate(LABELLED):
-        mask = CCP / "masks" / name.removeprefix("ccp_").replace(".jpg", ".png")
-        iou = garment_iou(main_person_labels(demo_batch, i), mask)
+        iou = garment_iou(main_person_labels(demo_batch, i), ccp_mask(name))
         assert iou > 0.8, (name, iou)
+
+
+@needs_ccp
+def test_half_body_photos_are_parsed(stages, tmp_path):
+    """The top of a street photo stands in for a half-body selfie: the crop runs past the photo's bottom edge."""
+    paths, truths = [], []
+    for name in LABELLED[:2]:
+        photo = cv2.imread(str(DEMO / name))
+        top = int(0.45 * photo.shape[0])
+        cv2.imwrite(str(tmp_path / name), photo[:top])
+        paths.append(str(tmp_path / name))
+        truths.append(ccp_mask(name)[:top])
+    batch = run_stages(stages, paths)
+    for i, truth in enumerate(truths):
+        assert garment_iou(main_person_labels(batch, i), truth) > 0.85
 
 
 def test_two_people_in_one_photo_get_separate_masks(stages, tmp_path):

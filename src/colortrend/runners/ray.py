@@ -41,9 +41,13 @@ class RayRunner:
         first_copy = self._first_copies(rows, seen)
         rows["first_copy"] = [first_copy.get(pid) for pid in rows["photo_id"]]
 
-        gpus = ray.cluster_resources().get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
+        # Every stage holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
+        # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
+        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(pipeline.stages) + 1)))
         size = pipeline.cfg.batch_size
-        ds = ray.data.from_pandas(rows, override_num_blocks=max(1, len(rows) // size))
+        ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows) // size))
         for stage in pipeline.stages:
             ds = ds.map_batches(
                 StageActor,
@@ -51,10 +55,11 @@ class RayRunner:
                 batch_size=size,
                 batch_format="pandas",
                 concurrency=self.actors_per_stage,
+                num_cpus=cpus,
                 num_gpus=1 if gpus and stage.name in GPU_STAGES else 0,
             )
         ds = ds.map_batches(TableBuilder, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
-                            concurrency=1)
+                            concurrency=1, num_cpus=cpus)
 
         expected = defaultdict(int)
         for pid, sid in shard_of.items():

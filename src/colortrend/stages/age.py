@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from colortrend.errors import ConfigError
 from colortrend.models import WEIGHTS_DIR
 from colortrend.stages.base import Batch, Stage, ok_indices
 
@@ -32,7 +33,7 @@ class AgeSettings:
 
 
 def resolve_weights(weights: str) -> Path:
-    """The weight file an :class:`AgeSettings.weights` value names; raises FileNotFoundError if it is missing."""
+    """The weight file an :class:`AgeSettings.weights` value names; a missing file is a configuration error."""
     if weights == "default":
         path = FINETUNED_WEIGHTS if FINETUNED_WEIGHTS.exists() else DLIB_WEIGHTS
     elif weights == "dlib":
@@ -40,7 +41,7 @@ def resolve_weights(weights: str) -> Path:
     else:
         path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"age.weights: no weight file at {path}")
+        raise ConfigError(f"age.weights: no weight file at {path}")
     return path
 
 

@@ -12,11 +12,13 @@ import datetime
 import hashlib
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from PIL import UnidentifiedImageError
 
 from colortrend.stages.base import Batch, Stage
 
@@ -112,6 +114,8 @@ class IntakeStage(Stage):
         except TooLarge as exc:
             row.update(width=exc.width, height=exc.height)
             return {**row, "status": "too_large", "error": str(exc)}
+        except UnidentifiedImageError:
+            return {**row, "status": "error", "error": "not an image in a supported format"}
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's outcome, not the run's
             return {**row, "status": "error", "error": f"cannot decode image: {_one_line(exc)}"}
         row.update(decoded)
@@ -197,5 +201,6 @@ def exif_year(im) -> int | None:
 
 
 def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """The message on one line, without memory addresses (the same file must give the same message every run)."""
+    text = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", " ".join(str(exc).split())) or type(exc).__name__
     return text[:300]

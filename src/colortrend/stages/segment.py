@@ -17,40 +17,46 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from colortrend.models import WEIGHTS_DIR
-from colortrend.models.parser_net import LOWER, UPPER, CropGeometry
 from colortrend.stages.base import Batch, Stage, ok_indices
+
+if TYPE_CHECKING:
+    from colortrend.models.parser_net import CropGeometry
 
 #: The parser trained by ``colortrend train parsing`` (CCP), shipped with the package.
 PARSER_WEIGHTS = WEIGHTS_DIR / "parser_lite0.pt"
-_GEOMETRY = CropGeometry()
 
 
 @dataclass(frozen=True)
 class SegmentSettings:
     # "default" (the shipped parser) or a path to weights saved by `colortrend train parsing`.
     weights: str = "default"
-    # Crop geometry and input size: must be what the weights were trained with (see parser_net.CropGeometry).
-    crop_width: float = _GEOMETRY.width
-    crop_above: float = _GEOMETRY.above
-    crop_height: float = _GEOMETRY.height
-    input_h: int = _GEOMETRY.input_h
-    input_w: int = _GEOMETRY.input_w
+    # Crop around each face, in face-box widths (horizontally) and heights (vertically); with the input size, what
+    # the weights were trained with. Measured on CCP with MTCNN boxes, 99.6 % of the labelled person's garment
+    # pixels fall inside (garments end 11.3 face heights below the face top at the 99th percentile).
+    crop_width: float = 6.0  # crop width, centred on the face
+    crop_above: float = 0.8  # crop top above the face box top
+    crop_height: float = 12.0  # crop height
+    input_h: int = 320  # parser input height (multiple of 32)
+    input_w: int = 128  # parser input width (multiple of 32)
     # Faces narrower than this (analysed pixels) are not parsed: their clothes are too small to measure.
     min_face_px: int = 16
     # A person is measured (gets a garments row) only with at least this many garment pixels.
     min_clothing_px: int = 400
-    # Also parse each crop's mirror image and average (about +0.005 IoU for twice the parser's cost).
+    # Also parse each crop's mirror image and average: twice the parser's cost, no gain on CCP validation.
     flip_average: bool = False
     # Crops per forward pass; a batch's crops go through in as few passes as this allows.
     batch_size: int = 64
 
     @property
     def geometry(self) -> CropGeometry:
+        from colortrend.models.parser_net import CropGeometry
+
         return CropGeometry(self.crop_width, self.crop_above, self.crop_height, self.input_h, self.input_w)
 
 
@@ -149,6 +155,8 @@ class SegmentStage(Stage):
         return batch
 
     def _measure(self, batch: Batch, i: int, j: int, parse: Parse) -> None:
+        from colortrend.models.parser_net import LOWER, UPPER
+
         x0, y0, labels = parse
         counts = np.bincount(labels.ravel(), minlength=max(UPPER, LOWER) + 1)
         upper, lower = int(counts[UPPER]), int(counts[LOWER])

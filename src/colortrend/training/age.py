@@ -23,7 +23,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from colortrend.evaluate.age import (
     EVAL_MIN_FACE_PX,
@@ -44,7 +44,7 @@ from colortrend.evaluate.age import (
 )
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
-from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings
+from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, estimate_ages
 from colortrend.stages.align import cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
@@ -151,14 +151,22 @@ class ChipDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1), float(self.ages[index])
 
 
-def balanced_draws(ages: np.ndarray, n: int, power: float, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """``n`` (photo index, draw seed) pairs, photos drawn with weight (photos in their 5-year age bin) ** -power."""
-    bins = (ages // 5).astype(int)
-    counts = np.bincount(bins)
-    weights = counts[bins].astype(np.float64) ** -power
-    picks = rng.choice(len(ages), size=n, p=weights / weights.sum())
-    seeds = rng.integers(0, 2**63 - 1, size=n)
-    return list(zip(picks.tolist(), seeds.tolist()))
+class BalancedSampler(Sampler):
+    """Per epoch, ``n`` (photo index, draw seed) keys; photos drawn with weight (photos in their 5-year age bin)
+    ** -power, so rare ages are seen more often without repeating a few photos endlessly."""
+
+    def __init__(self, ages: np.ndarray, n: int, power: float, seed: int):
+        bins = (ages // 5).astype(int)
+        weights = np.bincount(bins)[bins].astype(np.float64) ** -power
+        self.p, self.n, self.rng = weights / weights.sum(), n, np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        picks = self.rng.choice(len(self.p), size=self.n, p=self.p)
+        seeds = self.rng.integers(0, 2**63 - 1, size=self.n)
+        return iter(zip(picks.tolist(), seeds.tolist()))
 
 
 def validation_chips(files: Sequence[str], landmarks: np.ndarray) -> np.ndarray:
@@ -197,15 +205,10 @@ def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: f
     return -(target * log_p).sum(dim=1).mean() + l1_weight * (expected - ages).abs().mean()
 
 
-def predict(net: AgeNet, chips: np.ndarray, flip_average: bool, batch_size: int = 512) -> np.ndarray:
+def predict(net: AgeNet, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
     """Expected ages of uint8 chips (N, 64, 64, 3), as the age stage computes them."""
-    out = []
     net.eval()
-    with torch.inference_mode():
-        for start in range(0, len(chips), batch_size):
-            x = torch.from_numpy(chips[start : start + batch_size]).permute(0, 3, 1, 2)
-            out.append(net.predict(x, flip_average)[0].numpy())
-    return np.concatenate(out)
+    return estimate_ages(net, chips, device, batch_size=512, flip_average=flip_average)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,8 +231,9 @@ def train_age(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
+    # OpenCV's own thread pool is off: workers fork from this process, and a pool inherited through fork deadlocks.
+    cv2.setNumThreads(0)
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
 
     train_parts, val_sets = [], {}
     for csv in label_csvs:
@@ -260,19 +264,21 @@ def train_age(
         warm = min(1.0, (step + 1) / config.warmup_steps)
         return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
+    # The sampler is iterated in this process, so one loader (and its worker processes) serves every epoch.
+    sampler = BalancedSampler(ages, steps_per_epoch * config.batch_size, config.balance_power, config.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        persistent_workers=config.workers > 0,
+        worker_init_fn=_single_thread_worker,
+    )
     flip_average = AgeSettings().flip_average  # validate as the pipeline predicts
     history: list[dict] = []
     best: dict | None = None
     step = 0
     for epoch in range(1, config.epochs + 1):
-        draws = balanced_draws(ages, steps_per_epoch * config.batch_size, config.balance_power, rng)
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            sampler=draws,
-            num_workers=config.workers,
-            worker_init_fn=_single_thread_worker,
-        )
         net.train()
         started, losses = time.time(), []
         for chips, target in loader:
@@ -285,15 +291,15 @@ def train_age(
             losses.append(loss.item())
             step += 1
         val_mae = {
-            name: round(float(np.abs(predict(net, chips, flip_average) - age).mean()), 3)
+            name: round(float(np.abs(predict(net, chips, flip_average, device) - age).mean()), 3)
             for name, (chips, age) in val_sets.items()
         }
-        score = float(np.mean(list(val_mae.values()))) if val_mae else -epoch
+        score = float(np.mean(list(val_mae.values()))) if val_mae else 0.0
         record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), "val_mae": val_mae,
                   "seconds": round(time.time() - started, 1)}
         history.append(record)
         log(json.dumps(record))
-        if best is None or score < best["score"]:
+        if best is None or not val_mae or score < best["score"]:  # without validation faces, keep the last
             best = {"score": score, "epoch": epoch, "val_mae": val_mae}
             save_age_net(net, out_dir / "age_finetuned.pt")
     metrics = {
@@ -311,4 +317,3 @@ def train_age(
 
 def _single_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)

@@ -43,6 +43,7 @@ from colortrend.models.parser_net import (
     predict_crops,
     probs_to_photo,
 )
+from colortrend.stages.segment import SegmentSettings
 
 CACHE_DIR = Path("/tmp/colortrend-cache")
 #: Encoder blocks kept at their ImageNet values (with the stem): those at strides 2-8, whose high-resolution
@@ -268,10 +269,10 @@ def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSett
                   log: Callable[[str], None] = print) -> dict:
     """Train the parser on CCP's training split and save fp16 weights to ``out_path``.
 
-    ``settings`` and ``geom`` default to :class:`TrainSettings` and :class:`CropGeometry` (the shipped weights'
-    values). Returns (and writes to ``metrics_path``, when given) the validation-split figures, settings and timing.
+    ``settings`` and ``geom`` default to :class:`TrainSettings` and the segment stage's default geometry (the
+    shipped weights' values). Returns (and writes to ``metrics_path``, when given) the validation-split figures, settings and timing.
     """
-    settings, geom = settings or TrainSettings(), geom or CropGeometry()
+    settings, geom = settings or TrainSettings(), geom or SegmentSettings().geometry
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     cv2.setNumThreads(1)
