@@ -54,9 +54,10 @@ def tables(output: Path) -> dict[str, pd.DataFrame]:
 
 
 def assert_same_tables(a: Path, b: Path) -> None:
+    """Same rows and values; floats may differ by rounding (batches of another size sum in another order)."""
     ta, tb = tables(a), tables(b)
     for name in ta:
-        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=False, rtol=1e-5, obj=name)
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=False, rtol=1e-4, atol=1e-3, obj=name)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections import defaultdict
 from typing import Iterator
-
-import numpy as np
 
 from colortrend.pipeline import Pipeline, ShardResult, ShardTask, run_isolated
 from colortrend.stages.base import Batch, Stage
@@ -40,6 +39,7 @@ class RayRunner:
                              "path": [p for t in tasks for p in t.paths]})
         first_copy = self._first_copies(rows, seen)
         rows["first_copy"] = [first_copy.get(pid) for pid in rows["photo_id"]]
+        payloads = [{"payload": _pack(r)} for r in rows.to_dict("records")]
 
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
@@ -47,7 +47,7 @@ class RayRunner:
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
         cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(pipeline.stages) + 1)))
         size = pipeline.cfg.batch_size
-        ds = ray.data.from_items(rows.to_dict("records"), override_num_blocks=max(1, len(rows) // size))
+        ds = ray.data.from_items(payloads, override_num_blocks=max(1, len(rows) // size))
         for stage in pipeline.stages:
             ds = ds.map_batches(
                 StageActor,
@@ -109,15 +109,13 @@ class StageActor:
         self.stage = stage
 
     def __call__(self, df):
-        import pandas as pd
-
-        batch: Batch = {c: df[c].tolist() for c in df.columns}
+        batch = _unpack(df)
         if self.stage.name == "intake":
             batch = self.stage(batch)
             _mark_known_duplicates(batch)
         else:
             batch = run_isolated(self.stage, batch, {})
-        return pd.DataFrame({k: _column(v) for k, v in batch.items()})
+        return _frame(batch)
 
 
 class TableBuilder:
@@ -129,7 +127,7 @@ class TableBuilder:
 
         from colortrend.tables import build_tables
 
-        batch: Batch = {c: df[c].tolist() for c in df.columns}
+        batch = _unpack(df)
         privacy = self.pipeline.cfg.privacy
         tables = build_tables(batch, self.pipeline.schemas, privacy.salt if privacy.hash_paths else None)
         failures = [(p, path, s, e or "") for p, path, s, e in zip(
@@ -146,11 +144,23 @@ def _mark_known_duplicates(batch: Batch) -> None:
             batch["image"][i] = None
 
 
-def _column(values: list) -> np.ndarray | list:
-    # Ragged arrays and images must stay Python objects, not be coerced into one ndarray.
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
+# Between stages each photo travels as one pickled record: images, ragged per-face arrays and nulls pass through
+# Ray's Arrow blocks untouched (pandas/Arrow conversion would turn None into NaN and ragged arrays into errors).
+def _pack(record: dict) -> bytes:
+    return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(df) -> Batch:
+    records = [pickle.loads(b) for b in df["payload"]]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    return {k: [r.get(k) for r in records] for k in keys}
+
+
+def _frame(batch: Batch):
+    import pandas as pd
+
+    n = len(batch["photo_id"])
+    return pd.DataFrame({"payload": [_pack({k: v[i] for k, v in batch.items()}) for i in range(n)]})
 
 
 def _split_by_shard(tables, shard_of):
