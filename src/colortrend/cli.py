@@ -103,6 +103,48 @@ def eval() -> None:  # noqa: A001 - the command is called `eval`
     """Measure the models against labelled data."""
 
 
+@eval.command("age", context_settings=CONTEXT)
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--weights", default="default", show_default=True, help="default, dlib, or a weights file.")
+@click.option("--split", type=click.Choice(["all", "train", "validation"]), default="all", show_default=True,
+              help="Photos of LABELS to score (validation = the split `train age` holds out).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
+@reports_errors
+def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, save_predictions: str | None):
+    """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV).
+
+    Scores the most confident face of each photo: MAE, median error, bias, MAE per age band, the 17-21 window's
+    recall and precision, and `missed` (photos without a face).
+    """
+    from colortrend.evaluate.age import age_metrics, format_age_metrics, predict_ages
+    from colortrend.models import pick_device
+
+    predictions = predict_ages(labels, pick_device(device), weights, split)
+    if save_predictions:
+        predictions.to_csv(save_predictions, index=False)
+    metrics = age_metrics(predictions)
+    click.echo(json.dumps(metrics) if as_json else format_age_metrics(metrics))
+
+
+@eval.command("parsing", context_settings=CONTEXT)
+@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--split", type=click.Choice(["all", "train", "validation"]), default="all", show_default=True,
+              help="Photos of LABELS to score (validation = the split `train parsing` holds out).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@click.option("--save-masks", type=click.Path(file_okay=False), help="Write <stem>.png garment masks (255/0) here.")
+@reports_errors
+def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks: str | None):
+    """Garment IoU, precision and recall of the main person (largest face) on LABELS (`image,mask` CSV, CCP ids)."""
+    from colortrend.evaluate.parsing import evaluate_parsing, format_parsing_metrics
+    from colortrend.models import pick_device
+
+    metrics = evaluate_parsing(labels, pick_device(device), save_masks, split)
+    click.echo(json.dumps(metrics) if as_json else format_parsing_metrics(metrics))
+
+
 @eval.command("color", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -146,6 +188,42 @@ def explain(photo: str, config: str | None, out_png: str | None, device: str | N
 @main.group(context_settings=CONTEXT)
 def train() -> None:
     """Train or fine-tune the models (needs `pip install -e .[train]`)."""
+
+
+@train.command("age", context_settings=CONTEXT)
+@click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for age_finetuned.pt and metrics.json.")
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
+@reports_errors
+def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, device: str, max_photos: int | None):
+    """Fine-tune the age network from the shipped weights on one or more LABELS files (`path,age` CSV)."""
+    from colortrend.models import pick_device
+    from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
+
+    metrics = fine_tune(list(labels), out_dir, AgeTrainConfig(epochs=epochs, seed=seed), pick_device(device),
+                        max_photos=max_photos, log=click.echo)
+    click.echo(json.dumps({k: metrics[k] for k in metrics if k != "history"}, default=str))
+
+
+@train.command("parsing", context_settings=CONTEXT)
+@click.argument("ccp_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Weights file to write.")
+@click.option("--epochs", type=int, default=26, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
+@reports_errors
+def train_parsing(ccp_dir: str, out_path: str, epochs: int, seed: int, threads: int):
+    """Train the garment parser on a Clothing Co-Parsing folder (its images/, masks/, labels.csv)."""
+    from colortrend.training.parsing import TrainSettings, train_parsing as fit
+
+    metrics_path = str(out_path) + ".metrics.json"
+    metrics = fit(ccp_dir, out_path, TrainSettings(epochs=epochs, seed=seed, threads=threads), metrics_path=metrics_path,
+                  log=click.echo)
+    click.echo(json.dumps(metrics, default=str))
 
 
 if __name__ == "__main__":
