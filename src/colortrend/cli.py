@@ -107,8 +107,8 @@ def eval() -> None:  # noqa: A001 - the command is called `eval`
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--weights", default="default", show_default=True, help="default, dlib, or a weights file.")
-@click.option("--split", type=click.Choice(["all", "train", "validation"]), default="all", show_default=True,
-              help="Photos of LABELS to score (validation = the split `train age` holds out).")
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
+              help="Photos of LABELS to score (val = the split `train age` holds out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
 @reports_errors
@@ -131,8 +131,8 @@ def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, 
 @eval.command("parsing", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--split", type=click.Choice(["all", "train", "validation"]), default="all", show_default=True,
-              help="Photos of LABELS to score (validation = the split `train parsing` holds out).")
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
+              help="Photos of LABELS to score (val = the split `train parsing` holds out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write <stem>.png garment masks (255/0) here.")
 @reports_errors
