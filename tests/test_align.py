@@ -17,6 +17,7 @@ from colortrend.stages.align import (
     cut_chips,
     face_size_px,
     filter_reasons,
+    sharpness,
     transform_scale,
     yaw_proxy,
 )
@@ -87,9 +88,20 @@ def test_quality_measures_follow_the_geometry():
     assert reasons == ["small", "blurred", "pose", "low_score", None]
 
 
+def test_sharpness_drops_with_blur_and_ignores_black_padding():
+    rng = np.random.default_rng(2)
+    chip = cv2.resize(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), (64, 64), interpolation=cv2.INTER_CUBIC)
+    blurred = cv2.GaussianBlur(chip, (0, 0), 2)
+    framed = blurred.copy()
+    framed[:8], framed[:, :8] = 0, 0  # a face at the photo's corner: black outside the photo
+    sharp, soft, soft_framed = sharpness(np.stack([chip, blurred, framed]))
+    assert sharp > 3 * soft
+    assert soft_framed == pytest.approx(soft)
+
+
 def test_align_stage_columns_per_photo():
     rng = np.random.default_rng(1)
-    image = cv2.resize(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8), (300, 300))
+    image = cv2.resize(rng.integers(0, 256, (60, 60, 3), dtype=np.uint8), (300, 300), interpolation=cv2.INTER_NEAREST)
     faces = np.stack([place(chip_template(), 0, 2.0, (40, 40)), place(chip_template(), 10, 1.0, (150, 160))])
     batch = {
         "status": ["ok", "error", "ok"],

@@ -75,7 +75,7 @@ def test_no_face_in_flat_colour_or_noise(detector):
 def test_a_face_cut_by_the_photo_edge_is_found_whole(detector, photos, found):
     """Crops reaching outside the photo read black (as in the original MTCNN), not a stretched inside part."""
     for image, whole in zip(photos[:4], found[:4]):
-        x1, y1, x2, y2 = whole.boxes[0]
+        _, y1, _, y2 = whole.boxes[0]
         cut = int(y1 + 0.2 * (y2 - y1))  # the top fifth of the face is cut off
         result = detector.detect([np.ascontiguousarray(image[cut:])])[0]
         assert result.scores[0] >= 0.9
@@ -99,12 +99,24 @@ def test_a_batch_of_mixed_sizes_finds_what_each_photo_alone_finds(detector, phot
         found[2].boxes[0] * 3,
         found[3].boxes[0],
     ]
+    # Resizing moves the cascade's answer by a few pixels (facenet's too), so the same face overlaps by > 0.7 only.
     for result, box in zip(detector.detect(mixed), expected):
-        assert iou(result.boxes[0], box) > 0.8
+        assert iou(result.boxes[0], box) > 0.7
     # An unchanged photo gives the same answer in any company.
     alone = detector.detect([base[3]])[0]
-    np.testing.assert_allclose(alone.boxes, found[3].boxes, atol=0.5)
-    np.testing.assert_allclose(alone.landmarks, found[3].landmarks, atol=0.5)
+    np.testing.assert_allclose(alone.boxes, found[3].boxes, atol=1e-3)
+    np.testing.assert_allclose(alone.landmarks, found[3].landmarks, atol=1e-3)
+
+
+def test_results_do_not_depend_on_the_batch_layout(detector, photos):
+    """A run resumed with other batches must equal a clean run: batched as 4 + 2 or one by one, the same faces."""
+    batched = detector.detect(photos[:4]) + detector.detect(photos[4:6])
+    for k, together in enumerate(batched):
+        alone = detector.detect([photos[k]])[0]
+        assert len(together) == len(alone) > 0, k
+        np.testing.assert_allclose(together.boxes, alone.boxes, atol=1e-3, err_msg=f"photo {k}")
+        np.testing.assert_allclose(together.scores, alone.scores, atol=1e-3, err_msg=f"photo {k}")
+        np.testing.assert_allclose(together.landmarks, alone.landmarks, atol=1e-3, err_msg=f"photo {k}")
 
 
 def test_agrees_with_facenet_pytorch(photos, found):

@@ -115,7 +115,7 @@ class AgeNet(nn.Module):
         """Expected age and the standard deviation of the predicted distribution, both (N,) float32.
 
         ``flip_average`` averages the distributions of each chip and its mirror image (the chip template is
-        left-right symmetric), at twice the cost.
+        left-right symmetric to within a pixel), at twice the cost.
         """
         p = self(pixels).float().softmax(dim=1)
         if flip_average:

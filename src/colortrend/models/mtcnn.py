@@ -7,16 +7,20 @@ this cascade batches across photos instead:
 1. Every photo (downscaled to ``max_side`` if larger) gets its own image pyramid, each copy resized from the one
    before: halvings down to the pyramid's top (crop sources for faces too small for any level), then the levels
    P-Net scans. Each pyramid step packs the photos' copies side by side at even offsets into one canvas, and all
-   canvases share one flat uint8 buffer on the device. Because each copy depends only on its own photo, and even
-   offsets keep P-Net's stride-2 grid on every photo's grid, a photo's results do not depend on which other photos
-   share its batch (measured: equal to 1e-5 pixels).
+   canvases share one flat uint8 buffer on the device. Each copy depends only on its own photo, and even offsets
+   keep P-Net's stride-2 grid on every photo's grid.
 2. P-Net scans each level canvas in row strips (on a CPU a strip's activations stay in cache; on CUDA a strip is
    the whole canvas). A window counts only if it lies inside one photo, whose index becomes the candidate's
-   owner, so every NMS is one ``batched_nms`` keyed by owner.
+   owner. Every NMS is exact within each owner: P-Net's on the canvas's integer coordinates, the others one owner
+   at a time (``_nms_per_photo``), with ties in candidate order, which is each photo's own.
 3. R-Net and O-Net see every candidate of every photo together. Their crops are gathered from the buffer in one
    indexing operation: 2x2 samples per output pixel from the owner's smallest copy on which the box still spans
    the crop size, which averages like facenet's area resize. Samples outside the photo read black, as in the
    original MTCNN.
+
+So a photo's results do not depend on which other photos share its batch, nor where in it: the pipeline's resumed
+runs must equal clean ones. What remains is the networks' float rounding, which varies with the shapes of a call
+(measured on the 37 demo photos, one by one against batches of 3, 4, 7 and 37: equal to 3e-5 pixels).
 
 Nothing at full resolution is ever converted to float, which on a CPU would cost as much as P-Net itself, and the
 networks read raw 0..255 pixels (MTCNN's input scaling is folded into their first convolution).
@@ -38,7 +42,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 #: Photos are detected in groups of at most this many pixels (a larger photo alone is fine): bounds memory while
 #: keeping batches large.
@@ -212,15 +216,19 @@ class FaceDetector:
             owner = inside.to(torch.uint8).argmax(dim=1)
             keep = inside.any(dim=1)
             corner, scores, reg, owner = corner[keep], scores[keep], reg[keep], owner[keep]
+            # NMS on the canvas: photos' copies are disjoint there, so one plain NMS stays within each photo, and
+            # integer coordinates make every IoU exact. That matters: two windows 4 pixels apart overlap by exactly
+            # the threshold, 1/2, and in photo pixels rounding would settle such ties differently per batch layout.
+            keep = nms(torch.cat([corner.flip(1), corner.flip(1) + PNET_WINDOW], dim=1).float(), scores, 0.5)
+            corner, scores, reg, owner = corner[keep], scores[keep], reg[keep], owner[keep]
             # Photo pixels: undo the offset, then the copy's scale.
             yx = (corner - offset[owner]).to(torch.float32)
             scale = pyramid.scales[owner, k]
             windows = torch.cat([yx.flip(1), (yx + PNET_WINDOW).flip(1)], dim=1) / scale.flip(1).repeat(1, 2)
-            keep = batched_nms(windows, scores, owner, 0.5)
-            found.append(torch.cat([windows[keep], scores[keep, None], reg[keep]], dim=1))
-            owners.append(owner[keep])
+            found.append(torch.cat([windows, scores[:, None], reg], dim=1))
+            owners.append(owner)
         found, owner = torch.cat(found), torch.cat(owners)
-        keep = batched_nms(found[:, :4], found[:, 4], owner, 0.7)
+        keep = _nms_per_photo(found[:, :4], found[:, 4], owner, 0.7)
         return _square(_regress(found[keep, :4], found[keep, 5:])), owner[keep]
 
     def _pnet_cells(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,7 +256,7 @@ class FaceDetector:
         score = prob[:, 1]
         passed = score > self.thresholds[1]
         boxes, score, reg, owner = boxes[passed], score[passed], reg[passed], owner[passed]
-        keep = batched_nms(boxes, score, owner, 0.7)
+        keep = _nms_per_photo(boxes, score, owner, 0.7)
         return _square(_regress(boxes[keep], reg[keep])), owner[keep]
 
     def _output(
@@ -385,9 +393,21 @@ def _square(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([centre - half, centre + half], dim=1)
 
 
+def _nms_per_photo(boxes: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices kept by NMS run on each owner's boxes alone, ascending (so each photo's candidates keep their order).
+
+    Not torchvision's ``batched_nms``: it shifts each owner's boxes by a multiple of the largest coordinate, which
+    rounds them differently per owner index and so makes near-threshold overlaps depend on a photo's batch.
+    """
+    keep = torch.zeros_like(owner, dtype=torch.bool)
+    for indices in owner.argsort(stable=True).split(torch.bincount(owner).tolist()):
+        keep[indices[nms(boxes[indices], scores[indices], threshold)]] = True
+    return keep.nonzero()[:, 0]
+
+
 def _nms_min(boxes: torch.Tensor, scores: torch.Tensor, owner: torch.Tensor, threshold: float) -> torch.Tensor:
     """Greedy NMS within each owner, overlap measured over the *smaller* box's area; indices kept."""
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)  # ties (saturated scores) by candidate order
     b = boxes[order]
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) - torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0)

@@ -160,22 +160,33 @@ def yaw_proxy(landmarks: np.ndarray) -> np.ndarray:
 
 
 def sharpness(chips: np.ndarray) -> np.ndarray:
-    """Variance of the Laplacian of each grey chip, (n, S, S, 3) uint8 -> (n,): low means blurred."""
+    """Variance of the Laplacian over the face square of each grey chip, (n, S, S, 3) uint8 -> (n,): low = blurred.
+
+    Only the face square counts, not the padding around it: where a face is near the photo's edge, the padding
+    holds the black outside of the photo, whose border would read as sharp detail.
+    """
+    pad = math.ceil(chips.shape[1] * CHIP_PADDING / (1 + 2 * CHIP_PADDING))
+    inner = slice(pad, chips.shape[1] - pad)
     out = np.zeros(len(chips))
     for k, chip in enumerate(chips):
         grey = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY)
-        out[k] = cv2.Laplacian(grey, cv2.CV_64F).var()
+        out[k] = cv2.Laplacian(grey, cv2.CV_64F)[inner, inner].var()
     return out
 
 
 @dataclass(frozen=True)
 class AlignSettings:
-    """Chip geometry is fixed (the age weights depend on it); these are the face quality filters."""
+    """Chip geometry is fixed (the age weights depend on it); these are the face quality filters.
 
-    min_face_px: float = 40.0  # faces whose face square (brow to chin) is narrower, in photo pixels, are filtered
-    min_sharpness: float = 15.0  # variance of the Laplacian of the grey chip below which a face counts as blurred
+    Defaults from degrading held-out AAF / UTKFace photos with the fine-tuned weights: shrinking faces to 32 px
+    costs about 0.1 year of MAE, to 16 px about 0.8; blur that brings sharpness to about 45 costs 0.4, to 15
+    about 1.8.
+    """
+
+    min_face_px: float = 32.0  # faces whose face square (brow to chin) is narrower, in photo pixels, are filtered
+    min_sharpness: float = 30.0  # variance of the Laplacian over the chip's face square; below = blurred
     max_yaw: float = 0.6  # |yaw proxy| above which the head is turned too far (0 frontal, 1 profile)
-    min_score: float = 0.95  # detection scores below this are filtered
+    min_score: float = 0.95  # faces with a lower detection score are filtered
 
 
 def filter_reasons(
