@@ -17,13 +17,12 @@ shard or nothing. Readers that must see only committed rows use ``read_table`` (
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
-
 import pyarrow as pa
 
 SHARD_TABLES = ("photos", "faces", "garments")
@@ -149,21 +148,27 @@ class Store:
         return path
 
 
-def write_parquet(data: pa.Table, path: Path) -> None:
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb"):
     """Write next to the target under a hidden name, fsync, rename: the final name only ever holds a whole file."""
-    import pyarrow.parquet as pq
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(data, f, compression="zstd")
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_parquet(data: pa.Table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_file(path) as f:
+        pq.write_table(data, f, compression="zstd")
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -171,19 +176,5 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def concat_or_empty(tables: Iterable[pa.Table], schema: pa.Schema) -> pa.Table:
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    with atomic_file(path, "w") as f:
+        f.write(text)
