@@ -160,7 +160,8 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> dict:
         import cv2
 
         f = max_side / max(rgb.shape[:2])
-        rgb = cv2.resize(rgb, (round(rgb.shape[1] * f), round(rgb.shape[0] * f)), interpolation=cv2.INTER_AREA)
+        size = (max(1, round(rgb.shape[1] * f)), max(1, round(rgb.shape[0] * f)))  # a 1-pixel-wide photo stays 1
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     return {"width": width, "height": height, "taken_year": year, "format": fmt,
             "analysis_scale": rgb.shape[1] / width, "image": np.ascontiguousarray(rgb)}
 
