@@ -144,13 +144,16 @@ def test_eval_color_on_validation_photos(tmp_path):
     near the ground truth's."""
     from colortrend.evaluate.color import predict_colors
 
-    numbers = ("0008", "0016", "0024", "0032")
+    numbers = [f"{i:04d}" for i in range(8, 8 * 13, 8)]  # the first 12 validation photos
     labels = pd.DataFrame({"image": [str(CCP / f"images/{n}.jpg") for n in numbers],
                            "mask": [str(CCP / f"masks/{n}.png") for n in numbers]})
     labels.to_csv(tmp_path / "labels.csv", index=False)
     table = predict_colors(tmp_path / "labels.csv")
     assert list(table["image"]) == list(labels["image"])
     scored = table.dropna(subset=["delta_e"])
-    assert len(scored) >= 3
-    assert scored["delta_e"].median() < 10
+    assert len(scored) >= 10
+    # Outfits of several equal colours can flip their largest cluster; the median is robust to those few.
+    assert scored["delta_e"].median() < 3
+    clear = scored[scored["gt_share"] >= 0.5]  # one colour clearly dominates: the issue's target population
+    assert len(clear) >= 2 and clear["delta_e"].median() < 3
     assert (scored[["pred_r", "pred_g", "pred_b"]].to_numpy() <= 255).all()

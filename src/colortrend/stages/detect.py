@@ -28,7 +28,7 @@ FACENET_WEIGHTS = ("pnet.pt", "rnet.pt", "onet.pt")
 class DetectSettings:
     min_face_px: int = 40  # smallest face side searched, in pixels (after max_side downscaling); smaller is slower
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # MTCNN P-, R-, O-Net face probability thresholds
-    min_score: float = 0.9  # final detection score a face needs to be kept
+    min_score: float = 0.7  # final detection score a face needs to be kept (the statistics filter again in align)
     max_side: int = 1280  # photos with a longer side are downscaled for detection (coordinates map back)
     max_faces: int = 20  # faces kept per photo, best scores first
 
