@@ -126,7 +126,8 @@ def search_template(net: AgeNet, label_csvs: list[Path], per_csv: int, seed: int
             results.append((float(np.mean(maes)), scale, shift, maes))
     names = " ".join(name for name, *_ in sets)
     for mean, scale, shift, maes in sorted(results, reverse=True):
-        print(f"scale {scale:.2f} shift {shift:+.1f}: MAE {names} = {' '.join(f'{m:.2f}' for m in maes)} (mean {mean:.2f})")
+        per_set = " ".join(f"{m:.2f}" for m in maes)
+        print(f"scale {scale:.2f} shift {shift:+.1f}: MAE {names} = {per_set} (mean {mean:.2f})")
 
 
 def probabilities(net: AgeNet, chips: np.ndarray) -> np.ndarray:

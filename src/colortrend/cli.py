@@ -148,10 +148,12 @@ def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks
 @eval.command("color", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
+              help="Photos of LABELS to score (val = the split `train parsing` holds out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write per-photo colours to this CSV.")
 @reports_errors
-def eval_color(labels: str, device: str, as_json: bool, save_predictions: str | None):
+def eval_color(labels: str, device: str, split: str, as_json: bool, save_predictions: str | None):
     """Dominant colour from the pipeline's own mask vs from the true garment pixels (CIEDE2000).
 
     LABELS is a CSV with `image,mask` columns (CCP ids), paths relative to it. White balance is off.
@@ -159,7 +161,7 @@ def eval_color(labels: str, device: str, as_json: bool, save_predictions: str | 
     from colortrend.evaluate.color import color_metrics, format_color_metrics, predict_colors
     from colortrend.models import pick_device
 
-    predictions = predict_colors(labels, pick_device(device))
+    predictions = predict_colors(labels, pick_device(device), split=split)
     if save_predictions:
         predictions.to_csv(save_predictions, index=False)
     metrics = color_metrics(predictions)

@@ -67,7 +67,7 @@ def load_rgb(path: str) -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
         return decode_image(data, defaults["max_pixels"], defaults["max_side"])["image"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable labelled photo is a problem of the labels file
+    except Exception as exc:
         raise ConfigError(f"{path}: cannot read the labelled photo ({exc})") from exc
 
 
@@ -145,7 +145,7 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
         "median_ae": _round(np.median(np.abs(err))) if len(err) else None,
         "bias": _round(err.mean()) if len(err) else None,
         "rmse": _round(np.sqrt((err**2).mean())) if len(err) else None,
-        "n": int(len(scored)),
+        "n": len(scored),
         "missed": int(len(predictions) - len(scored)),
         "missed_rate": _round((len(predictions) - len(scored)) / max(1, len(predictions)), 4),
         "mae_by_band": {},

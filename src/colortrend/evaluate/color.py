@@ -28,18 +28,18 @@ from colortrend.stages.dominant import DominantStage
 CLEAR_SHARE = 0.6
 
 
-def predict_colors(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8) -> pd.DataFrame:
+def predict_colors(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8, split: str = "all") -> pd.DataFrame:
     """One row per listed photo: ``image``, the ground-truth dominant colour (``gt_r/g/b``, ``gt_lab_l/a/b``,
     ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``."""
     from PIL import Image
 
     from colortrend.evaluate.age import load_rgb
+    from colortrend.evaluate.parsing import read_labels
     from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
     from colortrend.stages.detect import DetectSettings, DetectStage
     from colortrend.stages.segment import SegmentSettings, SegmentStage
 
-    labels_csv = Path(labels_csv)
-    labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
+    labels = read_labels(labels_csv, split)  # split "val": the photos the parser never trained on
     garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
     settings = ColorSettings(white_balance="none")
     stages = [DetectStage(DetectSettings(), device), SegmentStage(SegmentSettings(), device),
@@ -48,8 +48,8 @@ def predict_colors(labels_csv: str | Path, device: str = "cpu", batch_size: int 
     rows = []
     for start in range(0, len(labels), batch_size):
         part = labels.iloc[start:start + batch_size]
-        images = [load_rgb(str(labels_csv.parent / p)) for p in part["image"]]
-        masks = [np.asarray(Image.open(labels_csv.parent / p)) for p in part["mask"]]
+        images = [load_rgb(p) for p in part["image_file"]]
+        masks = [np.asarray(Image.open(p)) for p in part["mask_file"]]
         gt = palettes([image[np.isin(mask, garment_ids)] for image, mask in zip(images, masks)],
                       k=settings.k, max_pixels=settings.max_pixels, merge_delta_e=settings.merge_delta_e,
                       seed=settings.seed)

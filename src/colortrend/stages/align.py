@@ -48,7 +48,9 @@ TEMPLATE_SCALE = 1.0
 TEMPLATE_SHIFT_Y = -2.0
 
 
-def chip_template(size: int = CHIP_SIZE, scale: float = TEMPLATE_SCALE, shift_y: float = TEMPLATE_SHIFT_Y) -> np.ndarray:
+def chip_template(
+    size: int = CHIP_SIZE, scale: float = TEMPLATE_SCALE, shift_y: float = TEMPLATE_SHIFT_Y
+) -> np.ndarray:
     """Where the 5 landmarks land in a ``size`` x ``size`` chip, (5, 2) float64 pixel coordinates.
 
     ``scale`` (about the landmarks' centre) and ``shift_y`` (in pixels of a 64-pixel chip, positive = down) adjust
