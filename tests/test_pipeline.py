@@ -182,3 +182,16 @@ def test_ray_executor_gives_the_same_rows(demo, tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert_same_tables(demo["out"], tmp_path / "ray")
+
+
+def test_hashed_paths_keep_no_file_names(demo_photos, tmp_path):
+    photos = tmp_path / "private"
+    photos.mkdir()
+    shutil.copy(demo_photos[1], photos / "alice-at-the-beach.jpg")
+    config = write_config(tmp_path, photos, tmp_path / "hashed", privacy={"hash_paths": True, "salt": "s3cret"})
+    run(load_config(config), progress=False)
+    stored = read(str(tmp_path / "hashed"), "photos")["path"].tolist()
+    assert len(stored) == 1 and "alice" not in stored[0] and len(stored[0]) == 32
+    for folder in (tmp_path / "hashed").rglob("*"):  # nowhere in the output: tables, markers, logs, report
+        if folder.is_file() and folder.suffix in (".parquet", ".json", ".tsv", ".html"):
+            assert b"alice" not in folder.read_bytes(), folder
