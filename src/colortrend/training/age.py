@@ -59,7 +59,7 @@ CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
 class AgeTrainConfig:
     """Hyper-parameters of :func:`train_age` (saved with the metrics)."""
 
-    epochs: int = 20
+    epochs: int = 16
     seed: int = 0
     batch_size: int = 64
     lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
@@ -70,7 +70,6 @@ class AgeTrainConfig:
     max_age: int = 100  # the head covers ages 0..max_age; older labels are clipped
     l1_weight: float = 0.5  # weight of |expected age - age| next to the label-distribution cross-entropy
     balance_power: float = 0.5  # sampling weight = (photos in the label's 5-year bin) ** -balance_power
-    folder_weights: tuple[float, ...] = ()  # per labels file, multiplies its photos' sampling weight (empty = all 1)
     max_rotation_deg: float = 8.0  # landmark jitter: rotation, relative scale, shift (fraction of the eye distance)
     max_scale: float = 0.06
     max_shift: float = 0.06
@@ -160,18 +159,12 @@ class ChipDataset(Dataset):
 
 
 class BalancedSampler(Sampler):
-    """Per epoch, ``n`` (photo index, draw seed) keys, drawn with replacement.
+    """Per epoch, ``n`` (photo index, draw seed) keys, drawn with replacement with weight (photos in the label's
+    5-year age bin) ** -power: rare ages are seen more often without repeating a few photos endlessly."""
 
-    A photo's weight is ``(photos of its folder in its 5-year age bin) ** -power`` times its folder's weight, so rare
-    ages are seen more often without repeating a few photos endlessly, and a folder can count more.
-    """
-
-    def __init__(
-        self, ages: np.ndarray, folders: np.ndarray, folder_weights: np.ndarray, n: int, power: float, seed: int
-    ):
-        groups = folders * 1000 + (ages // 5).astype(int)
-        _, group_of, counts = np.unique(groups, return_inverse=True, return_counts=True)
-        weights = counts[group_of].astype(np.float64) ** -power * folder_weights[folders]
+    def __init__(self, ages: np.ndarray, n: int, power: float, seed: int):
+        bins = (ages // 5).astype(int)
+        weights = np.bincount(bins)[bins].astype(np.float64) ** -power
         self.p, self.n, self.rng = weights / weights.sum(), n, np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -264,10 +257,6 @@ def train_age(
         held = found & is_val
         if held.any():
             val_sets[name] = (validation_chips(labels["file"][held], landmarks[held]), labels["age"][held].to_numpy())
-    folders = np.concatenate([np.full(len(part[0]), k) for k, part in enumerate(train_parts)])
-    folder_weights = np.array(config.folder_weights or [1.0] * len(label_csvs), dtype=np.float64)
-    if len(folder_weights) != len(label_csvs):
-        raise ValueError(f"folder_weights: {len(folder_weights)} weights for {len(label_csvs)} labels files")
     files = [f for part in train_parts for f in part[0]]
     train_landmarks = np.concatenate([part[1] for part in train_parts])
     ages = np.concatenate([part[2] for part in train_parts]).clip(0, config.max_age).astype(np.float32)
@@ -287,9 +276,7 @@ def train_age(
         return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
     # The sampler is iterated in this process, so one loader (and its worker processes) serves every epoch.
-    sampler = BalancedSampler(
-        ages, folders, folder_weights, steps_per_epoch * config.batch_size, config.balance_power, config.seed
-    )
+    sampler = BalancedSampler(ages, steps_per_epoch * config.batch_size, config.balance_power, config.seed)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
