@@ -122,8 +122,8 @@ def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, 
     from colortrend.models import pick_device
 
     predictions = predict_ages(labels, pick_device(device), weights, split)
-    if save_predictions:
-        predictions.to_csv(save_predictions, index=False)
+    if save_predictions:  # the contract's columns; the face quality columns stay in the metrics
+        predictions[["path", "age", "predicted_age"]].to_csv(save_predictions, index=False)
     metrics = age_metrics(predictions)
     click.echo(json.dumps(metrics) if as_json else format_age_metrics(metrics))
 
@@ -196,7 +196,7 @@ def train() -> None:
 @click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for age_finetuned.pt and metrics.json.")
-@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--epochs", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
