@@ -90,3 +90,33 @@ def test_report_before_any_run_says_so(tmp_path):
     path, _ = config(tmp_path)
     result = invoke("report", path)
     assert result.exit_code == 2 and "nothing committed" in result.output
+
+
+def test_eval_age_prints_json_last_and_saves_predictions(shared_data, tmp_path):
+    import pandas as pd
+
+    labels = pd.read_csv(shared_data / "age" / "aaf" / "labels.csv").iloc[[0, 3000, 6000]]
+    labels = labels.assign(path=[str(shared_data / "age" / "aaf" / p) for p in labels["path"]])
+    labels[["path", "age"]].to_csv(tmp_path / "labels.csv", index=False)
+    result = invoke("eval", "age", str(tmp_path / "labels.csv"), "--device", "cpu", "--json",
+                    "--save-predictions", str(tmp_path / "pred.csv"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["n"] + metrics["missed"] == 3 and 0 <= metrics["mae"] < 30
+    saved = pd.read_csv(tmp_path / "pred.csv")
+    assert list(saved.columns) == ["path", "age", "predicted_age"] and len(saved) == 3
+
+
+def test_eval_parsing_prints_json_and_writes_masks(shared_data, tmp_path):
+    from PIL import Image
+
+    ccp = shared_data / "parsing" / "ccp"
+    (tmp_path / "labels.csv").write_text(
+        "image,mask\n" + "".join(f"{ccp}/images/{n}.jpg,{ccp}/masks/{n}.png\n" for n in ("0008", "0016")))
+    result = invoke("eval", "parsing", str(tmp_path / "labels.csv"), "--device", "cpu", "--json",
+                    "--save-masks", str(tmp_path / "masks"))
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["n"] == 2 and metrics["iou"] > 0.7
+    mask = Image.open(tmp_path / "masks" / "0008.png")
+    assert mask.size == Image.open(ccp / "images" / "0008.jpg").size

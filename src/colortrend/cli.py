@@ -32,6 +32,15 @@ def reports_errors(fn):
     return wrapper
 
 
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+
+
+def split_option(trainer: str):
+    return click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
+                        help=f"Photos of LABELS to score (val = the split `train {trainer}` holds out).")
+
+
 def load(config: str, **overrides):
     from colortrend.config import load_config
 
@@ -105,11 +114,10 @@ def eval() -> None:  # noqa: A001 - the command is called `eval`
 
 @eval.command("age", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--weights", default="default", show_default=True, help="default, dlib, or a weights file.")
-@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
-              help="Photos of LABELS to score (val = the split `train age` holds out).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@split_option("age")
+@json_option
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
 @reports_errors
 def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, save_predictions: str | None):
@@ -130,10 +138,9 @@ def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, 
 
 @eval.command("parsing", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
-              help="Photos of LABELS to score (val = the split `train parsing` holds out).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@device_option
+@split_option("parsing")
+@json_option
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write <stem>.png garment masks (255/0) here.")
 @reports_errors
 def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks: str | None):
@@ -147,10 +154,9 @@ def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks
 
 @eval.command("color", context_settings=CONTEXT)
 @click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True,
-              help="Photos of LABELS to score (val = the split `train parsing` holds out).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+@device_option
+@split_option("parsing")
+@json_option
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write per-photo colours to this CSV.")
 @reports_errors
 def eval_color(labels: str, device: str, split: str, as_json: bool, save_predictions: str | None):
@@ -198,7 +204,7 @@ def train() -> None:
               help="Folder for age_finetuned.pt and metrics.json.")
 @click.option("--epochs", type=int, default=16, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
 @reports_errors
 def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, device: str, max_photos: int | None):
