@@ -82,7 +82,6 @@ def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_salt: str | N
 
 def _face_rows(batch: Batch, schema: pa.Schema, picks: list[list[int]]) -> dict[str, list]:
     """One row per picked face: photo-level columns repeat, face-level columns take element j."""
-    face_level = set(batch.get("_face_columns", ()))
     cols: dict[str, list] = {name: [] for name in schema.names}
     for i, js in enumerate(picks):
         if not js:
@@ -97,7 +96,7 @@ def _face_rows(batch: Batch, schema: pa.Schema, picks: list[list[int]]) -> dict[
             elif name == "birth_year":
                 year = batch["taken_year"][i]
                 cols[name].extend([None if year is None or age is None else float(year - age[j]) for j in js])
-            elif name in face_level or (name in batch and _is_face_level(batch[name][i])):
+            elif name in batch and _is_face_level(batch[name][i]):
                 values = batch[name][i]
                 cols[name].extend(_py(values[j], 1.0 / scale if name in PIXEL_COLUMNS else None) for j in js)
             else:

@@ -106,12 +106,6 @@ def color_metrics(predictions: pd.DataFrame, clear_share: float = CLEAR_SHARE) -
             "clear": summary(labelled[labelled["gt_share"] >= clear_share])}
 
 
-def evaluate_color(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8,
-                   clear_share: float = CLEAR_SHARE) -> dict:
-    """:func:`color_metrics` of :func:`predict_colors` (same arguments)."""
-    return color_metrics(predict_colors(labels_csv, device, batch_size), clear_share)
-
-
 def format_color_metrics(metrics: dict) -> str:
     """The human-readable report of ``colortrend eval color`` (``--json`` prints ``metrics`` instead)."""
     def line(name: str, m: dict) -> str:
