@@ -1,10 +1,14 @@
-"""Shards become visible only when whole; a crash at any point is repaired; one run per output folder."""
+"""Shards become visible only when whole; a crash at any point is repaired; one run per output. Local disk and an
+fsspec filesystem (memory) behave the same."""
 from __future__ import annotations
 
 import json
 import multiprocessing
 import os
+import socket
+import uuid
 
+import fsspec
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -22,54 +26,86 @@ def shard(n: int, start: int = 0) -> dict[str, pa.Table]:
     return {"photos": t, "faces": t, "garments": t.slice(0, 0)}
 
 
-def test_commit_is_readable_by_pandas_and_by_committed_reader(tmp_path):
-    store = Store(tmp_path)
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path) -> Store:
+    """An empty, prepared store on the local disk and on fsspec's in-memory filesystem."""
+    if request.param == "local":
+        root = str(tmp_path)
+    else:
+        root = f"memory://store-{uuid.uuid4().hex}"
+        request.addfinalizer(lambda: fsspec.filesystem("memory").rm(root, recursive=True))
+    store = Store(root)
     store.prepare()
+    return store
+
+
+def test_commit_is_readable_by_pandas_and_by_committed_reader(store):
     store.commit_shard("a", shard(3), {"photo_ids": ["p0", "p1", "p2"]})
-    assert len(pd.read_parquet(tmp_path / "photos")) == 3
+    assert len(pd.read_parquet(store.uri("photos"))) == 3
     assert store.read_table("faces").num_rows == 3
     empty = store.read_table("garments", schema=SCHEMA)
     assert empty.num_rows == 0 and empty.schema.field("x").type == pa.float32()
 
 
-def test_crash_before_marker_leaves_nothing_visible(tmp_path):
-    store = Store(tmp_path)
-    store.prepare()
+def test_crash_before_marker_leaves_nothing_visible(store):
     # what a process killed after staging its files but before the marker leaves behind
-    (tmp_path / STAGING / "photos-part-b.parquet").write_bytes(b"half a file")
-    assert list((tmp_path / "photos").glob("*.parquet")) == []
+    store.fs.pipe_file(store.path(STAGING, "photos-part-b.parquet"), b"half a file")
+    assert store.list("photos") == [] and store.markers() == {}
     actions = store.recover()
     assert any("removed unfinished" in a for a in actions)
-    assert list((tmp_path / STAGING).iterdir()) == []
+    assert store.list(STAGING) == []
 
 
-def test_crash_after_marker_is_rolled_forward(tmp_path):
-    store = Store(tmp_path)
-    store.prepare()
+def test_crash_after_marker_is_rolled_forward(store):
     store.commit_shard("c", shard(2), {"photo_ids": ["p0", "p1"]})
     # simulate a kill between the marker and the moves: put one file back into staging
-    os.replace(tmp_path / "faces" / "part-c.parquet", tmp_path / STAGING / "faces-part-c.parquet")
+    store.move("faces/part-c.parquet", f"{STAGING}/faces-part-c.parquet")
+    assert store.read_table("faces").num_rows == 0
     store.recover()
     assert store.read_table("faces").num_rows == 2
+    assert store.list(STAGING) == []
 
 
-def test_superseded_shard_is_dropped_on_recovery(tmp_path):
-    store = Store(tmp_path)
-    store.prepare()
+def test_superseded_shard_is_dropped_on_recovery(store):
     store.commit_shard("old", shard(2), {"photo_ids": ["p0", "p1"]})
     store.commit_shard("new", shard(2), {"photo_ids": ["p0", "p1"], "replaces": ["old"]})
     store.recover()  # the run died before dropping "old": the same photos must not appear twice
     assert set(store.markers()) == {"new"}
-    assert len(pd.read_parquet(tmp_path / "photos")) == 2
+    assert len(pd.read_parquet(store.uri("photos"))) == 2
 
 
-def test_marker_names_files_and_rows(tmp_path):
-    store = Store(tmp_path)
-    store.prepare()
+def test_file_of_a_half_dropped_shard_is_removed_on_recovery(store):
+    store.commit_shard("e", shard(2), {"photo_ids": ["p0", "p1"]})
+    store.delete(store.marker("e"))  # drop_shard deletes the marker first; the run died right after
+    actions = store.recover()
+    assert "removed uncommitted photos/part-e.parquet" in actions
+    assert store.list("photos") == []
+
+
+def test_marker_names_files_and_rows(store):
     store.commit_shard("d", shard(4), {"photo_ids": []})
-    marker = json.loads((tmp_path / "_markers" / "d.json").read_text())
+    marker = store.read_json("_markers/d.json")
     assert marker["rows"] == {"photos": 4, "faces": 4, "garments": 0}
     assert marker["files"]["photos"] == "photos/part-d.parquet"
+
+
+def test_lock_on_a_remote_filesystem_refuses_a_second_run_and_takes_over_a_dead_one():
+    root = f"memory://lock-{uuid.uuid4().hex}"
+    with RunLock(root):
+        with pytest.raises(LockedError, match=f"memory:///lock-.* is in use by pid {os.getpid()}"):
+            RunLock(root).acquire()
+    dead = {"pid": _dead_pid(), "host": socket.gethostname(), "since": "2026-01-01T00:00:00"}
+    fsspec.filesystem("memory").pipe_file(f"{root}/_lock", json.dumps(dead).encode())
+    with RunLock(root) as lock:
+        assert lock.held
+    assert not fsspec.filesystem("memory").exists(f"{root}/_lock")
+
+
+def _dead_pid() -> int:
+    child = multiprocessing.get_context("fork").Process(target=int)
+    child.start()
+    child.join()
+    return child.pid
 
 
 def _hold_lock(root, ready, release):

@@ -38,7 +38,7 @@ class PrivacySettings:
 class Config:
     name: str
     input: InputSettings
-    # Output folder: every table is a sub-folder of Parquet shards.
+    # Output folder or fsspec URL (s3://bucket/prefix): every table is a sub-folder of Parquet shards.
     output: str
     # auto = CUDA when available; `cuda` without a GPU is a config error.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -56,10 +56,6 @@ class Config:
     histograms: HistogramSettings = field(default_factory=HistogramSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
-
-    @property
-    def output_path(self) -> Path:
-        return Path(self.output)
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from colortrend import __version__
 from colortrend.config import Config, to_dict
 from colortrend.errors import ConfigError
 from colortrend.io.discover import discover, photo_id_for
-from colortrend.io.lock import RunLock
-from colortrend.io.store import Store, write_json_atomic
+from colortrend.io.fs import is_url, local_path
+from colortrend.io.lock import LOCK_NAME, RunLock
+from colortrend.io.store import Store
 from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, sort_rows, status_counts
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,9 @@ def check_environment(cfg: Config) -> None:
                 loader(path)
             except (OSError, ValueError, KeyError) as exc:
                 raise ConfigError(f"{key}: {' '.join(str(exc).split())}") from None
-    out = os.path.abspath(cfg.output)
+    if is_url(cfg.output):
+        return  # a remote store's permissions show on the first write, before any shard is analysed
+    out = local_path(cfg.output)
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -80,7 +84,7 @@ def check_environment(cfg: Config) -> None:
 
 
 def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
-    inputs = discover(cfg.input.paths, exclude=cfg.output_path)
+    inputs = discover(cfg.input.paths, exclude=cfg.output)
     ids = [photo_id_for(p) for p in inputs]
     path_of = dict(zip(ids, inputs))
     current = pipeline.fingerprints()[pipeline.stages[-1].name]
@@ -103,6 +107,8 @@ def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> P
 def run(cfg: Config, executor: str = "local", full: bool = False, address: str | None = None,
         progress: bool | None = None) -> RunSummary:
     check_environment(cfg)
+    if executor == "ray" and any(p.startswith("memory://") for p in (cfg.output, *cfg.input.paths)):
+        raise ConfigError("memory:// lives in one process; Ray workers cannot see it (use the local executor)")
     t0 = time.perf_counter()
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
@@ -111,8 +117,8 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     summary = RunSummary()
     try:
         store.prepare()
-    except OSError as exc:
-        raise ConfigError(f"output: cannot write to {cfg.output} ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - OSError locally; remote filesystems raise their own types
+        raise ConfigError(f"output: cannot write to {cfg.output} ({getattr(exc, 'strerror', None) or exc})") from None
     with RunLock(cfg.output):
         summary.recovered = store.recover()
         for action in summary.recovered:
@@ -185,16 +191,11 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
     key = hashlib.sha256(json.dumps(
         [sorted((k, m.get("created")) for k, m in markers.items()), to_dict(cfg.histograms), to_dict(cfg.report),
          __version__], default=str).encode()).hexdigest()[:16]
-    state_path = store.root / "_aggregates.json"
-    report_index = store.root / "report" / "index.html"
-    if not force and report_index.exists() and state_path.exists():
-        try:
-            if json.loads(state_path.read_text()).get("key") == key:
-                return "up to date"
-        except (OSError, json.JSONDecodeError):
-            pass
+    state = store.read_json("_aggregates.json") or {}
+    if not force and state.get("key") == key and store.exists("report/index.html"):
+        return "up to date"
     write_aggregates(cfg, store)
-    write_json_atomic(state_path, {"key": key})
+    store.write_json("_aggregates.json", {"key": key})
     return "rebuilt"
 
 
@@ -207,17 +208,18 @@ def write_aggregates(cfg: Config, store: Store) -> None:
     faces = store.read_table("faces").to_pandas()
     histograms = build_histograms(garments, cfg.histograms)
     store.write_table("histograms", histograms)
-    write_report(store.root, histograms.to_pandas(), garments, photos, faces, run_info(cfg, store), cfg.report)
+    args = (histograms.to_pandas(), garments, photos, faces, run_info(cfg, store), cfg.report)
+    if store.local:
+        write_report(store.root, *args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:  # drawn locally, then uploaded with the page last
+        write_report(tmp, *args)
+        store.upload_folder("report", os.path.join(tmp, "report"), last="index.html")
 
 
 def run_info(cfg: Config, store: Store) -> dict:
-    latest = store.root / "_runs" / "latest.json"
-    info = {"name": cfg.name, "version": __version__, "config": to_dict(cfg)}
-    try:
-        info["models"] = json.loads(latest.read_text()).get("models", {})
-    except (OSError, json.JSONDecodeError):
-        info["models"] = {}
-    return info
+    latest = store.read_json("_runs/latest.json") or {}
+    return {"name": cfg.name, "version": __version__, "config": to_dict(cfg), "models": latest.get("models", {})}
 
 
 def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summary: RunSummary) -> None:
@@ -236,15 +238,13 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
                     "elapsed": round(summary.elapsed, 3), "recovered": summary.recovered,
                     "aggregates": summary.aggregates},
     }
-    write_json_atomic(store.root / "_runs" / f"{stamp:%Y%m%dT%H%M%S}-{os.getpid()}.json", record)
-    write_json_atomic(store.root / "_runs" / "latest.json", record)
+    store.write_json(f"_runs/{stamp:%Y%m%dT%H%M%S}-{os.getpid()}.json", record)
+    store.write_json("_runs/latest.json", record)
 
 
 def _write_failures(store: Store, shard_id: str, failures: list[tuple[str, str, str, str]]) -> None:
-    from colortrend.io.store import write_text_atomic
-
     lines = ["photo_id\tpath\tstatus\terror"] + ["\t".join(f) for f in failures]
-    write_text_atomic(store.root / "_logs" / f"{shard_id}.tsv", "\n".join(lines) + "\n")
+    store.write_bytes(f"_logs/{shard_id}.tsv", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def status(cfg: Config) -> dict:
@@ -255,10 +255,8 @@ def status(cfg: Config) -> dict:
     the_plan = plan(cfg, pipeline, store)
     markers = store.markers()
     photos = store.read_table("photos", columns=None) if markers else None
-    failures = sorted(p.name for p in (store.root / "_logs").glob("*.tsv")) if (store.root / "_logs").exists() else []
-    lock = store.root / "_lock"
     return {
-        "output": str(store.root),
+        "output": store.url,
         "inputs": len(the_plan.inputs),
         "shards_committed": len(markers),
         "shards_stale": len(the_plan.stale),
@@ -267,10 +265,10 @@ def status(cfg: Config) -> dict:
         "photos_by_status": dict(status_counts(photos)) if photos is not None else {},
         "faces": sum(m.get("rows", {}).get("faces", 0) for m in markers.values()),
         "persons": sum(m.get("rows", {}).get("garments", 0) for m in markers.values()),
-        "failure_logs": failures,
+        "failure_logs": store.list("_logs", ".tsv"),
         "stage_fingerprints": pipeline.fingerprints(),
-        "running": lock.read_text() if lock.exists() else None,
-        "report": str(store.root / "report" / "index.html") if (store.root / "report" / "index.html").exists() else None,
+        "running": store.read_text(LOCK_NAME),
+        "report": store.uri("report", "index.html") if store.exists("report/index.html") else None,
     }
 
 
@@ -286,4 +284,4 @@ def report(cfg: Config) -> str:
         raise ConfigError(f"output: nothing committed in {cfg.output} yet; run `colortrend run` first")
     with RunLock(cfg.output):
         write_aggregates(cfg, store)
-    return str(store.root / "report" / "index.html")
+    return store.uri("report", "index.html")

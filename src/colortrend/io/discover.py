@@ -1,18 +1,19 @@
-"""Turn ``input.paths`` (folders, globs, manifest files) into the sorted list of files a run must account for."""
+"""Turn ``input.paths`` (folders, globs, manifest files; local or fsspec URLs) into the sorted list of files a run
+must account for."""
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
-from pathlib import Path
 
 from colortrend.errors import ConfigError
+from colortrend.io.fs import filesystem, is_url, local_path
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 
-def discover(paths: tuple[str, ...], exclude: Path | None = None) -> list[str]:
-    """Absolute paths of every input file, sorted and unique.
+def discover(paths: tuple[str, ...], exclude: str | None = None) -> list[str]:
+    """Absolute paths (URLs for remote inputs) of every input file, sorted and unique.
 
     Folders are walked recursively (hidden sub-folders and ``exclude``, the run's own output, are not entered;
     symlinked folders are not followed, so a link cycle cannot hang the walk). Glob patterns expand recursively.
@@ -20,10 +21,12 @@ def discover(paths: tuple[str, ...], exclude: Path | None = None) -> list[str]:
     A path that matches nothing is a config error: a typo must not look like an empty collection.
     """
     found: set[str] = set()
-    excluded = os.path.abspath(exclude) if exclude else None
+    excluded = local_path(exclude) if exclude and not is_url(exclude) else None
     for i, entry in enumerate(paths):
         key = f"input.paths[{i}]"
-        if glob.has_magic(entry):
+        if is_url(entry):
+            found.update(_discover_url(entry, key, exclude))
+        elif glob.has_magic(entry):
             matches = glob.glob(entry, recursive=True)
             if not matches:
                 raise ConfigError(f"{key}: pattern {entry!r} matches no file")
@@ -50,8 +53,47 @@ def read_manifest(manifest: str, key: str = "input.paths") -> list[str]:
             table = pd.read_csv(manifest, usecols=["path"], dtype=str, keep_default_na=False)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{key}: manifest {manifest} needs a `path` column ({exc})") from None
+    if is_url(manifest):
+        base = manifest.rsplit("/", 1)[0]
+        return [p if is_url(p) else f"{base}/{p.lstrip('/')}" for p in table["path"].astype(str) if p]
     base = os.path.dirname(os.path.abspath(manifest))
-    return [os.path.abspath(os.path.join(base, p)) for p in table["path"].astype(str) if p]
+    return [p if is_url(p) else os.path.abspath(os.path.join(base, p)) for p in table["path"].astype(str) if p]
+
+
+def _discover_url(url: str, key: str, exclude: str | None) -> list[str]:
+    """``discover`` for one fsspec URL: a folder (prefix), a glob, a manifest or a single file."""
+    try:
+        fs, path = filesystem(url)
+    except (ImportError, ValueError) as exc:  # e.g. s3fs not installed, or an unknown protocol
+        raise ConfigError(f"{key}: {url!r}: {exc}") from None
+    skip = filesystem(exclude)[1].rstrip("/") + "/" if exclude and is_url(exclude) else None
+    try:
+        if glob.has_magic(path):
+            static = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            roots = [m for m in fs.glob(path) if not _hidden(m[len(static) :])]  # as local globs skip dot-files
+            if not roots:
+                raise ConfigError(f"{key}: pattern {url!r} matches no file")
+        elif fs.isfile(path) and path.lower().endswith(MANIFEST_SUFFIXES):
+            return read_manifest(url, key)
+        elif fs.exists(path):
+            roots = [path]
+        else:
+            raise ConfigError(f"{key}: {url!r} does not exist")
+        files = []
+        for root in roots:
+            if not fs.isdir(root):
+                files.append(root)
+                continue
+            for found in fs.find(root):
+                if not _hidden(found[len(root.rstrip("/")) :]) and not (skip and found.startswith(skip)):
+                    files.append(found)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot list {url!r} ({exc})") from None
+    return [fs.unstrip_protocol(f) for f in files]
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/"))
 
 
 def _walk(found: set[str], root: str, excluded: str | None) -> None:

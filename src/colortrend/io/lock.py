@@ -1,50 +1,74 @@
-"""One run per output folder: an exclusive lock file naming its holder; a dead holder's lock is taken over."""
+"""One run per output: an exclusively created lock file naming its holder; a dead holder's lock is taken over.
+
+Locally the lock is an ``O_EXCL`` create. On other filesystems it is ``open(mode="xb")``, which fsspec maps to the
+store's exclusive create where there is one (S3 conditional writes, memory); where the filesystem has none it falls
+back to check-then-write, which only protects against runs started seconds apart.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from pathlib import Path
 
 from colortrend.errors import LockedError
+from colortrend.io.fs import display, filesystem, is_local
+
+LOCK_NAME = "_lock"
 
 
 class RunLock:
     def __init__(self, root: str | os.PathLike):
-        self.path = Path(root) / "_lock"
+        self.fs, root_path = filesystem(root)
+        self.path = f"{root_path.rstrip('/')}/{LOCK_NAME}"
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me.encode())
             except FileExistsError:
                 holder = self._holder()
                 if holder and _alive(holder):
+                    where = display(self.fs, self.path)
                     raise LockedError(
-                        f"{self.path.parent} is in use by pid {holder['pid']} on {holder['host']} "
-                        f"(since {holder.get('since', '?')}); remove {self.path} if that process is gone"
+                        f"{where.rsplit('/', 1)[0]} is in use by pid {holder['pid']} on {holder['host']} "
+                        f"(since {holder.get('since', '?')}); remove {where} if that process is gone"
                     ) from None
-                self.path.unlink(missing_ok=True)  # left by a process that died: take it over
+                with contextlib.suppress(FileNotFoundError):  # left by a process that died: take it over
+                    self.fs.rm_file(self.path)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
             self.held = True
             return
-        raise LockedError(f"could not take the lock {self.path}")
+        raise LockedError(f"could not take the lock {display(self.fs, self.path)}")
+
+    def _create(self, data: bytes) -> None:
+        if is_local(self.fs):
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return
+        try:
+            with self.fs.open(self.path, "xb") as f:
+                f.write(data)
+        except (ValueError, NotImplementedError):  # this filesystem has no exclusive create
+            if self.fs.exists(self.path):
+                raise FileExistsError(self.path) from None
+            self.fs.pipe_file(self.path, data)
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
             self.held = False
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return json.loads(self.fs.cat_file(self.path))
+        except (OSError, ValueError):
             return None  # unreadable or half-written by a process that died mid-write
 
     def __enter__(self) -> "RunLock":

@@ -1,6 +1,6 @@
 """The output dataset: tables of Parquet shards, committed atomically with a marker per shard.
 
-Layout under the config's ``output`` folder::
+Layout under the config's ``output`` (a folder, or an fsspec URL such as ``s3://bucket/colortrend/2016``)::
 
     photos/part-<id>.parquet   faces/...   garments/...     one file per shard and table
     histograms/part-all.parquet                              rebuilt from all committed rows after each run
@@ -8,22 +8,26 @@ Layout under the config's ``output`` folder::
     _markers/<id>.json         the commit record of shard <id>: its files, row counts, stage fingerprints
     _staging/                  files being written (a reader globbing *.parquet never sees them)
     _runs/<time>.json          resolved config, versions, model checksums and summary of each run
-    _logs/<id>.log             per-shard log of photos that failed
+    _logs/<id>.tsv             per-shard list of photos that failed, with their status and error
 
 A shard commits in three steps: write every table's file under ``_staging/``, write the marker (the commit point),
 move the files into their table folders. ``recover()`` finishes the moves of a shard whose marker exists and deletes
 staging files of shards that never reached their marker, so a run killed at any moment leaves either the whole
 shard or nothing. Readers that must see only committed rows use ``read_table`` (files named by markers).
+On object stores the moves are copies and deletes, not renames; the marker still decides what is committed.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
 import pyarrow as pa
+
+from colortrend.io.fs import display, filesystem, is_local
 
 SHARD_TABLES = ("photos", "faces", "garments")
 MARKERS = "_markers"
@@ -31,50 +35,112 @@ STAGING = "_staging"
 
 
 class Store:
+    """The output dataset at a local path or an fsspec URL. Locations inside it are ``/``-joined relative parts."""
+
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.fs, self.root = filesystem(root)
+        self.root = self.root.rstrip("/")
+        self.local = is_local(self.fs)
+        self.url = display(self.fs, self.root)
 
     # ---- layout -------------------------------------------------------------------------------------------------
-    def table_dir(self, table: str) -> Path:
-        return self.root / table
+    def path(self, *parts: str) -> str:
+        """Location of ``parts`` on the store's filesystem."""
+        return "/".join((self.root, *parts))
 
-    def marker_path(self, shard_id: str) -> Path:
-        return self.root / MARKERS / f"{shard_id}.json"
+    def uri(self, *parts: str) -> str:
+        """Location of ``parts`` as a user should see it (a plain path when local, a URL otherwise)."""
+        return display(self.fs, self.path(*parts))
+
+    def marker(self, shard_id: str) -> str:
+        return f"{MARKERS}/{shard_id}.json"
 
     def prepare(self) -> None:
         for sub in (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            self.fs.makedirs(self.path(sub), exist_ok=True)
+
+    # ---- files --------------------------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly in ``folder`` ending in ``suffix``, sorted; [] if none."""
+        try:
+            entries = self.fs.ls(self.path(folder), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory")
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith("."))
+
+    def read_text(self, rel: str) -> str | None:
+        """The file's text, or None when it does not exist or cannot be read."""
+        try:
+            return self.fs.cat_file(self.path(rel)).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def read_json(self, rel: str) -> dict | None:
+        text = self.read_text(rel)
+        try:
+            return json.loads(text) if text is not None else None
+        except json.JSONDecodeError:
+            return None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace a file atomically: readers see the old file or the new one, never a part."""
+        if self.local:
+            with atomic_file(Path(self.path(rel))) as f:
+                f.write(data)
+        else:
+            self.fs.pipe_file(self.path(rel), data)  # one PUT: an object appears whole or not at all
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode("utf-8"))
+
+    def move(self, src: str, dst: str) -> None:
+        if self.local:
+            os.replace(self.path(src), self.path(dst))
+        else:
+            self.fs.mv(self.path(src), self.path(dst))
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(rel))
+
+    def upload_folder(self, rel: str, local_dir: str | os.PathLike, last: str | None = None) -> None:
+        """Copy a local folder's files to ``rel`` (``last`` after all others), then delete files it no longer has."""
+        names = sorted(p.name for p in Path(local_dir).iterdir() if p.is_file())
+        for name in sorted(names, key=lambda n: n == last):
+            self.write_bytes(f"{rel}/{name}", (Path(local_dir) / name).read_bytes())
+        for stale in set(self.list(rel)) - set(names):
+            self.delete(f"{rel}/{stale}")
 
     # ---- commit -------------------------------------------------------------------------------------------------
     def commit_shard(self, shard_id: str, tables: dict[str, pa.Table], marker: dict) -> None:
         """Write a shard's tables atomically (see module docstring); replaces an older shard of the same id."""
-        staged = {}
         for table, data in tables.items():
-            path = self.root / STAGING / f"{table}-part-{shard_id}.parquet"
-            write_parquet(data, path)
-            staged[table] = path
+            self.write_bytes(_staged(table, shard_id), parquet_bytes(data))
         files = {t: f"{t}/part-{shard_id}.parquet" for t in tables}
         record = {**marker, "shard": shard_id, "files": files, "rows": {t: d.num_rows for t, d in tables.items()}}
-        write_json_atomic(self.marker_path(shard_id), record)  # the commit point
+        self.write_json(self.marker(shard_id), record)  # the commit point
         self._finish_moves(shard_id, files)
 
     def _finish_moves(self, shard_id: str, files: dict[str, str]) -> None:
         for table, rel in files.items():
-            src = self.root / STAGING / f"{table}-part-{shard_id}.parquet"
-            if src.exists():
-                os.replace(src, self.root / rel)
+            if self.exists(_staged(table, shard_id)):
+                self.move(_staged(table, shard_id), rel)
 
     def drop_shard(self, shard_id: str) -> None:
         """Remove a committed shard: the marker goes first, so a crash leaves at worst orphan files to clean."""
         marker = self.read_marker(shard_id)
-        self.marker_path(shard_id).unlink(missing_ok=True)
+        self.delete(self.marker(shard_id))
         for rel in (marker or {}).get("files", {}).values():
-            (self.root / rel).unlink(missing_ok=True)
+            self.delete(rel)
 
     def recover(self) -> list[str]:
         """Complete interrupted commits and clear abandoned work. Returns what it did, for the log."""
         actions = []
-        if not self.root.exists():
+        if not self.fs.exists(self.root):
             return actions
         markers = self.markers()
         for shard_id, marker in list(markers.items()):
@@ -84,68 +150,83 @@ class Store:
                     markers.pop(old)
                     actions.append(f"dropped shard {old}, superseded by {shard_id}")
         for shard_id, marker in markers.items():
-            if any((self.root / STAGING / f"{t}-part-{shard_id}.parquet").exists() for t in marker["files"]):
+            if any(self.exists(_staged(t, shard_id)) for t in marker["files"]):
                 self._finish_moves(shard_id, marker["files"])
                 actions.append(f"finished commit of shard {shard_id}")
-        staging = self.root / STAGING
-        if staging.exists():
-            for leftover in staging.iterdir():
-                leftover.unlink() if leftover.is_file() else shutil.rmtree(leftover)
-                actions.append(f"removed unfinished {leftover.name}")
+        if self.local and os.path.isdir(self.path(STAGING)):  # also hidden temporary files of killed writes
+            leftovers = sorted(os.listdir(self.path(STAGING)))
+        else:
+            leftovers = self.list(STAGING)
+        for name in leftovers:
+            self.fs.rm(self.path(STAGING, name), recursive=True)
+            actions.append(f"removed unfinished {name}")
         committed = {rel for m in markers.values() for rel in m["files"].values()}
         for table in SHARD_TABLES:
-            folder = self.root / table
-            for f in folder.glob("part-*.parquet") if folder.exists() else []:
-                if f"{table}/{f.name}" not in committed:  # a shard dropped half-way: its marker is already gone
-                    f.unlink()
-                    actions.append(f"removed uncommitted {table}/{f.name}")
+            for name in self.list(table, ".parquet"):
+                if name.startswith("part-") and f"{table}/{name}" not in committed:
+                    self.delete(f"{table}/{name}")  # a shard dropped half-way: its marker is already gone
+                    actions.append(f"removed uncommitted {table}/{name}")
         return actions
 
     # ---- read ---------------------------------------------------------------------------------------------------
     def markers(self) -> dict[str, dict]:
-        folder = self.root / MARKERS
         out = {}
-        for path in sorted(folder.glob("*.json")) if folder.exists() else []:
-            try:
-                out[path.stem] = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # only complete markers exist (atomic write); anything else is not a commit
+        for name in self.list(MARKERS, ".json"):
+            marker = self.read_json(f"{MARKERS}/{name}")
+            if marker is not None:  # only complete markers exist (atomic write); anything else is not a commit
+                out[name[: -len(".json")]] = marker
         return out
 
     def read_marker(self, shard_id: str) -> dict | None:
-        try:
-            return json.loads(self.marker_path(shard_id).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        return self.read_json(self.marker(shard_id))
 
-    def committed_files(self, table: str) -> list[Path]:
+    def committed_files(self, table: str) -> list[str]:
+        """Relative locations of a table's committed files."""
         if table in SHARD_TABLES:
-            return [self.root / m["files"][table] for m in self.markers().values() if table in m["files"]]
-        folder = self.root / table
-        return sorted(folder.glob("*.parquet")) if folder.exists() else []
+            return [m["files"][table] for m in self.markers().values() if table in m["files"]]
+        return [f"{table}/{name}" for name in self.list(table, ".parquet")]
 
     def read_table(self, table: str, schema: pa.Schema | None = None, columns: list[str] | None = None) -> pa.Table:
         """All committed rows of a table as one Arrow table (empty, with ``schema``, when nothing is committed)."""
         import pyarrow.parquet as pq
 
-        files = [f for f in self.committed_files(table) if f.exists()]
-        if not files:
+        parts = []
+        for rel in self.committed_files(table):
+            try:
+                if self.local:
+                    parts.append(pq.read_table(self.path(rel), columns=columns, schema=schema))
+                else:
+                    with self.fs.open(self.path(rel), "rb") as f:
+                        parts.append(pq.read_table(f, columns=columns, schema=schema))
+            except FileNotFoundError:
+                continue  # dropped by a concurrent replacement between listing and reading
+        if not parts:
             if schema is None:
                 return pa.table({})
             return schema.empty_table().select(columns) if columns else schema.empty_table()
-        parts = [pq.read_table(f, columns=columns, schema=schema) for f in files]
         return pa.concat_tables(parts, promote_options="permissive")
 
-    def write_table(self, table: str, data: pa.Table, name: str = "part-all") -> Path:
+    def write_table(self, table: str, data: pa.Table, name: str = "part-all") -> str:
         """Replace a whole (small, aggregate) table with one file, atomically."""
-        folder = self.table_dir(table)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.parquet"
-        write_parquet(data, path)
-        for stale in folder.glob("*.parquet"):
-            if stale != path:
-                stale.unlink()
-        return path
+        self.fs.makedirs(self.path(table), exist_ok=True)
+        rel = f"{table}/{name}.parquet"
+        self.write_bytes(rel, parquet_bytes(data))
+        for stale in self.list(table, ".parquet"):
+            if stale != f"{name}.parquet":
+                self.delete(f"{table}/{stale}")
+        return rel
+
+
+def _staged(table: str, shard_id: str) -> str:
+    return f"{STAGING}/{table}-part-{shard_id}.parquet"
+
+
+def parquet_bytes(data: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(data, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 @contextlib.contextmanager
@@ -162,19 +243,3 @@ def atomic_file(path: Path, mode: str = "wb"):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def write_parquet(data: pa.Table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    with atomic_file(path) as f:
-        pq.write_table(data, f, compression="zstd")
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path, "w") as f:
-        f.write(text)

@@ -13,6 +13,7 @@ import pickle
 from collections import defaultdict
 from typing import Iterator
 
+from colortrend.io.fs import read_bytes
 from colortrend.pipeline import Pipeline, ShardResult, ShardTask, run_isolated
 from colortrend.stages.base import Batch, Stage
 
@@ -85,8 +86,7 @@ class RayRunner:
             out = []
             for path in batch["path"]:
                 try:
-                    with open(path, "rb") as f:
-                        out.append(hashlib.sha256(f.read()).hexdigest())
+                    out.append(hashlib.sha256(read_bytes(path)).hexdigest())
                 except OSError:
                     out.append(None)
             batch["content_hash"] = out

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import UnidentifiedImageError
 
+from colortrend.io.fs import file_size, read_bytes
 from colortrend.stages.base import Batch, Stage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -29,7 +30,8 @@ DATE_TAGS = (36867, 36868, 306)  # DateTimeOriginal, DateTimeDigitized, DateTime
 
 @dataclass(frozen=True)
 class InputSettings:
-    # Folders (searched recursively), glob patterns, or manifest files (.csv/.parquet with a `path` column).
+    # Folders (searched recursively), glob patterns, or manifest files (.csv/.parquet with a `path` column);
+    # local paths or fsspec URLs (s3://bucket/photos).
     paths: tuple[str, ...]
     # Year used for photos whose EXIF has no DateTimeOriginal.
     year: int | None = None
@@ -98,12 +100,11 @@ class IntakeStage(Stage):
         if ext not in s.extensions:
             return {**row, "status": "skipped", "error": f"extension {ext or '(none)'!r} not in input.extensions"}
         try:
-            size = os.path.getsize(path)
+            size = file_size(path)
             row["file_bytes"] = size
             if size > s.max_bytes:
                 return {**row, "status": "too_large", "error": f"file is {size} bytes, over input.max_bytes"}
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_bytes(path)
         except OSError as exc:
             return {**row, "status": "error", "error": f"cannot read file: {exc.strerror or exc}"}
         row["content_hash"] = hashlib.sha256(data).hexdigest()

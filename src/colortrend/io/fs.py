@@ -1,0 +1,73 @@
+"""Where photos and outputs live: local paths, or fsspec URLs (``s3://bucket/photos``, ``gs://``, ``hdfs://``,
+``memory://``) for anything else.
+
+Local paths keep the operating system's guarantees (exclusive create, fsync, atomic rename). On other filesystems
+the store relies on what object stores do give: a whole-object PUT appears complete or not at all, and
+``open(mode="xb")`` is an exclusive create (S3 conditional writes, memory). Their renames are copy + delete, which
+the store's marker protocol already tolerates (see ``store.py``). The filesystem packages (``s3fs``, ``gcsfs``...)
+are the user's to install; fsspec names the missing one when a URL needs it.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for ``protocol://...`` locations other than ``file://`` (which is just a local path)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """A ``file://`` URL or a plain path as an absolute local path."""
+    text = str(path)
+    return os.path.abspath(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def filesystem(url: str | os.PathLike) -> tuple["AbstractFileSystem", str]:
+    """The fsspec filesystem of ``url`` and the path on it (protocol stripped; absolute for local paths)."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(url) if is_url(url) else local_path(url))
+
+
+def display(fs: "AbstractFileSystem", path: str) -> str:
+    """How a user should see ``path`` on ``fs``: a plain path when local, a full URL otherwise."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def is_local(fs: "AbstractFileSystem") -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols
+
+
+def file_size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    info = _remote(path, lambda fs, inner: fs.info(inner))  # one request for type and size
+    if info.get("type") == "directory":
+        raise IsADirectoryError(21, "Is a directory", path)
+    return int(info["size"])
+
+
+def read_bytes(path: str) -> bytes:
+    """All bytes of one input file."""
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return _remote(path, lambda fs, inner: fs.cat_file(inner))
+
+
+def _remote(path: str, operation):
+    """Run ``operation(fs, inner_path)``; errors surface as ``OSError``, like those of local files."""
+    fs, inner = filesystem(path)
+    try:
+        return operation(fs, inner)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore & co. raise their own types; callers handle OSError
+        raise OSError(f"{type(exc).__name__}: {exc}") from exc
