@@ -65,6 +65,27 @@ def test_large_photo_is_analysed_reduced_but_reports_original_size():
     assert out["analysis_scale"] == pytest.approx(out["image"].shape[1] / 4000)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "L", "1", "I;16"])
+def test_large_png_is_reduced_early_to_the_same_picture(mode):
+    """Formats without JPEG's DCT scaling are box-reduced right after decoding (memory); the picture must not change."""
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, (6, 9, 3), np.uint8).repeat(500, 0).repeat(500, 1)  # 4500 x 3000, flat blocks
+    if mode == "I;16":
+        big = Image.fromarray(blocks[..., 0].astype(np.uint16) * 257)
+    elif mode == "RGBA":
+        big = Image.fromarray(np.dstack([blocks, np.full(blocks.shape[:2], 255, np.uint8)]))
+    else:
+        big = Image.fromarray(blocks).convert(mode)
+    out = decode_image(encoded(big, "PNG", compress_level=1), 10**8, 900)
+    assert (out["width"], out["height"]) == (4500, 3000) and out["image"].shape == (600, 900, 3)
+    reference = np.asarray(big.convert("L" if mode == "I;16" else "RGB").resize((9, 6), Image.BOX))
+    if mode == "I;16":
+        reference = np.repeat((np.asarray(big.resize((9, 6), Image.BOX), np.float64) / 257).round()[..., None], 3, 2)
+    # each block's mean away from its edges (P and 1 are dithered: single pixels vary)
+    centres = out["image"].reshape(6, 100, 9, 100, 3)[:, 10:90, :, 10:90].mean(axis=(1, 3))
+    assert np.abs(centres - reference).max() <= 2
+
+
 def test_every_hostile_file_gets_a_row(tmp_path, demo_photos):
     expected = make_hostile_corpus(tmp_path / "in", demo_photos[0])
     paths = discover((str(tmp_path / "in"),))

@@ -195,3 +195,36 @@ def test_hashed_paths_keep_no_file_names(demo_photos, tmp_path):
     for folder in (tmp_path / "hashed").rglob("*"):  # nowhere in the output: tables, markers, logs, report
         if folder.is_file() and folder.suffix in (".parquet", ".json", ".tsv", ".html"):
             assert b"alice" not in folder.read_bytes(), folder
+
+
+PEAK_RSS = ("import json, resource, sys; from colortrend.config import load_config; from colortrend.run import run;"
+            "run(load_config(sys.argv[1]), progress=False);"
+            "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))")
+
+
+def peak_rss(config: Path) -> int:
+    """Peak resident memory (bytes) of a whole run in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(config)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_hostile_corpus_memory_stays_bounded(demo_photos, tmp_path):
+    """The hostile files, a bomb and three 30-megapixel photos (JPEG, PNG, 16-bit PNG) cost little more memory than
+    one photo: large photos are decoded reduced, the bomb is never decoded. Measured here: 805 MB more before PNGs
+    were reduced while decoding, 375 MB after (the one-photo run peaks at 0.89 GB)."""
+    from PIL import Image
+
+    one, hostile = tmp_path / "one", tmp_path / "hostile"
+    for folder in (one, hostile):
+        folder.mkdir()
+        shutil.copy(demo_photos[0], folder / demo_photos[0].name)
+    make_hostile_corpus(hostile / "h", demo_photos[-1])
+    gradient = np.linspace(0, 255, 6000, dtype=np.uint8)[None, :].repeat(5000, 0)
+    Image.fromarray(np.dstack([gradient] * 3)).save(hostile / "h" / "thirty-mp.jpg", quality=60)
+    Image.fromarray(np.dstack([gradient] * 3)).save(hostile / "h" / "thirty-mp.png", compress_level=1)
+    Image.fromarray(gradient.astype(np.uint16) * 257).save(hostile / "h" / "thirty-mp-16bit.png", compress_level=1)
+    baseline = peak_rss(write_config(tmp_path, one, tmp_path / "out-one"))
+    peak = peak_rss(write_config(tmp_path, hostile, tmp_path / "out-hostile"))
+    assert peak - baseline < 600 * 2**20, f"{(peak - baseline) / 2**20:.0f} MB over a one-photo run"
+    photos = read(str(tmp_path / "out-hostile"), "photos")
+    assert (photos["status"] == "too_large").sum() == 1 and photos["error"][photos["status"] == "error"].notna().all()

@@ -155,6 +155,11 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> dict:
         if scale < 1.0 and fmt == "JPEG":
             im.draft("RGB", (int(im.size[0] * scale) + 1, int(im.size[1] * scale) + 1))
         im.seek(0)  # animated GIF/WebP: the first frame
+        factor = int(1 / scale)
+        if factor > 1 and fmt != "JPEG":
+            # Formats without DCT scaling decode in full; box-reduce right away so that the transpose and colour
+            # conversions below copy a small image, not a 60-megapixel one (16-bit: 8 bytes per pixel in float).
+            im = _reduce(im, factor)
         im = ImageOps.exif_transpose(im)
         rgb = to_rgb(im)
     if max(rgb.shape[:2]) > max_side:
@@ -167,11 +172,20 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> dict:
             "analysis_scale": rgb.shape[1] / width, "image": np.ascontiguousarray(rgb)}
 
 
+def _reduce(im, factor: int):
+    """``im`` shrunk by an integer factor with a box filter; modes PIL cannot reduce are converted first."""
+    if im.mode.startswith("I;16"):  # reduced as 32-bit and back, so to_rgb still knows the 16-bit range
+        return im.convert("I").reduce(factor).convert(im.mode)
+    if im.mode in ("P", "1"):  # reduce the colours the palette stands for
+        return im.convert("RGBA" if "transparency" in im.info else "RGB").reduce(factor)
+    return im.reduce(factor)
+
+
 def to_rgb(im) -> np.ndarray:
     from PIL import Image
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im, dtype=np.float32)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
