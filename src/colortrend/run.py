@@ -273,7 +273,7 @@ def status(cfg: Config) -> dict:
 
 
 def read(output: str | os.PathLike, table: str):
-    """Committed rows of one output table as a pandas DataFrame (what notebooks should use)."""
+    """Committed rows of one output table (``output``: a folder or fsspec URL) as a pandas DataFrame."""
     return Store(output).read_table(table).to_pandas()
 
 
