@@ -91,6 +91,13 @@ def make_hostile_corpus(folder: Path, demo_photo: Path) -> dict[str, str]:
     expected["link.jpg"] = "copy"
     os.symlink(folder / "missing-target.jpg", folder / "dangling.jpg")
     expected["dangling.jpg"] = "error"
+    os.symlink("/dev/zero", folder / "endless.jpg")  # reading it would never end
+    expected["endless.jpg"] = "error"
+    os.mkfifo(folder / "pipe.jpg")  # opening it would block until someone writes
+    expected["pipe.jpg"] = "error"
+    put("tab\tand\nnewline.jpg", encoded(rgb_image(color=(0, 90, 200)), "JPEG"), "no_face")
+    # a name that is not UTF-8: Python holds its bytes as surrogates, Arrow strings must be UTF-8
+    put(os.fsdecode(b"latin-1 \xe9t\xe9.jpg"), encoded(rgb_image(color=(90, 200, 0)), "JPEG"), "no_face")
     if os.geteuid() != 0:  # root reads everything: an unreadable file cannot be made for root
         put("locked.jpg", photo, "error")
         os.chmod(folder / "locked.jpg", 0)

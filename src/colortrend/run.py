@@ -243,7 +243,8 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
 
 
 def _write_failures(store: Store, shard_id: str, failures: list[tuple[str, str, str, str]]) -> None:
-    lines = ["photo_id\tpath\tstatus\terror"] + ["\t".join(f) for f in failures]
+    escape = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})  # a file name may hold any of them
+    lines = ["photo_id\tpath\tstatus\terror"] + ["\t".join(v.translate(escape) for v in f) for f in failures]
     store.write_bytes(f"_logs/{shard_id}.tsv", ("\n".join(lines) + "\n").encode("utf-8"))
 
 

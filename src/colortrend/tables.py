@@ -53,6 +53,12 @@ def table_schemas(stages: Sequence[Stage]) -> dict[str, pa.Schema]:
     }
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a file name that is not (Python keeps its bytes as surrogates) shows them as
+    ``\\xff`` escapes, since Arrow strings must be UTF-8. The photo id still hashes the real name."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_salt: str | None = None) -> dict[str, pa.Table]:
     """Photos, faces and garments rows of one analysed batch. ``path_salt`` set = store paths hashed."""
     n_photos = len(batch["photo_id"])
@@ -70,6 +76,9 @@ def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_salt: str | N
     if path_salt is not None:
         photos["path"] = [hashlib.sha256((path_salt + p).encode("utf-8", "surrogateescape")).hexdigest()[:32]
                           for p in photos["path"]]
+    else:
+        photos["path"] = [printable(p) for p in photos["path"]]
+    photos["error"] = [None if e is None else printable(e) for e in photos["error"]]
 
     faces = _face_rows(batch, schemas["faces"], [list(range(n)) for n in n_faces])
     garments = _face_rows(batch, schemas["garments"], measured)

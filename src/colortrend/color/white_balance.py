@@ -151,8 +151,9 @@ def skin_illuminant(image: NDArray[np.uint8], landmarks: NDArray | None) -> NDAr
 
 def illuminant_gains(illuminant: NDArray[np.float64], max_gain: float = 3.0) -> NDArray[np.float64]:
     """Per-channel linear gains mapping ``illuminant`` to grey of the same luminance, clamped to the sane range."""
-    gains = float(LUMA @ illuminant) / np.asarray(illuminant, dtype=np.float64)
-    return np.clip(gains, 1 / max_gain, max_gain)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a channel absent from the photo clamps to max_gain
+        gains = float(LUMA @ illuminant) / np.asarray(illuminant, dtype=np.float64)
+    return np.clip(np.nan_to_num(gains, nan=1.0), 1 / max_gain, max_gain)
 
 
 def apply_gains(image: NDArray[np.uint8], gains: NDArray[np.float64]) -> NDArray[np.uint8]:

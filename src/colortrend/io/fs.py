@@ -10,6 +10,7 @@ are the user's to install; fsspec names the missing one when a URL needs it.
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,20 +47,36 @@ def is_local(fs: "AbstractFileSystem") -> bool:
 
 
 def file_size(path: str) -> int:
+    """Size in bytes of a regular file; ``OSError`` for anything else (a named pipe or a device named ``x.jpg``
+    would block or never end if read)."""
     if not is_url(path):
-        return os.path.getsize(path)
+        return _regular_file_size(path)
     info = _remote(path, lambda fs, inner: fs.info(inner))  # one request for type and size
     if info.get("type") == "directory":
         raise IsADirectoryError(21, "Is a directory", path)
     return int(info["size"])
 
 
-def read_bytes(path: str) -> bytes:
-    """All bytes of one input file."""
+def _regular_file_size(path: str) -> int:
+    info = os.stat(path)
+    mode = info.st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(21, "Is a directory", path)
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(mode), "not a regular file")
+        raise OSError(f"{kind}, not a regular file")
+    return info.st_size
+
+
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """The bytes of one input file, at most ``limit`` + 1 of them (a file may grow after its size was checked)."""
     if not is_url(path):
+        _regular_file_size(path)  # opening a named pipe would block
         with open(path, "rb") as f:
-            return f.read()
-    return _remote(path, lambda fs, inner: fs.cat_file(inner))
+            return f.read(-1 if limit is None else limit + 1)
+    end = None if limit is None else limit + 1
+    return _remote(path, lambda fs, inner: fs.cat_file(inner, start=0 if end else None, end=end))
 
 
 def _remote(path: str, operation):

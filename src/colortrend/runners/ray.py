@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 from collections import defaultdict
 from typing import Iterator
@@ -36,11 +37,13 @@ class RayRunner:
                      ignore_reinit_error=True, configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         shard_of = {pid: t.shard_id for t in tasks for pid in t.photo_ids}
-        rows = pd.DataFrame({"photo_id": [pid for t in tasks for pid in t.photo_ids],
-                             "path": [p for t in tasks for p in t.paths]})
-        first_copy = self._first_copies(rows, seen)
-        rows["first_copy"] = [first_copy.get(pid) for pid in rows["photo_id"]]
-        payloads = [{"payload": _pack(r)} for r in rows.to_dict("records")]
+        photo_ids = [pid for t in tasks for pid in t.photo_ids]
+        paths = [p for t in tasks for p in t.paths]
+        # Paths travel as bytes in Arrow tables: a file name that is not UTF-8 cannot be an Arrow string.
+        rows = pd.DataFrame({"photo_id": photo_ids, "path": [os.fsencode(p) for p in paths]})
+        first_copy = self._first_copies(rows, seen, pipeline.cfg.input.max_bytes)
+        payloads = [{"payload": _pack({"photo_id": pid, "path": path, "first_copy": first_copy.get(pid)})}
+                    for pid, path in zip(photo_ids, paths)]
 
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
@@ -78,7 +81,7 @@ class RayRunner:
                         yield _shard_result(shard_id, pending.pop(shard_id), pipeline, shard_of)
 
     @staticmethod
-    def _first_copies(rows, seen: dict[str, str]) -> dict[str, str]:
+    def _first_copies(rows, seen: dict[str, str], max_bytes: int) -> dict[str, str]:
         """photo_id -> photo_id of the first copy of the same bytes (committed, or earlier in planned order)."""
         import ray
 
@@ -86,7 +89,8 @@ class RayRunner:
             out = []
             for path in batch["path"]:
                 try:
-                    out.append(hashlib.sha256(read_bytes(path)).hexdigest())
+                    data = read_bytes(os.fsdecode(path), limit=max_bytes)
+                    out.append(hashlib.sha256(data).hexdigest() if len(data) <= max_bytes else None)
                 except OSError:
                     out.append(None)
             batch["content_hash"] = out

@@ -104,7 +104,9 @@ class IntakeStage(Stage):
             row["file_bytes"] = size
             if size > s.max_bytes:
                 return {**row, "status": "too_large", "error": f"file is {size} bytes, over input.max_bytes"}
-            data = read_bytes(path)
+            data = read_bytes(path, limit=s.max_bytes)
+            if len(data) > s.max_bytes:
+                return {**row, "status": "too_large", "error": "file grew past input.max_bytes while read"}
         except OSError as exc:
             return {**row, "status": "error", "error": f"cannot read file: {exc.strerror or exc}"}
         row["content_hash"] = hashlib.sha256(data).hexdigest()
