@@ -101,3 +101,8 @@ def test_unknown_protocol_and_memory_on_ray_are_config_errors(memory, tmp_path):
         discover(("nosuchfs://bucket/photos",))
     with pytest.raises(ConfigError, match="memory://.*Ray"):
         run(config([str(tmp_path)], f"{root}/out"), executor="ray", progress=False)
+
+
+def test_file_urls_are_local_paths(tmp_path, demo_photos):
+    (tmp_path / "a.jpg").write_bytes(demo_photos[0].read_bytes())
+    assert discover((f"file://{tmp_path}",)) == discover((str(tmp_path),)) == [str(tmp_path / "a.jpg")]

@@ -26,7 +26,9 @@ def discover(paths: tuple[str, ...], exclude: str | None = None) -> list[str]:
         key = f"input.paths[{i}]"
         if is_url(entry):
             found.update(_discover_url(entry, key, exclude))
-        elif glob.has_magic(entry):
+            continue
+        entry = entry.removeprefix("file://")
+        if glob.has_magic(entry):
             matches = glob.glob(entry, recursive=True)
             if not matches:
                 raise ConfigError(f"{key}: pattern {entry!r} matches no file")

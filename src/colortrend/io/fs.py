@@ -26,7 +26,7 @@ def is_url(path: str | os.PathLike) -> bool:
 def local_path(path: str | os.PathLike) -> str:
     """A ``file://`` URL or a plain path as an absolute local path."""
     text = str(path)
-    return os.path.abspath(text[len("file://"):] if text.startswith("file://") else text)
+    return os.path.abspath(text.removeprefix("file://"))
 
 
 def filesystem(url: str | os.PathLike) -> tuple["AbstractFileSystem", str]:
