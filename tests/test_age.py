@@ -115,6 +115,28 @@ def test_age_stage_batches_faces_of_several_photos(tmp_path):
 
 
 @needs_age_data
+def test_age_averages_chips_cut_around_the_aligners(tmp_path):
+    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
+    from colortrend.stages.align import TEMPLATE_SCALE, AlignStage, chip_template, cut_chips
+
+    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
+    batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
+    for image, landmarks, chips in zip(batch["image"], batch["landmarks"], batch["chips"]):  # scale 1 = align's chip
+        same = cut_chips(image, np.asarray(landmarks).reshape(-1, 5, 2), template=chip_template(scale=TEMPLATE_SCALE))
+        np.testing.assert_array_equal(same, chips)
+    per_scale = [AgeStage(AgeSettings(scales=(s,)))(dict(batch)) for s in AgeSettings().scales]
+    averaged = AgeStage(AgeSettings())(dict(batch))
+    for i in range(len(labels)):
+        if not len(batch["chips"][i]):
+            continue
+        ages = np.array([out["age"][i] for out in per_scale])
+        np.testing.assert_allclose(averaged["age"][i], ages.mean(axis=0), rtol=1e-5)
+        assert np.abs(ages - ages.mean(axis=0)).max() < 6  # views of the same face agree roughly
+        spread = np.array([out["age_sd"][i] for out in per_scale])
+        assert (averaged["age_sd"][i] >= spread.min(axis=0) - 1e-4).all()  # a mixture is never narrower
+
+
+@needs_age_data
 def test_train_a_step_writes_weights(tmp_path, monkeypatch):
     from colortrend.training import age as training
 
