@@ -1,21 +1,19 @@
 """Ray Data runner: the same stage objects, one actor pool per model stage, on a local or remote Ray cluster.
 
 Photos flow as rows; each stage is a ``map_batches`` step whose actors call ``setup()`` once (CUDA stages get a
-GPU each when the cluster has GPUs). Duplicate detection needs a global order, so the content hashes are computed
-first and the driver decides, with the same rule as the local runner (first copy in planned order wins), which
-makes the tables of both runners identical. Shards are committed on the driver as soon as all their photos are back.
+GPU each when the cluster has GPUs). Duplicate detection needs a global order: the dataset preserves the planned
+order, and one ``DuplicateMarker`` actor right after intake applies the local runner's rule (the first copy in
+planned order wins) to the hashes intake computed, so each file is read once and both runners write identical
+tables. Shards are committed on the driver as soon as all their photos are back.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import pickle
 from collections import defaultdict
 from typing import Iterator
 
-from colortrend.io.fs import read_bytes
-from colortrend.pipeline import Pipeline, ShardResult, ShardTask, run_isolated
+from colortrend.pipeline import Pipeline, ShardResult, ShardTask, mark_duplicates, run_isolated
 from colortrend.stages.base import Batch, Stage
 
 log = logging.getLogger(__name__)
@@ -29,29 +27,25 @@ class RayRunner:
 
     def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
                 progress=None) -> Iterator[ShardResult]:
-        import pandas as pd
         import ray
 
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      ignore_reinit_error=True, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = True  # the duplicate rule needs the planned order
         shard_of = {pid: t.shard_id for t in tasks for pid in t.photo_ids}
-        photo_ids = [pid for t in tasks for pid in t.photo_ids]
-        paths = [p for t in tasks for p in t.paths]
-        # Paths travel as bytes in Arrow tables: a file name that is not UTF-8 cannot be an Arrow string.
-        rows = pd.DataFrame({"photo_id": photo_ids, "path": [os.fsencode(p) for p in paths]})
-        first_copy = self._first_copies(rows, seen, pipeline.cfg.input.max_bytes)
-        payloads = [{"payload": _pack({"photo_id": pid, "path": path, "first_copy": first_copy.get(pid)})}
-                    for pid, path in zip(photo_ids, paths)]
+        payloads = [{"payload": _pack({"photo_id": pid, "path": path})}
+                    for t in tasks for pid, path in zip(t.photo_ids, t.paths)]
 
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
         # Every stage holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
-        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(pipeline.stages) + 1)))
+        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(pipeline.stages) + 2)))
         size = pipeline.cfg.batch_size
-        ds = ray.data.from_items(payloads, override_num_blocks=max(1, len(rows) // size))
+        ds = ray.data.from_items(payloads, override_num_blocks=max(1, len(payloads) // size))
         for stage in pipeline.stages:
             ds = ds.map_batches(
                 StageActor,
@@ -62,6 +56,9 @@ class RayRunner:
                 num_cpus=cpus,
                 num_gpus=1 if gpus and stage.name in GPU_STAGES else 0,
             )
+            if stage.name == "intake":  # one actor sees every photo, in planned order
+                ds = ds.map_batches(DuplicateMarker, fn_constructor_args=(seen,), batch_size=size,
+                                    batch_format="pandas", concurrency=1, num_cpus=cpus)
         ds = ds.map_batches(TableBuilder, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
 
@@ -80,31 +77,6 @@ class RayRunner:
                     if expected[shard_id] == 0:
                         yield _shard_result(shard_id, pending.pop(shard_id), pipeline, shard_of)
 
-    @staticmethod
-    def _first_copies(rows, seen: dict[str, str], max_bytes: int) -> dict[str, str]:
-        """photo_id -> photo_id of the first copy of the same bytes (committed, or earlier in planned order)."""
-        import ray
-
-        def digest(batch):
-            out = []
-            for path in batch["path"]:
-                try:
-                    data = read_bytes(os.fsdecode(path), limit=max_bytes)
-                    out.append(hashlib.sha256(data).hexdigest() if len(data) <= max_bytes else None)
-                except OSError:
-                    out.append(None)
-            batch["content_hash"] = out
-            return batch
-
-        hashed = ray.data.from_pandas(rows).map_batches(digest, batch_format="pandas").to_pandas()
-        order = {pid: i for i, pid in enumerate(rows["photo_id"])}
-        hashed = hashed.assign(order=hashed["photo_id"].map(order)).sort_values("order")
-        first, known = {}, dict(seen)
-        for pid, h in zip(hashed["photo_id"], hashed["content_hash"]):
-            if h is not None:
-                first[pid] = known.setdefault(h, pid)
-        return first
-
 
 class StageActor:
     """Holds one stage per Ray worker; its model loads once, on the first batch."""
@@ -114,11 +86,19 @@ class StageActor:
 
     def __call__(self, df):
         batch = _unpack(df)
-        if self.stage.name == "intake":
-            batch = self.stage(batch)
-            _mark_known_duplicates(batch)
-        else:
-            batch = run_isolated(self.stage, batch, {})
+        batch = self.stage(batch) if self.stage.name == "intake" else run_isolated(self.stage, batch, {})
+        return _frame(batch)
+
+
+class DuplicateMarker:
+    """The content hashes seen so far (committed ones first): later copies become ``duplicate`` rows."""
+
+    def __init__(self, seen: dict[str, str]):
+        self.seen = dict(seen)
+
+    def __call__(self, df):
+        batch = _unpack(df)
+        mark_duplicates(batch, self.seen)
         return _frame(batch)
 
 
@@ -138,14 +118,6 @@ class TableBuilder:
             *(tables["photos"][c].to_pylist() for c in ("photo_id", "path", "status", "error")))
             if s not in ("ok", "no_face", "duplicate")]
         return pd.DataFrame({"tables": [(tables, {}, failures)]})
-
-
-def _mark_known_duplicates(batch: Batch) -> None:
-    for i, (pid, first, status) in enumerate(zip(batch["photo_id"], batch["first_copy"], batch["status"])):
-        if status == "ok" and first is not None and first != pid:
-            batch["status"][i] = "duplicate"
-            batch["duplicate_of"][i] = first
-            batch["image"][i] = None
 
 
 # Between stages each photo travels as one pickled record: images, ragged per-face arrays and nulls pass through
