@@ -144,17 +144,25 @@ def test_rerun_with_nothing_new_loads_no_model(demo):
     assert result == {"shards": 0, "torch": False, "agg": "up to date"}
 
 
-def test_new_photo_alone_is_analysed(demo, demo_photos, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
     output = tmp_path / "out"
     shutil.copytree(demo["out"], output)
     new = tmp_path / "new"
     new.mkdir()
     shutil.copy(demo_photos[N_DEMO], new / demo_photos[N_DEMO].name)
+    shutil.copy(demo_photos[0], new / "copy of an analysed photo.jpg")  # its bytes were committed last night
     config = write_config(tmp_path, demo["photos"], output)
-    cfg = load_config(config, {"input.paths": [str(demo["photos"]), str(new)]})  # one more folder, one new photo
-    summary = run(cfg, progress=False)
-    assert sum(summary.photos.values()) == 1 and summary.shards == 1
-    assert len(read(str(output), "photos")) == len(read(str(demo["out"]), "photos")) + 1
+    cfg = load_config(config, {"input.paths": [str(demo["photos"]), str(new)]})  # one more folder, two new files
+    summary = run(cfg, executor=executor, progress=False)
+    assert summary.photos == {"ok": 1, "duplicate": 1} and summary.shards == 1
+    photos = read(str(output), "photos")
+    assert len(photos) == len(read(str(demo["out"]), "photos")) + 2
+    copy = photos[photos["path"].str.endswith("copy of an analysed photo.jpg")].iloc[0]
+    first = photos[photos["path"] == str(demo["photos"] / demo_photos[0].name)].iloc[0]
+    assert copy["duplicate_of"] == first["photo_id"]
     assert summary.aggregates == "rebuilt"
 
 
