@@ -7,7 +7,8 @@ __all__ = ["__version__", "read"]
 
 
 def read(output: str, table: str):
-    """Committed rows of ``table`` (photos, faces, garments, histograms) under ``output``, as a pandas DataFrame."""
+    """Committed rows of ``table`` (photos, faces, garments, histograms) under ``output`` (a folder or fsspec URL),
+    as a pandas DataFrame."""
     from colortrend.run import read as _read
 
     return _read(output, table)

@@ -1,1 +1,1 @@
-"""Reading photos in and writing tables out: discovery, decoding, atomic shards, the run lock."""
+"""Where photos and tables live (local paths or fsspec URLs): input discovery, atomic shards, the run lock."""
