@@ -38,8 +38,8 @@ class Store:
     """The output dataset at a local path or an fsspec URL. Locations inside it are ``/``-joined relative parts."""
 
     def __init__(self, root: str | os.PathLike):
-        self.fs, self.root = filesystem(root)
-        self.root = self.root.rstrip("/")
+        self.fs, path = filesystem(root)
+        self.root = path.rstrip("/")
         self.local = is_local(self.fs)
         self.url = display(self.fs, self.root)
 
