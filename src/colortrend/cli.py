@@ -112,15 +112,24 @@ def eval() -> None:  # noqa: A001 - the command is called `eval`
     """Measure the models against labelled data."""
 
 
-@eval.command("age", context_settings=CONTEXT)
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@device_option
+def eval_command(name: str, trainer: str):
+    """An ``eval`` subcommand: LABELS, --device, --split (the split ``train TRAINER`` holds out) and --json, with
+    errors as one line; the command's own options are listed under it."""
+    labels = click.argument("labels", type=click.Path(exists=True, dir_okay=False))
+
+    def register(fn):
+        fn = reports_errors(fn)
+        for option in (json_option, split_option(trainer), device_option, labels):  # click lists them in reverse
+            fn = option(fn)
+        return eval.command(name, context_settings=CONTEXT)(fn)
+
+    return register
+
+
+@eval_command("age", trainer="age")
 @click.option("--weights", default="default", show_default=True, help="default, dlib, or a weights file.")
-@split_option("age")
-@json_option
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
-@reports_errors
-def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, save_predictions: str | None):
+def eval_age(labels: str, device: str, split: str, as_json: bool, weights: str, save_predictions: str | None):
     """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV).
 
     Scores the most confident face of each photo: MAE, median error, bias, MAE per age band, the 17-21 window's
@@ -136,13 +145,8 @@ def eval_age(labels: str, device: str, weights: str, split: str, as_json: bool, 
     click.echo(json.dumps(metrics) if as_json else format_age_metrics(metrics))
 
 
-@eval.command("parsing", context_settings=CONTEXT)
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@device_option
-@split_option("parsing")
-@json_option
+@eval_command("parsing", trainer="parsing")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write <stem>.png garment masks (255/0) here.")
-@reports_errors
 def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks: str | None):
     """Garment IoU, precision and recall of the main person (largest face) on LABELS (`image,mask` CSV, CCP ids)."""
     from colortrend.evaluate.parsing import evaluate_parsing, format_parsing_metrics
@@ -152,13 +156,8 @@ def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks
     click.echo(json.dumps(metrics) if as_json else format_parsing_metrics(metrics))
 
 
-@eval.command("color", context_settings=CONTEXT)
-@click.argument("labels", type=click.Path(exists=True, dir_okay=False))
-@device_option
-@split_option("parsing")
-@json_option
+@eval_command("color", trainer="parsing")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write per-photo colours to this CSV.")
-@reports_errors
 def eval_color(labels: str, device: str, split: str, as_json: bool, save_predictions: str | None):
     """Dominant colour from the pipeline's own mask vs from the true garment pixels (CIEDE2000).
 

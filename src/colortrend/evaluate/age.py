@@ -67,7 +67,7 @@ def load_rgb(path: str) -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
         return decode_image(data, defaults["max_pixels"], defaults["max_side"])["image"]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any unreadable labelled photo is a problem of the labels file
         raise ConfigError(f"{path}: cannot read the labelled photo ({exc})") from exc
 
 

@@ -50,14 +50,14 @@ def file_size(path: str) -> int:
     """Size in bytes of a regular file; ``OSError`` for anything else (a named pipe or a device named ``x.jpg``
     would block or never end if read)."""
     if not is_url(path):
-        return _regular_file_size(path)
+        return _local_file_size(path)
     info = _remote(path, lambda fs, inner: fs.info(inner))  # one request for type and size
     if info.get("type") == "directory":
         raise IsADirectoryError(21, "Is a directory", path)
     return int(info["size"])
 
 
-def _regular_file_size(path: str) -> int:
+def _local_file_size(path: str) -> int:
     info = os.stat(path)
     mode = info.st_mode
     if stat.S_ISDIR(mode):
@@ -70,9 +70,11 @@ def _regular_file_size(path: str) -> int:
 
 
 def read_bytes(path: str, limit: int | None = None) -> bytes:
-    """The bytes of one input file, at most ``limit`` + 1 of them (a file may grow after its size was checked)."""
+    """The bytes of one input file, at most ``limit`` + 1 of them (a file may grow after its size was checked).
+
+    Call :func:`file_size` first: it refuses named pipes and devices, which this would block on or never finish.
+    """
     if not is_url(path):
-        _regular_file_size(path)  # opening a named pipe would block
         with open(path, "rb") as f:
             return f.read(-1 if limit is None else limit + 1)
     end = None if limit is None else limit + 1

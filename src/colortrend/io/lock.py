@@ -1,8 +1,8 @@
 """One run per output: an exclusively created lock file naming its holder; a dead holder's lock is taken over.
 
-Locally the lock is an ``O_EXCL`` create. On other filesystems it is ``open(mode="xb")``, which fsspec maps to the
-store's exclusive create where there is one (S3 conditional writes, memory); where the filesystem has none it falls
-back to check-then-write, which only protects against runs started seconds apart.
+The lock file is created with ``open(mode="xb")``: ``O_EXCL`` on a local disk, the store's exclusive create elsewhere
+(S3 conditional writes, memory). Where a filesystem has none it falls back to check-then-write, which only protects
+against runs started seconds apart.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import socket
 import time
 
 from colortrend.errors import LockedError
-from colortrend.io.fs import display, filesystem, is_local
+from colortrend.io.fs import display, filesystem
 
 LOCK_NAME = "_lock"
 
@@ -46,11 +46,6 @@ class RunLock:
         raise LockedError(f"could not take the lock {display(self.fs, self.path)}")
 
     def _create(self, data: bytes) -> None:
-        if is_local(self.fs):
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return
         try:
             with self.fs.open(self.path, "xb") as f:
                 f.write(data)
