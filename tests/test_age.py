@@ -68,8 +68,8 @@ def test_moments_of_a_known_distribution():
 
 
 def test_default_weights_resolve_and_bad_path_is_reported():
-    assert resolve_weights("default").is_file()
-    assert resolve_weights("dlib") == DLIB_WEIGHTS
+    assert len(resolve_weights("default")) == 2 and all(p.is_file() for p in resolve_weights("default"))
+    assert resolve_weights("dlib") == [DLIB_WEIGHTS]
     with pytest.raises(ConfigError, match="age.weights"):
         resolve_weights("/nonexistent/age.pt")
 
@@ -115,8 +115,9 @@ def test_age_stage_batches_faces_of_several_photos(tmp_path):
 
 
 @needs_age_data
-def test_age_averages_chips_cut_around_the_aligners(tmp_path):
+def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
+    from colortrend.stages.age import FINETUNED_WEIGHTS
     from colortrend.stages.align import TEMPLATE_SCALE, AlignStage, chip_template, cut_chips
 
     labels = read_labels(few_faces_csv(tmp_path, per_set=2))
@@ -124,15 +125,16 @@ def test_age_averages_chips_cut_around_the_aligners(tmp_path):
     for image, landmarks, chips in zip(batch["image"], batch["landmarks"], batch["chips"]):  # scale 1 = align's chip
         same = cut_chips(image, np.asarray(landmarks).reshape(-1, 5, 2), template=chip_template(scale=TEMPLATE_SCALE))
         np.testing.assert_array_equal(same, chips)
-    per_scale = [AgeStage(AgeSettings(scales=(s,)))(dict(batch)) for s in AgeSettings().scales]
+    views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch))
+             for w in FINETUNED_WEIGHTS for s in AgeSettings().scales]
     averaged = AgeStage(AgeSettings())(dict(batch))
     for i in range(len(labels)):
         if not len(batch["chips"][i]):
             continue
-        ages = np.array([out["age"][i] for out in per_scale])
+        ages = np.array([out["age"][i] for out in views])
         np.testing.assert_allclose(averaged["age"][i], ages.mean(axis=0), rtol=1e-5)
-        assert np.abs(ages - ages.mean(axis=0)).max() < 6  # views of the same face agree roughly
-        spread = np.array([out["age_sd"][i] for out in per_scale])
+        assert np.abs(ages - ages.mean(axis=0)).max() < 8  # views of the same face agree roughly
+        spread = np.array([out["age_sd"][i] for out in views])
         assert (averaged["age_sd"][i] >= spread.min(axis=0) - 1e-4).all()  # a mixture is never narrower
 
 

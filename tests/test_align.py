@@ -121,16 +121,23 @@ def test_align_stage_columns_per_photo():
 
 @needs_aaf
 def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
-    """The chip `train age` learns from is the chip the pipeline feeds the model, bit for bit."""
+    """The chip `train age` learns from is the chip the age stage feeds each network, bit for bit, at the chip
+    size stored with its weights."""
     from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
+    from colortrend.stages.age import AgeSettings, AgeStage
     from colortrend.training import age as training
 
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path)
     labels = read_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
     landmarks = training.detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log=lambda _: None)
-    train_chips = training.validation_chips(labels["file"], landmarks)
-
     images = [load_rgb(f) for f in labels["file"]]
     pipeline = AlignStage()(detection_batch(images, "cpu", EVAL_MIN_FACE_PX))
-    inference_chips = np.stack([chips[0] for chips in pipeline["chips"]])
-    np.testing.assert_array_equal(train_chips, inference_chips)
+    age = AgeStage(AgeSettings(weights=("default", "dlib")))
+    age.setup()
+    # The shipped pair was trained at 64 px and at `train age`'s default size; dlib's network at 64 px.
+    assert age.chip_sizes == [CHIP_SIZE, training.AgeTrainConfig().chip_size, CHIP_SIZE]
+
+    for size in set(age.chip_sizes):
+        inference_chips = age.chips(pipeline, [0, 1], size)
+        assert inference_chips.shape == (2, size, size, 3)
+        np.testing.assert_array_equal(training.validation_chips(labels["file"], landmarks, size), inference_chips)

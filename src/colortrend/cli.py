@@ -127,9 +127,11 @@ def eval_command(name: str, trainer: str):
 
 
 @eval_command("age", trainer="age")
-@click.option("--weights", default="default", show_default=True, help="default, dlib, or a weights file.")
+@click.option("--weights", multiple=True, default=["default"], show_default=True,
+              help="default (the shipped pair), dlib, or a weights file; repeat to average several networks.")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
-def eval_age(labels: str, device: str, split: str, as_json: bool, weights: str, save_predictions: str | None):
+def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple[str, ...],
+             save_predictions: str | None):
     """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV).
 
     Scores the most confident face of each photo: MAE, median error, bias, MAE per age band, the 17-21 window's
@@ -201,18 +203,21 @@ def train() -> None:
 @click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for age_finetuned.pt and metrics.json.")
-@click.option("--epochs", type=int, default=16, show_default=True)
+@click.option("--epochs", type=int, default=28, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chip-size", type=click.IntRange(32, 256), default=96, show_default=True,
+              help="Side of the face chips trained on, in pixels (stored with the weights).")
 @device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
 @reports_errors
-def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, device: str, max_photos: int | None):
+def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, chip_size: int, device: str,
+              max_photos: int | None):
     """Fine-tune the age network from the shipped weights on one or more LABELS files (`path,age` CSV)."""
     from colortrend.models import pick_device
     from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
 
-    metrics = fine_tune(list(labels), out_dir, AgeTrainConfig(epochs=epochs, seed=seed), pick_device(device),
-                        max_photos=max_photos, log=click.echo)
+    config = AgeTrainConfig(epochs=epochs, seed=seed, chip_size=chip_size)
+    metrics = fine_tune(list(labels), out_dir, config, pick_device(device), max_photos=max_photos, log=click.echo)
     click.echo(json.dumps({k: metrics[k] for k in metrics if k != "history"}, default=str))
 
 

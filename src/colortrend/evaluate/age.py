@@ -99,7 +99,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
 def predict_ages(
     labels_csv: str | Path,
     device: str = "cpu",
-    weights: str = "default",
+    weights: str | tuple[str, ...] = "default",
     split: Split = "all",
     batch_size: int = 32,
     min_face_px: float = EVAL_MIN_FACE_PX,
@@ -188,7 +188,7 @@ def _round(value: float, digits: int = 3) -> float:
 def evaluate_age(
     labels_csv: str | Path,
     device: str = "cpu",
-    weights: str = "default",
+    weights: str | tuple[str, ...] = "default",
     split: Split = "all",
     batch_size: int = 32,
     min_face_px: float = EVAL_MIN_FACE_PX,

@@ -7,8 +7,11 @@ here as its own module so the converted weights stay one-to-one with the ONNX ex
 shortcut is a 2x2 average pool, and dlib's residual add zero-pads whichever operand is smaller in channels, rows
 or columns at the *trailing* end (the top-left origin of both stays aligned).
 
-The class ages are a buffer stored with the weights: dlib weights class 0 as 0.25 years, and a fine-tuned head may
-extend beyond 80, so the expectation is always taken over the ages the weights were trained with.
+Two buffers travel with the weights. ``class_ages``: dlib weights class 0 as 0.25 years, and a fine-tuned head may
+extend beyond 80, so the expectation is always taken over the ages the weights were trained with. ``chip_size``: the
+network is fully convolutional with a global average pool, so it runs on any chip side, but it only predicts well
+on chips of the side it was trained on; the age stage cuts chips of that side (weights saved before the buffer
+existed were trained on 64-px chips).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch import nn
 
 #: Per-channel RGB means dlib subtracts before dividing by 256.
 PIXEL_MEAN = (122.782, 117.001, 104.298)
-#: Side of the square input chip, in pixels.
+#: Side of the square input chip dlib's weights were trained on, in pixels.
 CHIP_SIZE = 64
 #: Number of classes of the original head (ages 0..80).
 DLIB_CLASSES = 81
@@ -83,14 +86,14 @@ class ResidualBlock(nn.Module):
 
 
 class AgeNet(nn.Module):
-    """Age from a 64x64 RGB face chip: ``forward`` returns logits over :attr:`class_ages`.
+    """Age from a square RGB face chip: ``forward`` returns logits over :attr:`class_ages`.
 
-    Input: float or uint8 tensor (N, 3, 64, 64) of raw RGB values 0..255, cut by
+    Input: float or uint8 tensor (N, 3, S, S) of raw RGB values 0..255, S = :attr:`chip_size`, cut by
     :func:`colortrend.stages.align.cut_chips`; the dlib normalisation happens inside so callers (and GPU transfers)
     handle plain pixels.
     """
 
-    def __init__(self, n_classes: int = DLIB_CLASSES):
+    def __init__(self, n_classes: int = DLIB_CLASSES, chip_size: int = CHIP_SIZE):
         super().__init__()
         self.stem = _conv_affine(3, 64, 7, 2, 0)
         self.blocks = nn.Sequential(
@@ -102,6 +105,7 @@ class AgeNet(nn.Module):
         )
         self.fc = nn.Linear(256, n_classes)
         self.register_buffer("class_ages", class_ages(n_classes))
+        self.register_buffer("chip_size", torch.tensor(chip_size, dtype=torch.int32))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the network's precision, exactly as dlib does.
@@ -131,7 +135,7 @@ class AgeNet(nn.Module):
 
 
 def chips_to_tensor(chips: np.ndarray, device: str = "cpu") -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 chips -> (N, 3, 64, 64) uint8 tensor on ``device`` (normalised inside the network)."""
+    """(N, S, S, 3) uint8 chips -> (N, 3, S, S) uint8 tensor on ``device`` (normalised inside the network)."""
     return torch.from_numpy(np.ascontiguousarray(chips)).to(device).permute(0, 3, 1, 2)
 
 
@@ -141,14 +145,16 @@ def load_age_net(path: str | Path, device: str = "cpu") -> AgeNet:
     Weights are kept in float32 on CPU (fp16 convolutions are slow there) and cast to half on CUDA.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
+    state.setdefault("chip_size", torch.tensor(CHIP_SIZE, dtype=torch.int32))
     net = AgeNet(n_classes=state["fc.weight"].shape[0])
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     net.eval().to(device)
     return net.half() if device.startswith("cuda") else net
 
 
 def save_age_net(net: AgeNet, path: str | Path) -> None:
-    """Write ``net`` as the shipped format: an fp16 state dict (class ages included)."""
-    state = {k: v.detach().to("cpu", torch.float16) for k, v in net.state_dict().items()}
+    """Write ``net`` as the shipped format: an fp16 state dict (class ages and chip size included)."""
+    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+             for k, v in net.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)

@@ -59,8 +59,9 @@ CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
 class AgeTrainConfig:
     """Hyper-parameters of :func:`train_age` (saved with the metrics)."""
 
-    epochs: int = 16
+    epochs: int = 28
     seed: int = 0
+    chip_size: int = 96  # side of the chips trained on (stored with the weights; the age stage cuts this side)
     batch_size: int = 64
     lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
     weight_decay: float = 0.05
@@ -139,7 +140,7 @@ def jitter_colour(chip: np.ndarray, rng: np.random.Generator, cfg: AgeTrainConfi
 
 
 class ChipDataset(Dataset):
-    """Training chips: item ``(photo index, draw seed)`` -> (3, 64, 64) uint8 tensor of an augmented chip, age."""
+    """Training chips: item ``(photo index, draw seed)`` -> (3, S, S) uint8 tensor of an augmented chip, age."""
 
     def __init__(self, files: Sequence[str], landmarks: np.ndarray, ages: np.ndarray, cfg: AgeTrainConfig):
         self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg
@@ -151,7 +152,7 @@ class ChipDataset(Dataset):
         index, draw = key
         rng = np.random.default_rng(draw)
         points = jitter_landmarks(self.landmarks[index].astype(np.float64), rng, self.cfg)
-        chip = cut_chips(load_rgb(self.files[index]), points[None])[0]
+        chip = cut_chips(load_rgb(self.files[index]), points[None], self.cfg.chip_size)[0]
         if rng.random() < 0.5:
             chip = chip[:, ::-1]  # the chip template is left-right symmetric to within a pixel
         chip = jitter_colour(chip, rng, self.cfg)
@@ -176,9 +177,9 @@ class BalancedSampler(Sampler):
         return iter(zip(picks.tolist(), seeds.tolist()))
 
 
-def validation_chips(files: Sequence[str], landmarks: np.ndarray) -> np.ndarray:
-    """Un-augmented chips, exactly as the pipeline cuts them."""
-    return np.concatenate([cut_chips(load_rgb(f), p[None]) for f, p in zip(files, landmarks)])
+def validation_chips(files: Sequence[str], landmarks: np.ndarray, size: int) -> np.ndarray:
+    """Un-augmented chips, exactly as the pipeline cuts them at scale 1."""
+    return np.concatenate([cut_chips(load_rgb(f), p[None], size) for f, p in zip(files, landmarks)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: f
 
 
 def predict(net: AgeNet, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
-    """Expected ages of uint8 chips (N, 64, 64, 3), as the age stage computes them."""
+    """Expected ages of uint8 chips (N, S, S, 3), as the age stage computes them."""
     net.eval()
     return estimate_ages(net, chips, device, batch_size=512, flip_average=flip_average)[0]
 
@@ -256,13 +257,15 @@ def train_age(
         train_parts.append((labels["file"][keep].tolist(), landmarks[keep], labels["age"][keep].to_numpy()))
         held = found & is_val
         if held.any():
-            val_sets[name] = (validation_chips(labels["file"][held], landmarks[held]), labels["age"][held].to_numpy())
+            chips = validation_chips(labels["file"][held], landmarks[held], config.chip_size)
+            val_sets[name] = (chips, labels["age"][held].to_numpy())
     files = [f for part in train_parts for f in part[0]]
     train_landmarks = np.concatenate([part[1] for part in train_parts])
     ages = np.concatenate([part[2] for part in train_parts]).clip(0, config.max_age).astype(np.float32)
     dataset = ChipDataset(files, train_landmarks, ages, config)
 
     net = widen_head(load_age_net(config.init_weights), config.max_age + 1).to(device)
+    net.chip_size.fill_(config.chip_size)
     for module in [net.stem, *net.blocks[: config.frozen_blocks]]:
         module.requires_grad_(False)
     trainable = [p for p in net.parameters() if p.requires_grad]
