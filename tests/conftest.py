@@ -31,7 +31,8 @@ def shared_data() -> Path:
     return SHARED
 
 
-def rgb_image(w: int = 64, h: int = 48, color=(200, 30, 30)) -> "Image.Image":
+def rgb_image(w: int = 64, h: int = 48, color=(200, 30, 30)):
+    """A solid-colour PIL image."""
     from PIL import Image
 
     return Image.new("RGB", (w, h), color)

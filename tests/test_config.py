@@ -52,6 +52,8 @@ def test_production_config_spells_out_every_default():
         ("name: t\ninput: {paths: []}\noutput: o\n", r"^input.paths: at least one"),
         ("- just\n- a list\n", r"expected a mapping"),
         ("name: [unclosed\n", r"not valid YAML"),
+        (MINIMAL + "age: {weights: []}\n", r"^age.weights: name at least one network"),
+        (MINIMAL + "age: {weights: [default, 3]}\n", r"^age.weights\[1\]: expected a string"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, text, message):
@@ -64,6 +66,9 @@ def test_overrides_and_single_path_string(tmp_path):
     cfg = load_config(write(tmp_path, "name: t\ninput: {paths: data/demo}\noutput: o\n"), {"device": "cpu"})
     assert cfg.input.paths == ("data/demo",)
     assert cfg.device == "cpu"
+    assert cfg.age.weights == ("default",)  # one network name alone is a list of one
+    single = load_config(write(tmp_path, "name: t\ninput: {paths: x}\noutput: o\nage: {weights: dlib}\n"))
+    assert single.age.weights == ("dlib",)
 
 
 def test_config_round_trips_through_its_saved_form(tmp_path):

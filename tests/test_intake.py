@@ -1,7 +1,6 @@
 """Photo intake: every file gets a row with an honest status; awkward formats decode to RGB."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
