@@ -1,4 +1,7 @@
-"""Face alignment: cut each detected face into the 64x64 chip the age network reads, and measure face quality.
+"""Face alignment: cut each detected face into a 64x64 chip, measure face quality on it, and pass it to the age stage.
+
+The age stage reads these chips directly for networks trained on 64-px chips and cuts chips of other sizes with
+the same template (:func:`chip_template` scales with the chip).
 
 The chip geometry lives in two pure functions, :func:`chip_transform` and :func:`cut_chips`, used identically by the
 pipeline stage, ``colortrend eval age`` and ``colortrend train age``: a model only sees chips cut the way it was
