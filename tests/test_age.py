@@ -151,6 +151,7 @@ def test_train_a_step_writes_weights(tmp_path, monkeypatch):
     assert weights.is_file() and (tmp_path / "out" / "metrics.json").is_file()
     net = load_age_net(weights)
     assert net.fc.out_features == config.max_age + 1
+    assert int(net.chip_size) == config.chip_size  # the age stage cuts chips of the size trained on
     assert metrics["history"][0]["train_loss"] > 0
     result = evaluate_age(few_faces_csv(tmp_path, per_set=1), weights=str(weights))
     assert result["n"] == 2
