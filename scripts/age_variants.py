@@ -1,0 +1,64 @@
+"""Accuracy and cost of the age stage's settings: networks x chip scales x mirror averaging, on labelled faces.
+
+Detection and alignment run once per labels file; then each variant of :class:`AgeSettings` ages the same faces,
+so the MAE and the age stage's seconds compare like with like. Prints one line per (labels file, variant).
+
+    python scripts/age_variants.py ../shared/data/age/aaf/labels.csv ../shared/data/age/utkface/labels.csv
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, make_detector, read_labels
+from colortrend.stages.age import FINETUNED_WEIGHTS, AgeSettings, AgeStage
+from colortrend.stages.align import AlignStage
+
+W64, W96 = (str(w) for w in FINETUNED_WEIGHTS)
+VARIANTS = {
+    "pair, 3 scales, mirror (default)": AgeSettings(),
+    "pair, 1 scale, mirror": AgeSettings(scales=(1.0,)),
+    "pair, 3 scales, no mirror": AgeSettings(flip_average=False),
+    "pair, 1 scale, no mirror": AgeSettings(scales=(1.0,), flip_average=False),
+    "96 px alone, 3 scales, mirror": AgeSettings(weights=W96),
+    "96 px alone, 1 scale, mirror": AgeSettings(weights=W96, scales=(1.0,)),
+    "64 px alone, 3 scales, mirror": AgeSettings(weights=W64),
+    "64 px alone, 1 scale, mirror": AgeSettings(weights=W64, scales=(1.0,)),
+}
+
+
+def aligned_batches(labels_csv: str, split: str, batch_size: int = 32) -> list[tuple[dict, np.ndarray]]:
+    """(aligned batch, true ages) pairs covering the listed photos of ``split``."""
+    labels = read_labels(labels_csv, split)
+    detector, align = make_detector("cpu", EVAL_MIN_FACE_PX), AlignStage()
+    batches = []
+    for start in range(0, len(labels), batch_size):
+        part = labels.iloc[start : start + batch_size]
+        images = [load_rgb(f) for f in part["file"]]
+        batches.append((align(detection_batch(images, "cpu", EVAL_MIN_FACE_PX, detector)), part["age"].to_numpy()))
+    return batches
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("labels", nargs="+", help="labels.csv files (path,age)")
+    parser.add_argument("--split", default="val", choices=["all", "train", "val"])
+    args = parser.parse_args()
+    for csv in args.labels:
+        batches = aligned_batches(csv, args.split)
+        for name, settings in VARIANTS.items():
+            stage = AgeStage(settings)
+            stage.setup()
+            started, errors = time.perf_counter(), []
+            for batch, ages in batches:
+                out = stage(dict(batch))
+                errors += [abs(out["age"][i][0] - age) for i, age in enumerate(ages) if len(out["age"][i])]
+            print(f"{Path(csv).parent.name}\t{name}\tMAE {np.mean(errors):.3f}\tn {len(errors)}"
+                  f"\tage stage {time.perf_counter() - started:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
