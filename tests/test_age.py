@@ -128,6 +128,10 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch))
              for w in FINETUNED_WEIGHTS for s in AgeSettings().scales]
     averaged = AgeStage(AgeSettings())(dict(batch))
+    twice = AgeStage(AgeSettings(weights=("dlib", "dlib")))(dict(batch))  # same-size networks share their chips
+    once = AgeStage(AgeSettings(weights="dlib"))(dict(batch))
+    for i in range(len(labels)):
+        np.testing.assert_allclose(twice["age"][i], once["age"][i], rtol=1e-6)
     for i in range(len(labels)):
         if not len(batch["chips"][i]):
             continue

@@ -120,3 +120,15 @@ def test_eval_parsing_prints_json_and_writes_masks(shared_data, tmp_path):
     assert metrics["n"] == 2 and metrics["iou"] > 0.7
     mask = Image.open(tmp_path / "masks" / "0008.png")
     assert mask.size == Image.open(ccp / "images" / "0008.jpg").size
+
+
+def test_train_age_defaults_are_the_training_recipe():
+    """`train age` with no options reproduces the shipped 96-px network: its defaults are AgeTrainConfig's."""
+    from colortrend.cli import train_age
+    from colortrend.training.age import AgeTrainConfig
+
+    defaults = {p.name: p.default for p in train_age.params}
+    recipe = AgeTrainConfig()
+    assert defaults["epochs"] == recipe.epochs
+    assert defaults["seed"] == recipe.seed
+    assert defaults["chip_size"] == recipe.chip_size

@@ -142,10 +142,13 @@ class AgeStage(Stage):
         """Age and age_sd of every face of ``photos``: the moments of the equal mixture of the distributions of
         every network at every scale."""
         means, second_moments = [], []
+        cut: dict[tuple[int, float], np.ndarray] = {}  # networks of the same chip size share their chips
         for model in self._models:
             for scale in self.settings.scales:
-                chips = self.chips(batch, photos, int(model.chip_size), scale)
-                mean, sd = estimate_ages(model, chips, self.device, self.settings.batch_size,
+                key = (int(model.chip_size), scale)
+                if key not in cut:
+                    cut[key] = self.chips(batch, photos, *key)
+                mean, sd = estimate_ages(model, cut[key], self.device, self.settings.batch_size,
                                          self.settings.flip_average)
                 means.append(mean.astype(np.float64))
                 second_moments.append(sd.astype(np.float64) ** 2 + means[-1] ** 2)
