@@ -48,7 +48,7 @@ def timed_process(cmd: list[str], env: dict) -> tuple[float, str, float]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return wall, "\n".join(lines[:-1]), json.loads(lines[-1])["peak_mb"]
 
 
@@ -57,7 +57,8 @@ def run_colortrend(photos: Path, device: str, env: dict) -> dict:
         config = Path(tmp) / "bench.yaml"
         config.write_text(json.dumps({"name": "bench", "input": {"paths": [str(photos)], "year": 2016},
                                       "output": str(Path(tmp) / "out"), "device": device}))
-        wall, _, peak = timed_process([sys.executable, "-m", "colortrend.cli", "run", str(config), "--no-progress"], env)
+        command = [sys.executable, "-m", "colortrend.cli", "run", str(config), "--no-progress"]
+        wall, _, peak = timed_process(command, env)
         record = json.loads((Path(tmp) / "out" / "_runs" / "latest.json").read_text())
     summary = record["summary"]
     photos_n = sum(summary["photos"].values())
@@ -100,7 +101,8 @@ def main() -> None:
         "colortrend": {"photos_per_s_process": n / ct_wall, "photos_per_s_analysis": n / ct_loop,
                        "wall_s": ct_wall, "peak_mb": med("colortrend", "peak_mb"),
                        "faces": runs["colortrend"][0]["faces"], "persons": runs["colortrend"][0]["persons"],
-                       "stage_s": {s: statistics.median(r["stage_s"][s] for r in runs["colortrend"]) for s in stage_names}},
+                       "stage_s": {s: statistics.median(r["stage_s"][s] for r in runs["colortrend"])
+                                   for s in stage_names}},
         "facenet_mtcnn_loop": {"photos_per_s_process": n / fn_wall, "photos_per_s_loop": n / fn_loop,
                                "wall_s": fn_wall, "peak_mb": med("facenet", "peak_mb"),
                                "faces": runs["facenet"][0]["faces"], "min_face_size": args.facenet_min_face},

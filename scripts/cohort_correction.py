@@ -39,7 +39,9 @@ def share_errors(kind: str, n: int, sd: float, seed: int) -> tuple[float, float]
     black = rng.random(n) < p
     table = build_histograms(population(true_age + rng.normal(0, sd, n), black, sd), SETTINGS).to_pandas()
     table = table[(table.group_type == "cohort") & (table.bin_id == "black")].set_index("group")
-    truth = pd.Series({label: black[(born >= first) & (born <= last)].mean() for label, first, last in SETTINGS.cohorts})
+    truth = pd.Series({
+        label: black[(born >= first) & (born <= last)].mean() for label, first, last in SETTINGS.cohorts
+    })
     return (table["share"] - truth).abs().mean(), (table["share_soft"] - truth).abs().mean()
 
 

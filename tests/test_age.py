@@ -147,7 +147,7 @@ def test_train_a_step_writes_weights(tmp_path, monkeypatch):
     from colortrend.training import age as training
 
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path / "cache")
-    config = training.AgeTrainConfig(epochs=1, batch_size=4, workers=0, warmup_steps=1)
+    config = training.AgeTrainConfig(epochs=1, batch_size=4, workers=0, warmup_steps=1, chip_scale=0.9)
     metrics = training.train_age(
         [AGE_DATA / "aaf" / "labels.csv"], tmp_path / "out", config, max_photos=12, log=lambda _: None
     )
@@ -155,7 +155,8 @@ def test_train_a_step_writes_weights(tmp_path, monkeypatch):
     assert weights.is_file() and (tmp_path / "out" / "metrics.json").is_file()
     net = load_age_net(weights)
     assert net.fc.out_features == config.max_age + 1
-    assert int(net.chip_size) == config.chip_size  # the age stage cuts chips of the size trained on
+    assert int(net.chip_size) == config.chip_size  # the age stage cuts chips of the size trained on...
+    assert float(net.chip_scale) == config.chip_scale  # ...and of the scale trained on
     assert metrics["history"][0]["train_loss"] > 0
     result = evaluate_age(few_faces_csv(tmp_path, per_set=1), weights=str(weights))
     assert result["n"] == 2

@@ -122,7 +122,8 @@ def test_align_stage_columns_per_photo():
 @needs_aaf
 def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
     """The chip `train age` learns from is the chip the age stage feeds each network, bit for bit, at the chip
-    size stored with its weights."""
+    size and scale stored with its weights."""
+    from colortrend.models.age_net import AgeNet, save_age_net
     from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
     from colortrend.stages.age import AgeSettings, AgeStage
     from colortrend.training import age as training
@@ -132,12 +133,15 @@ def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
     landmarks = training.detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log=lambda _: None)
     images = [load_rgb(f) for f in labels["file"]]
     pipeline = AlignStage()(detection_batch(images, "cpu", EVAL_MIN_FACE_PX))
-    age = AgeStage(AgeSettings(weights=("default", "dlib")))
+    odd = tmp_path / "odd.pt"  # a network trained on 80-px chips that show more of the head
+    save_age_net(AgeNet(chip_size=80, chip_scale=0.85), odd)
+    age = AgeStage(AgeSettings(weights=("default", "dlib", str(odd))))
     age.setup()
-    # The shipped pair was trained at 64 px and at `train age`'s default size; dlib's network at 64 px.
-    assert age.chip_sizes == [CHIP_SIZE, training.AgeTrainConfig().chip_size, CHIP_SIZE]
+    # dlib's network read the aligner's 64-px chips; the saved geometry comes back exactly (not rounded to fp16).
+    assert age.chip_geometry[-2:] == [(CHIP_SIZE, 1.0), (80, 0.85)]
 
-    for size in set(age.chip_sizes):
-        inference_chips = age.chips(pipeline, [0, 1], size)
+    for size, scale in set(age.chip_geometry):
+        inference_chips = age.chips(pipeline, [0, 1], size, scale)
         assert inference_chips.shape == (2, size, size, 3)
-        np.testing.assert_array_equal(training.validation_chips(labels["file"], landmarks, size), inference_chips)
+        expected = training.validation_chips(labels["file"], landmarks, size, scale)
+        np.testing.assert_array_equal(expected, inference_chips)

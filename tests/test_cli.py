@@ -132,3 +132,4 @@ def test_train_age_defaults_are_the_training_recipe():
     assert defaults["epochs"] == recipe.epochs
     assert defaults["seed"] == recipe.seed
     assert defaults["chip_size"] == recipe.chip_size
+    assert defaults["chip_scale"] == recipe.chip_scale

@@ -33,7 +33,8 @@ def reports_errors(fn):
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object on the last line.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the metrics as one JSON object on the last line.")
 
 
 def split_option(trainer: str):
@@ -52,7 +53,8 @@ def load(config: str, **overrides):
 @click.option("-v", "--verbose", is_flag=True, help="Log each step (recovery, retries, stage timings).")
 def main(verbose: bool) -> None:
     """Which clothing colours does each age group and birth cohort wear? Measured from photos of people."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 @main.command(context_settings=CONTEXT)
@@ -177,7 +179,8 @@ def eval_color(labels: str, device: str, split: str, as_json: bool, save_predict
 
 @main.command(context_settings=CONTEXT)
 @click.argument("photo", type=click.Path(exists=True, dir_okay=False))
-@click.option("--config", "config", type=click.Path(dir_okay=False), help="Settings to analyse with (default: defaults).")
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="Settings to analyse with (default: defaults).")
 @click.option("--out", "out_png", type=click.Path(dir_okay=False), help="PNG to write (default: <photo>.explain.png).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
 @reports_errors
@@ -207,16 +210,18 @@ def train() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chip-size", type=click.IntRange(32, 256), default=96, show_default=True,
               help="Side of the face chips trained on, in pixels (stored with the weights).")
+@click.option("--chip-scale", type=click.FloatRange(0.5, 2.0), default=1.0, show_default=True,
+              help="Face scale in the chips (stored with the weights): 1.0 = the aligner's, below 1 shows more head.")
 @device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
 @reports_errors
-def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, chip_size: int, device: str,
-              max_photos: int | None):
+def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, chip_size: int, chip_scale: float,
+              device: str, max_photos: int | None):
     """Fine-tune the age network from the shipped weights on one or more LABELS files (`path,age` CSV)."""
     from colortrend.models import pick_device
     from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
 
-    config = AgeTrainConfig(epochs=epochs, seed=seed, chip_size=chip_size)
+    config = AgeTrainConfig(epochs=epochs, seed=seed, chip_size=chip_size, chip_scale=chip_scale)
     metrics = fine_tune(list(labels), out_dir, config, pick_device(device), max_photos=max_photos, log=click.echo)
     click.echo(json.dumps({k: metrics[k] for k in metrics if k != "history"}, default=str))
 
@@ -233,8 +238,8 @@ def train_parsing(ccp_dir: str, out_path: str, epochs: int, seed: int, threads: 
     from colortrend.training.parsing import TrainSettings, train_parsing as fit
 
     metrics_path = str(out_path) + ".metrics.json"
-    metrics = fit(ccp_dir, out_path, TrainSettings(epochs=epochs, seed=seed, threads=threads), metrics_path=metrics_path,
-                  log=click.echo)
+    settings = TrainSettings(epochs=epochs, seed=seed, threads=threads)
+    metrics = fit(ccp_dir, out_path, settings, metrics_path=metrics_path, log=click.echo)
     click.echo(json.dumps(metrics, default=str))
 
 

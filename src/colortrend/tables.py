@@ -34,7 +34,10 @@ GARMENT_CONTEXT = pa.schema(
     ]
 )
 PHOTO_EXTRA = pa.schema([pa.field("n_faces", pa.int32()), pa.field("n_persons", pa.int32())])
-FACE_KEYS = pa.schema([pa.field("photo_id", pa.string(), nullable=False), pa.field("face_idx", pa.int32(), nullable=False)])
+FACE_KEYS = pa.schema([
+    pa.field("photo_id", pa.string(), nullable=False),
+    pa.field("face_idx", pa.int32(), nullable=False),
+])
 
 
 def merge_schemas(parts: Sequence[pa.Schema]) -> pa.Schema:

@@ -28,7 +28,9 @@ from colortrend.stages.dominant import DominantStage
 CLEAR_SHARE = 0.6
 
 
-def predict_colors(labels_csv: str | Path, device: str = "cpu", batch_size: int = 8, split: str = "all") -> pd.DataFrame:
+def predict_colors(
+    labels_csv: str | Path, device: str = "cpu", batch_size: int = 8, split: str = "all"
+) -> pd.DataFrame:
     """One row per listed photo: ``image``, the ground-truth dominant colour (``gt_r/g/b``, ``gt_lab_l/a/b``,
     ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``."""
     from PIL import Image

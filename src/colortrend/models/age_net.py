@@ -7,11 +7,12 @@ here as its own module so the converted weights stay one-to-one with the ONNX ex
 shortcut is a 2x2 average pool, and dlib's residual add zero-pads whichever operand is smaller in channels, rows
 or columns at the *trailing* end (the top-left origin of both stays aligned).
 
-Two buffers travel with the weights. ``class_ages``: dlib weights class 0 as 0.25 years, and a fine-tuned head may
+Three buffers travel with the weights. ``class_ages``: dlib weights class 0 as 0.25 years, and a fine-tuned head may
 extend beyond 80, so the expectation is always taken over the ages the weights were trained with. ``chip_size``: the
 network is fully convolutional with a global average pool, so it runs on any chip side, but it only predicts well
 on chips of the side it was trained on; the age stage cuts chips of that side (weights saved before the buffer
-existed were trained on 64-px chips).
+existed were trained on 64-px chips). ``chip_scale``: the face's scale in the chips trained on (1.0 = the aligner's
+template; below 1 shows more of the head and neck), kept at full precision so the age stage cuts the same chips.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ PIXEL_MEAN = (122.782, 117.001, 104.298)
 CHIP_SIZE = 64
 #: Number of classes of the original head (ages 0..80).
 DLIB_CLASSES = 81
+#: Buffers saved at full precision.
+EXACT = {"chip_scale"}
 
 
 def class_ages(n_classes: int) -> torch.Tensor:
@@ -93,7 +96,7 @@ class AgeNet(nn.Module):
     handle plain pixels.
     """
 
-    def __init__(self, n_classes: int = DLIB_CLASSES, chip_size: int = CHIP_SIZE):
+    def __init__(self, n_classes: int = DLIB_CLASSES, chip_size: int = CHIP_SIZE, chip_scale: float = 1.0):
         super().__init__()
         self.stem = _conv_affine(3, 64, 7, 2, 0)
         self.blocks = nn.Sequential(
@@ -106,6 +109,7 @@ class AgeNet(nn.Module):
         self.fc = nn.Linear(256, n_classes)
         self.register_buffer("class_ages", class_ages(n_classes))
         self.register_buffer("chip_size", torch.tensor(chip_size, dtype=torch.int32))
+        self.register_buffer("chip_scale", torch.tensor(chip_scale, dtype=torch.float64))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the network's precision, exactly as dlib does.
@@ -146,15 +150,21 @@ def load_age_net(path: str | Path, device: str = "cpu") -> AgeNet:
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     state.setdefault("chip_size", torch.tensor(CHIP_SIZE, dtype=torch.int32))
+    state.setdefault("chip_scale", torch.tensor(1.0, dtype=torch.float64))
     net = AgeNet(n_classes=state["fc.weight"].shape[0])
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    net.load_state_dict({k: v.float() if v.is_floating_point() and k not in EXACT else v for k, v in state.items()})
     net.eval().to(device)
-    return net.half() if device.startswith("cuda") else net
+    if device.startswith("cuda"):
+        scale = net.chip_scale.clone()
+        net.half()
+        net.chip_scale = scale  # geometry, not a weight: stays exact
+    return net
 
 
 def save_age_net(net: AgeNet, path: str | Path) -> None:
-    """Write ``net`` as the shipped format: an fp16 state dict (class ages and chip size included)."""
-    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
+    """Write ``net`` as the shipped format: an fp16 state dict (class ages and chip geometry included; the chip
+    scale stays float64 so inference cuts exactly the chips trained on)."""
+    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() and k not in EXACT else v.dtype)
              for k, v in net.state_dict().items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)

@@ -108,9 +108,9 @@ class AgeStage(Stage):
         self._models = [load_age_net(path, self.device) for path in resolve_weights(self.settings.weights)]
 
     @property
-    def chip_sizes(self) -> list[int]:
-        """Side of the chips each loaded network was trained on."""
-        return [int(model.chip_size) for model in self._models]
+    def chip_geometry(self) -> list[tuple[int, float]]:
+        """(side, scale) of the chips each loaded network was trained on."""
+        return [(int(model.chip_size), float(model.chip_scale)) for model in self._models]
 
     def process(self, batch: Batch) -> Batch:
         n_photos = len(batch["status"])
@@ -142,10 +142,10 @@ class AgeStage(Stage):
         """Age and age_sd of every face of ``photos``: the moments of the equal mixture of the distributions of
         every network at every scale."""
         means, second_moments = [], []
-        cut: dict[tuple[int, float], np.ndarray] = {}  # networks of the same chip size share their chips
-        for model in self._models:
+        cut: dict[tuple[int, float], np.ndarray] = {}  # networks of the same chip geometry share their chips
+        for model, (size, chip_scale) in zip(self._models, self.chip_geometry):
             for scale in self.settings.scales:
-                key = (int(model.chip_size), scale)
+                key = (size, chip_scale * scale)
                 if key not in cut:
                     cut[key] = self.chips(batch, photos, *key)
                 mean, sd = estimate_ages(model, cut[key], self.device, self.settings.batch_size,

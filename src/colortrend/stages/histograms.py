@@ -332,7 +332,9 @@ class AgeCalibration:
         keep = np.isfinite(true_age) & np.isfinite(predicted_age)
         true_age, error = true_age[keep], predicted_age[keep] - true_age[keep]
         if len(true_age) < MIN_CALIBRATION_FACES:
-            raise ValueError(f"age calibration: {len(true_age)} labelled faces, at least {MIN_CALIBRATION_FACES} needed")
+            raise ValueError(
+                f"age calibration: {len(true_age)} labelled faces, at least {MIN_CALIBRATION_FACES} needed"
+            )
         grid = np.clip(np.arange(MAX_TRUE_AGE + 1.0), true_age.min(), true_age.max())
         w = np.exp(-0.5 * ((grid[:, None] - true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2)
         w /= w.sum(axis=1, keepdims=True)
@@ -435,7 +437,8 @@ def _sales_lab(sales: pd.DataFrame) -> NDArray[np.float64]:
         lab[given] = rgb_to_lab(rgb[given])
     todo = np.isnan(lab[:, 0])
     if todo.any():
-        lookup = {e.en.casefold(): i for i, e in enumerate(NAMED_COLORS)} | {e.zh: i for i, e in enumerate(NAMED_COLORS)}
+        lookup = {e.en.casefold(): i for i, e in enumerate(NAMED_COLORS)}
+        lookup |= {e.zh: i for i, e in enumerate(NAMED_COLORS)}
         names = sales.loc[todo, "color_name"] if "color_name" in sales.columns else pd.Series([None] * todo.sum())
         idx = [lookup.get(str(n).strip().casefold(), -1) if pd.notna(n) else -1 for n in names]
         unknown = sorted({str(n) for n, i in zip(names, idx) if i < 0})

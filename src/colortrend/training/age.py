@@ -55,7 +55,7 @@ from colortrend.evaluate.age import (
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, estimate_ages
-from colortrend.stages.align import cut_chips
+from colortrend.stages.align import TEMPLATE_SCALE, chip_template, cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
 
@@ -67,6 +67,7 @@ class AgeTrainConfig:
     epochs: int = 28
     seed: int = 0
     chip_size: int = 96  # side of the chips trained on (stored with the weights; the age stage cuts this side)
+    chip_scale: float = 1.0  # face scale in the chip (stored too): 1.0 = the aligner's template, < 1 shows more head
     batch_size: int = 64
     lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
     weight_decay: float = 0.05
@@ -149,6 +150,7 @@ class ChipDataset(Dataset):
 
     def __init__(self, files: Sequence[str], landmarks: np.ndarray, ages: np.ndarray, cfg: AgeTrainConfig):
         self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg
+        self.template = chip_template(cfg.chip_size, scale=TEMPLATE_SCALE * cfg.chip_scale)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -157,7 +159,7 @@ class ChipDataset(Dataset):
         index, draw = key
         rng = np.random.default_rng(draw)
         points = jitter_landmarks(self.landmarks[index].astype(np.float64), rng, self.cfg)
-        chip = cut_chips(load_rgb(self.files[index]), points[None], self.cfg.chip_size)[0]
+        chip = cut_chips(load_rgb(self.files[index]), points[None], self.cfg.chip_size, self.template)[0]
         if rng.random() < 0.5:
             chip = chip[:, ::-1]  # the chip template is left-right symmetric to within a pixel
         chip = jitter_colour(chip, rng, self.cfg)
@@ -182,9 +184,10 @@ class BalancedSampler(Sampler):
         return iter(zip(picks.tolist(), seeds.tolist()))
 
 
-def validation_chips(files: Sequence[str], landmarks: np.ndarray, size: int) -> np.ndarray:
-    """Un-augmented chips, exactly as the pipeline cuts them at scale 1."""
-    return np.concatenate([cut_chips(load_rgb(f), p[None], size) for f, p in zip(files, landmarks)])
+def validation_chips(files: Sequence[str], landmarks: np.ndarray, size: int, scale: float = 1.0) -> np.ndarray:
+    """Un-augmented chips, exactly as the pipeline cuts them for a network of this chip size and scale."""
+    template = chip_template(size, scale=TEMPLATE_SCALE * scale)
+    return np.concatenate([cut_chips(load_rgb(f), p[None], size, template) for f, p in zip(files, landmarks)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def train_age(
         train_parts.append((labels["file"][keep].tolist(), landmarks[keep], labels["age"][keep].to_numpy()))
         held = found & is_val
         if held.any():
-            chips = validation_chips(labels["file"][held], landmarks[held], config.chip_size)
+            chips = validation_chips(labels["file"][held], landmarks[held], config.chip_size, config.chip_scale)
             val_sets[name] = (chips, labels["age"][held].to_numpy())
     files = [f for part in train_parts for f in part[0]]
     train_landmarks = np.concatenate([part[1] for part in train_parts])
@@ -271,6 +274,7 @@ def train_age(
 
     net = widen_head(load_age_net(config.init_weights), config.max_age + 1).to(device)
     net.chip_size.fill_(config.chip_size)
+    net.chip_scale.fill_(config.chip_scale)
     for module in [net.stem, *net.blocks[: config.frozen_blocks]]:
         module.requires_grad_(False)
     trainable = [p for p in net.parameters() if p.requires_grad]

@@ -270,7 +270,8 @@ def train_parsing(ccp_dir: str | Path, out_path: str | Path, settings: TrainSett
     """Train the parser on CCP's training split and save fp16 weights to ``out_path``.
 
     ``settings`` and ``geom`` default to :class:`TrainSettings` and the segment stage's default geometry (the
-    shipped weights' values). Returns (and writes to ``metrics_path``, when given) the validation-split figures, settings and timing.
+    shipped weights' values). Returns (and writes to ``metrics_path``, when given) the validation-split figures,
+    settings and timing.
     """
     settings, geom = settings or TrainSettings(), geom or SegmentSettings().geometry
     torch.manual_seed(settings.seed)
