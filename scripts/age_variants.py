@@ -17,16 +17,13 @@ from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb,
 from colortrend.stages.age import FINETUNED_WEIGHTS, AgeSettings, AgeStage
 from colortrend.stages.align import AlignStage
 
-W64, W96 = (str(w) for w in FINETUNED_WEIGHTS)
 VARIANTS = {
-    "pair, 3 scales, mirror (default)": AgeSettings(),
-    "pair, 1 scale, mirror": AgeSettings(scales=(1.0,)),
-    "pair, 3 scales, no mirror": AgeSettings(flip_average=False),
-    "pair, 1 scale, no mirror": AgeSettings(scales=(1.0,), flip_average=False),
-    "96 px alone, 3 scales, mirror": AgeSettings(weights=W96),
-    "96 px alone, 1 scale, mirror": AgeSettings(weights=W96, scales=(1.0,)),
-    "64 px alone, 3 scales, mirror": AgeSettings(weights=W64),
-    "64 px alone, 1 scale, mirror": AgeSettings(weights=W64, scales=(1.0,)),
+    "default (4 networks), scale 1, mirror": AgeSettings(),
+    "default, 3 scales, mirror": AgeSettings(scales=(0.94, 1.0, 1.06)),
+    "default, scale 1, no mirror": AgeSettings(flip_average=False),
+    "64 px + 96 px (the previous default), 3 scales, mirror": AgeSettings(
+        weights=tuple(str(w) for w in FINETUNED_WEIGHTS[:2]), scales=(0.94, 1.0, 1.06)),
+    **{f"{w.stem} alone, scale 1, mirror": AgeSettings(weights=str(w)) for w in FINETUNED_WEIGHTS},
 }
 
 

@@ -68,7 +68,10 @@ def test_moments_of_a_known_distribution():
 
 
 def test_default_weights_resolve_and_bad_path_is_reported():
-    assert len(resolve_weights("default")) == 2 and all(p.is_file() for p in resolve_weights("default"))
+    shipped = resolve_weights("default")
+    assert len(shipped) == 4 and all(p.is_file() for p in shipped)
+    geometry = {(int(net.chip_size), float(net.chip_scale)) for net in map(load_age_net, shipped)}
+    assert len(geometry) == len(shipped)  # each network sees the face differently: that is why they are averaged
     assert resolve_weights("dlib") == [DLIB_WEIGHTS]
     with pytest.raises(ConfigError, match="age.weights"):
         resolve_weights("/nonexistent/age.pt")
@@ -125,9 +128,9 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     for image, landmarks, chips in zip(batch["image"], batch["landmarks"], batch["chips"]):  # scale 1 = align's chip
         same = cut_chips(image, np.asarray(landmarks).reshape(-1, 5, 2), template=chip_template(scale=TEMPLATE_SCALE))
         np.testing.assert_array_equal(same, chips)
-    views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch))
-             for w in FINETUNED_WEIGHTS for s in AgeSettings().scales]
-    averaged = AgeStage(AgeSettings())(dict(batch))
+    scales = (0.94, 1.0, 1.06)
+    views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch)) for w in FINETUNED_WEIGHTS for s in scales]
+    averaged = AgeStage(AgeSettings(scales=scales))(dict(batch))
     twice = AgeStage(AgeSettings(weights=("dlib", "dlib")))(dict(batch))  # same-size networks share their chips
     once = AgeStage(AgeSettings(weights="dlib"))(dict(batch))
     for i in range(len(labels)):

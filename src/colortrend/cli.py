@@ -130,7 +130,7 @@ def eval_command(name: str, trainer: str):
 
 @eval_command("age", trainer="age")
 @click.option("--weights", multiple=True, default=["default"], show_default=True,
-              help="default (the shipped pair), dlib, or a weights file; repeat to average several networks.")
+              help="default (the shipped four), dlib, or a weights file; repeat to average several networks.")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
 def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple[str, ...],
              save_predictions: str | None):

@@ -1,14 +1,17 @@
 """Age: batched forward passes of the age networks over every face chip of the batch.
 
-The prediction for a face is the mixture of the distributions of every (model, chip scale, mirror image) view: the
-shipped default averages two fine-tuned networks, one trained on 64-px chips and one on 96-px chips, each at three
-chip scales. Two networks trained at different resolutions disagree more than two trained alike, so averaging them
-removes more error (validation MAE on All-Age-Faces: 5.53 and 5.36 alone, 5.22 together; see the README).
+The prediction for a face is the mixture of the distributions of every (network, chip scale, mirror image) view.
+The shipped default averages four fine-tuned networks that each see the face differently: the aligner's framing at
+64 and at 96 px, a wider framing (more hair, ears and neck) and a closer one (the inner face in more detail), both
+at 96 px. Networks that see different views disagree more than networks trained alike, so their average removes
+more error (validation MAE on All-Age-Faces: 5.36-5.59 alone, 5.08 together; see the README). With four views,
+test-time chip scales (``scales``) add nothing, so the default is the trained framing only.
 
-Chips are cut at the side each network was trained on (stored with its weights): the aligner's 64-px chips are
-reused at scale 1, other sides and scales are cut again from the photo with the same template.
+Each network's chips are cut at the side and framing it was trained on (both stored with its weights): the
+aligner's 64-px chips are reused where they match, other chips are cut again from the photo with the same
+template.
 
-Writes ``age`` (expected age in years) and ``age_sd`` (standard deviation of the predicted age distribution, a
+Writes ``age`` (expected age in years) and ``age_sd`` (standard deviation of the predicted distribution, a
 per-face uncertainty) for every face, filtered or not: the quality filters decide what the statistics use, and
 keeping the age of filtered faces lets their effect be measured.
 """
@@ -25,25 +28,31 @@ from colortrend.models import WEIGHTS_DIR
 from colortrend.stages.align import CHIP_SIZE, TEMPLATE_SCALE, chip_template, cut_chips
 from colortrend.stages.base import Batch, Stage, ok_indices
 
-#: Fine-tuned networks shipped with the package (``colortrend train age --chip-size 64`` / ``96``), averaged by
-#: default.
-FINETUNED_WEIGHTS = (WEIGHTS_DIR / "age_finetuned_64.pt", WEIGHTS_DIR / "age_finetuned_96.pt")
+#: Fine-tuned networks shipped with the package, averaged by default (the README gives each one's ``train age``
+#: command): chip side and framing (chip scale) differ, so their errors do.
+FINETUNED_WEIGHTS = tuple(WEIGHTS_DIR / name for name in (
+    "age_finetuned_64.pt",  # 64 px, the aligner's framing
+    "age_finetuned_96.pt",  # 96 px, the aligner's framing
+    "age_finetuned_96_wide.pt",  # 96 px, chip scale 0.8: more hair, ears and neck
+    "age_finetuned_96_close.pt",  # 96 px, chip scale 1.25: the inner face in more detail
+))
 #: dlib's network as converted by ``scripts/convert_age_onnx.py``: the starting point of fine-tuning.
 DLIB_WEIGHTS = WEIGHTS_DIR / "age_dlib_cc0.pt"
 
 
 @dataclass(frozen=True)
 class AgeSettings:
-    # Networks whose predictions are averaged: "default" (the shipped fine-tuned pair), "dlib" (the original
+    # Networks whose predictions are averaged: "default" (the shipped fine-tuned four), "dlib" (the original
     # network), or paths to AgeNet files written by `colortrend train age`. One name or path alone is a list of one.
     weights: tuple[str, ...] = ("default",)
     # Chips per forward pass; a batch's chips go through in as few passes as this allows.
     batch_size: int = 4096
     # Average the predictions for each chip and its mirror image (twice the age network's cost).
     flip_average: bool = True
-    # Chip scales whose predictions are averaged (test-time augmentation): 1.0 is the aligner's chip, 0.94 shows a
-    # little more of the head, 1.06 a little less. Each scale is one more pass of each network.
-    scales: tuple[float, ...] = (0.94, 1.0, 1.06)
+    # Chip scales whose predictions are averaged (test-time augmentation), relative to the framing each network was
+    # trained on: 1.0 is that framing, 0.94 shows a little more of the head, 1.06 a little less. Each scale is one
+    # more pass of each network; with the default four networks more scales do not lower the error.
+    scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, str):
@@ -51,7 +60,7 @@ class AgeSettings:
         if not self.weights:
             raise ValueError("weights: name at least one network (default, dlib or a weights file)")
         if not self.scales or not all(0.5 <= s <= 2.0 for s in self.scales):
-            raise ValueError("scales: one or more chip scales between 0.5 and 2.0 (1.0 = the aligner's chip)")
+            raise ValueError("scales: one or more chip scales between 0.5 and 2.0 (1.0 = the trained framing)")
 
 
 def resolve_weights(weights: str | tuple[str, ...]) -> list[Path]:
@@ -129,7 +138,8 @@ class AgeStage(Stage):
 
     @staticmethod
     def chips(batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0) -> np.ndarray:
-        """The ``size``-px chips of every face of ``photos`` at ``scale`` (64 px at scale 1 = the aligner's chips)."""
+        """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1 = the aligner's
+        chips)."""
         if scale == 1.0 and size == CHIP_SIZE:
             return np.concatenate([batch["chips"][i] for i in photos])
         template = chip_template(size, scale=TEMPLATE_SCALE * scale)

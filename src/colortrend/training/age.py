@@ -9,8 +9,9 @@ small).
 
 Chip size: dlib's network read 64-px chips, but it is fully convolutional, and fine-tuned on 96-px chips (the same
 template, scaled) it sees more detail and scores better (validation MAE 5.36 / 5.18 against 5.53 / 5.24 at 64 px,
-All-Age-Faces / UTKFace); the size is stored with the weights so the age stage cuts chips to match. The shipped
-default averages one network of each size.
+All-Age-Faces / UTKFace); the size is stored with the weights so the age stage cuts chips to match. So is the
+chip scale (the framing: below 1 the chip shows more hair, ears and neck, above 1 the inner face closer up).
+Networks trained on different sizes and framings err differently, and the shipped default averages four of them.
 
 Validation: the photos :func:`colortrend.evaluate.age.validation_mask` holds out (15 % of each folder, by a hash of
 the path) are never trained on; the epoch with the lowest mean of the per-folder validation MAEs is kept.
