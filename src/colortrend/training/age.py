@@ -298,7 +298,7 @@ def train_age(
         persistent_workers=config.workers > 0,
         worker_init_fn=_single_thread_worker,
     )
-    flip_average = AgeSettings().flip_average  # as the pipeline predicts, at the aligner's chip scale only
+    flip_average = AgeSettings().flip_average  # as the pipeline predicts, at the framing trained on
     history: list[dict] = []
     best: dict | None = None
     step = 0
