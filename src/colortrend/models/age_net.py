@@ -155,9 +155,8 @@ def load_age_net(path: str | Path, device: str = "cpu") -> AgeNet:
     net.load_state_dict({k: v.float() if v.is_floating_point() and k not in EXACT else v for k, v in state.items()})
     net.eval().to(device)
     if device.startswith("cuda"):
-        scale = net.chip_scale.clone()
-        net.half()
-        net.chip_scale = scale  # geometry, not a weight: stays exact
+        for weights in (net.stem, net.blocks, net.fc):  # the buffers (class ages, chip geometry) stay as saved
+            weights.half()
     return net
 
 

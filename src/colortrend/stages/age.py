@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from colortrend.errors import ConfigError
 from colortrend.models import WEIGHTS_DIR
-from colortrend.stages.align import CHIP_SIZE, TEMPLATE_SCALE, chip_template, cut_chips
+from colortrend.stages.align import CHIP_SIZE, cut_chips
 from colortrend.stages.base import Batch, Stage, ok_indices
 
 #: Fine-tuned networks shipped with the package, averaged by default (the README gives each one's ``train age``
@@ -142,9 +142,8 @@ class AgeStage(Stage):
         chips)."""
         if scale == 1.0 and size == CHIP_SIZE:
             return np.concatenate([batch["chips"][i] for i in photos])
-        template = chip_template(size, scale=TEMPLATE_SCALE * scale)
         return np.concatenate([
-            cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2), size, template)
+            cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2), size, scale=scale)
             for i in photos
         ])
 

@@ -93,13 +93,20 @@ def transform_scale(matrix: np.ndarray) -> float:
 
 
 def cut_chips(
-    image: np.ndarray, landmarks: np.ndarray, size: int = CHIP_SIZE, template: np.ndarray | None = None
+    image: np.ndarray,
+    landmarks: np.ndarray,
+    size: int = CHIP_SIZE,
+    template: np.ndarray | None = None,
+    scale: float = 1.0,
 ) -> np.ndarray:
     """Cut one aligned chip per face: ``image`` (H, W, 3) uint8, ``landmarks`` (n, 5, 2) -> (n, size, size, 3) uint8.
 
-    Pixels outside the photo are black, as in dlib's ``extract_image_chip``. ``template`` as in
-    :func:`chip_transform` (only the template search passes one).
+    Pixels outside the photo are black, as in dlib's ``extract_image_chip``. ``scale`` frames the face relative to
+    the aligner's chip (below 1 shows more of the head; age networks store the scale they were trained on);
+    ``template`` as in :func:`chip_transform` replaces the framing (only the template search passes one).
     """
+    if template is None:
+        template = chip_template(size, scale=TEMPLATE_SCALE * scale)
     landmarks = np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
     chips = np.zeros((len(landmarks), size, size, 3), dtype=np.uint8)
     for k, points in enumerate(landmarks):

@@ -56,7 +56,7 @@ from colortrend.evaluate.age import (
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, estimate_ages
-from colortrend.stages.align import TEMPLATE_SCALE, chip_template, cut_chips
+from colortrend.stages.align import cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
 
@@ -151,7 +151,6 @@ class ChipDataset(Dataset):
 
     def __init__(self, files: Sequence[str], landmarks: np.ndarray, ages: np.ndarray, cfg: AgeTrainConfig):
         self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg
-        self.template = chip_template(cfg.chip_size, scale=TEMPLATE_SCALE * cfg.chip_scale)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -160,7 +159,7 @@ class ChipDataset(Dataset):
         index, draw = key
         rng = np.random.default_rng(draw)
         points = jitter_landmarks(self.landmarks[index].astype(np.float64), rng, self.cfg)
-        chip = cut_chips(load_rgb(self.files[index]), points[None], self.cfg.chip_size, self.template)[0]
+        chip = cut_chips(load_rgb(self.files[index]), points[None], self.cfg.chip_size, scale=self.cfg.chip_scale)[0]
         if rng.random() < 0.5:
             chip = chip[:, ::-1]  # the chip template is left-right symmetric to within a pixel
         chip = jitter_colour(chip, rng, self.cfg)
@@ -187,8 +186,7 @@ class BalancedSampler(Sampler):
 
 def validation_chips(files: Sequence[str], landmarks: np.ndarray, size: int, scale: float = 1.0) -> np.ndarray:
     """Un-augmented chips, exactly as the pipeline cuts them for a network of this chip size and scale."""
-    template = chip_template(size, scale=TEMPLATE_SCALE * scale)
-    return np.concatenate([cut_chips(load_rgb(f), p[None], size, template) for f, p in zip(files, landmarks)])
+    return np.concatenate([cut_chips(load_rgb(f), p[None], size, scale=scale) for f, p in zip(files, landmarks)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
