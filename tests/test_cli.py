@@ -133,3 +133,4 @@ def test_train_age_defaults_are_the_training_recipe():
     assert defaults["seed"] == recipe.seed
     assert defaults["chip_size"] == recipe.chip_size
     assert defaults["chip_scale"] == recipe.chip_scale
+    assert defaults["arch"] == recipe.arch and defaults["threads"] == recipe.threads

@@ -206,22 +206,27 @@ def train() -> None:
 @click.argument("labels", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for age_finetuned.pt and metrics.json.")
+@click.option("--arch", type=click.Choice(["aresnet10", "lite0"]), default="aresnet10", show_default=True,
+              help="aresnet10: dlib's age network, fine-tuned; lite0: EfficientNet-Lite0 from ImageNet weights.")
 @click.option("--epochs", type=int, default=28, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chip-size", type=click.IntRange(32, 256), default=96, show_default=True,
               help="Side of the face chips trained on, in pixels (stored with the weights).")
 @click.option("--chip-scale", type=click.FloatRange(0.5, 2.0), default=1.0, show_default=True,
               help="Face scale in the chips (stored with the weights): 1.0 = the aligner's, below 1 shows more head.")
+@click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (one more process "
+              "cuts the chips).")
 @device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
 @reports_errors
-def train_age(labels: tuple[str, ...], out_dir: str, epochs: int, seed: int, chip_size: int, chip_scale: float,
-              device: str, max_photos: int | None):
-    """Fine-tune the age network from the shipped weights on one or more LABELS files (`path,age` CSV)."""
+def train_age(labels: tuple[str, ...], out_dir: str, arch: str, epochs: int, seed: int, chip_size: int,
+              chip_scale: float, threads: int, device: str, max_photos: int | None):
+    """Train an age network on one or more LABELS files (`path,age` CSV), from dlib's or ImageNet weights."""
     from colortrend.models import pick_device
     from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
 
-    config = AgeTrainConfig(epochs=epochs, seed=seed, chip_size=chip_size, chip_scale=chip_scale)
+    config = AgeTrainConfig(arch=arch, epochs=epochs, seed=seed, chip_size=chip_size, chip_scale=chip_scale,
+                            threads=threads)
     metrics = fine_tune(list(labels), out_dir, config, pick_device(device), max_photos=max_photos, log=click.echo)
     click.echo(json.dumps({k: metrics[k] for k in metrics if k != "history"}, default=str))
 

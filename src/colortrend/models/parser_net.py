@@ -4,10 +4,8 @@ The network sees one person at a time, on a crop anchored on that person's detec
 sits at the top centre of every crop, so the parser only has to label the person below it and can treat everything
 else, passers-by included, as background. The same geometry is used in training and in the pipeline.
 
-The encoder is defined here rather than imported so the runtime needs nothing beyond torch: its layout and parameter
-names follow EfficientNet-Lite0 (Tan & Le 2019; no squeeze-excitation, ReLU6, fixed stem and head), whose ImageNet
-weights only the training code reads (``colortrend.training.parsing``). Stride-2 convolutions pad like TensorFlow's
-"SAME" (one more row/column at the bottom/right) so those weights keep the features they were trained to produce.
+The encoder is EfficientNet-Lite0 (:mod:`colortrend.models.efficientnet_lite`), initialised from ImageNet in
+training.
 
 Labels. ``PARSE_CLASSES`` is what the network predicts; ``CCP_TO_PARSE`` maps the 59 Clothing Co-Parsing classes onto
 it. One-piece garments (dress, romper, suit, swimwear, bodysuit, intimate) cannot be split at the waist from CCP's
@@ -19,7 +17,6 @@ background: they map to ``IGNORE`` and train nothing.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from colortrend.models.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, Lite0Encoder, conv_bn, fuse_batchnorm
 
 PARSE_CLASSES = ("background", "skin", "hair", "upper", "lower", "shoes", "accessory")
 BACKGROUND, SKIN, HAIR, UPPER, LOWER, SHOES, ACCESSORY = range(len(PARSE_CLASSES))
@@ -69,14 +68,6 @@ def ccp_lookup() -> np.ndarray:
     return lut
 
 
-# EfficientNet-Lite0 stages: (repeats, kernel, stride, expansion, out channels); input to the first is the 32-ch stem.
-_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-# Index of the last block at strides 2, 4, 8, 16, 32: the decoder's skip connections.
-_SKIP_BLOCKS = (0, 2, 4, 10, 15)
-_BN_EPS = 1e-3
-#: Input normalisation of EfficientNet-Lite (TensorFlow preprocessing): (rgb - 127) / 128.
-PIXEL_MEAN, PIXEL_STD = 127.0, 128.0
 #: Grey that fills the parts of a crop outside the photo: 0 after normalisation.
 PAD_VALUE = 127
 
@@ -138,67 +129,9 @@ def cut_crop(image: np.ndarray, box: tuple[float, float, float, float], geom: Cr
     return out
 
 
-def _same_pad(kernel: int) -> nn.Module:
-    # TensorFlow "SAME" for stride 2 on even sizes: total padding k - 2, the extra row/column at the bottom/right.
-    total = kernel - 2
-    return nn.ZeroPad2d((total // 2, total - total // 2, total // 2, total - total // 2))
-
-
-def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: dict[str, nn.Module] = {}
-    if stride == 2:
-        layers["pad"] = _same_pad(kernel)
-    layers["conv"] = nn.Conv2d(cin, cout, kernel, stride, 0 if stride == 2 else kernel // 2, groups=groups, bias=False)
-    layers["bn"] = nn.BatchNorm2d(cout, eps=_BN_EPS)
-    if act:
-        layers["act"] = nn.ReLU6(inplace=True)
-    return nn.Sequential(OrderedDict(layers))
-
-
-class MBConv(nn.Module):
-    """Inverted residual block: 1x1 expansion, depthwise kxk, linear 1x1 projection, identity skip when shapes allow."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
-        super().__init__()
-        mid = cin * expand
-        self.expand = _conv_bn(cin, mid) if expand != 1 else nn.Identity()
-        self.depthwise = _conv_bn(mid, mid, kernel, stride, groups=mid)
-        self.project = _conv_bn(mid, cout, act=False)
-        self.skip = stride == 1 and cin == cout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(self.depthwise(self.expand(x)))
-        return x + y if self.skip else y
-
-
-class Lite0Encoder(nn.Module):
-    """EfficientNet-Lite0 without its classifier head; returns the features at strides 2, 4, 8, 16 and 32."""
-
-    channels = (16, 24, 40, 112, 320)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = _conv_bn(3, 32, 3, 2)
-        blocks, cin = [], 32
-        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
-            for r in range(repeats):
-                blocks.append(MBConv(cin, cout, kernel, stride if r == 0 else 1, expand))
-                cin = cout
-        self.blocks = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        feats = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in _SKIP_BLOCKS:
-                feats.append(x)
-        return feats
-
-
 def _sep_conv(c: int) -> nn.Sequential:
     """Depthwise-separable 3x3 convolution: the decoder's only spatial mixing, cheap at high resolution."""
-    return nn.Sequential(_conv_bn(c, c, 3, groups=c), _conv_bn(c, c))
+    return nn.Sequential(conv_bn(c, c, 3, groups=c), conv_bn(c, c))
 
 
 class ParserNet(nn.Module):
@@ -208,11 +141,11 @@ class ParserNet(nn.Module):
         super().__init__()
         self.encoder = Lite0Encoder()
         c2, c4, c8, c16, c32 = Lite0Encoder.channels
-        self.lateral = nn.ModuleList([_conv_bn(c, width) for c in (c32, c16, c8, c4)])
+        self.lateral = nn.ModuleList([conv_bn(c, width) for c in (c32, c16, c8, c4)])
         self.smooth = nn.ModuleList([_sep_conv(width) for _ in range(3)])
         # The stride-2 stage sharpens garment edges from the encoder's first block; kept narrow because it is large.
-        self.fine_in = _conv_bn(width, fine_width)
-        self.fine_lateral = _conv_bn(c2, fine_width)
+        self.fine_in = conv_bn(width, fine_width)
+        self.fine_lateral = conv_bn(c2, fine_width)
         self.fine = _sep_conv(fine_width)
         self.classify = nn.Conv2d(fine_width, num_classes, 1)
 
@@ -233,21 +166,6 @@ def normalize(crops: np.ndarray, device: str = "cpu", half: bool = False) -> tor
     x = x.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
     x = x.contiguous(memory_format=torch.channels_last)
     return x.half() if half else x
-
-
-def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every conv + batch-norm pair into one biased convolution (inference only: a quarter less CPU time)."""
-    for module in model.modules():
-        if isinstance(module, nn.Sequential) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d):
-            conv, bn = module.conv, module.bn
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              groups=conv.groups, bias=True)
-            with torch.no_grad():
-                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-                fused.bias.copy_(bn.bias - bn.running_mean * scale)
-            module.conv, module.bn = fused, nn.Identity()
-    return model
 
 
 def load_parser(path: str | Path, device: str = "cpu") -> ParserNet:

@@ -1,4 +1,4 @@
-"""``colortrend train age``: fine-tune the age network on labelled face folders, through the pipeline's own alignment.
+"""``colortrend train age``: train an age network on labelled face folders, through the pipeline's own alignment.
 
 Each training photo goes through the same steps as in a run: decoded like intake decodes it, the most confident
 face found by the pipeline's MTCNN (detections are cached under ``/tmp/colortrend-cache``, keyed by the labels file
@@ -16,14 +16,17 @@ Networks trained on different sizes and framings err differently, and the shippe
 Validation: the photos :func:`colortrend.evaluate.age.validation_mask` holds out (15 % of each folder, by a hash of
 the path) are never trained on; the epoch with the lowest mean of the per-folder validation MAEs is kept.
 
-Overfitting is the limit here (a full fine-tune reached 3.0 years on its training photos and 5.7 on held-out ones),
-so the stem and first residual block keep dlib's weights, weight decay is strong, and the weights validated and
-saved are an exponential moving average of the trained ones.
+Architectures (``arch``): ``aresnet10`` fine-tunes dlib's age network; ``lite0`` trains EfficientNet-Lite0 from its
+ImageNet weights (the ``train`` extra). Overfitting is the limit here (a full fine-tune of dlib's network reached
+3.0 years on its training photos and 5.7 on held-out ones), so the stem and first blocks keep their initial weights
+(and frozen batch norms their statistics), weight decay is strong, and the weights validated and saved are an
+exponential moving average of the trained ones. ImageNet features are further from age than dlib's, so ``lite0``
+trains with a higher learning rate and a shorter average (:data:`ARCHITECTURE_DEFAULTS`).
 
-Head and loss: the head grows from dlib's 81 classes (ages 0..80) to ``max_age + 1``; new classes start as copies
-of the 80-year class, damped so the initial predictions barely move. The loss is cross-entropy against a Gaussian
-label distribution (width growing with age, as labels of older faces are less precise) plus the L1 error of the
-expected age, the quantity that is reported.
+Head and loss: dlib's head grows from 81 classes (ages 0..80) to ``max_age + 1``; new classes start as copies of the
+80-year class, damped so the initial predictions barely move (``lite0``'s head is new, ``max_age + 1`` classes).
+The loss is cross-entropy against a Gaussian label distribution (width growing with age, as labels of older faces
+are less precise) plus the L1 error of the expected age, the quantity that is reported.
 """
 from __future__ import annotations
 
@@ -54,27 +57,40 @@ from colortrend.evaluate.age import (
     validation_mask,
 )
 from colortrend.models import file_checksum
-from colortrend.models.age_net import AgeNet, load_age_net, save_age_net
+from colortrend.models.age_net import AgeModel, AgeNet, Lite0AgeNet, architecture_of, build_age_net, save_age_net
+from colortrend.models.efficientnet_lite import imagenet_state
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, estimate_ages
 from colortrend.stages.align import cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
+#: ``init_weights`` of a lite0 network: EfficientNet-Lite0's ImageNet weights (the ``train`` extra).
+IMAGENET = "imagenet"
+
+
+#: Per architecture, what fine-tuning starts from and the settings that differ: dlib's age network is already an
+#: age model, so it moves gently; EfficientNet-Lite0 starts from ImageNet features and must move further.
+ARCHITECTURE_DEFAULTS = {
+    "aresnet10": {"init_weights": str(DLIB_WEIGHTS), "lr": 2e-4, "frozen_blocks": 1, "ema_decay": 0.999},
+    "lite0": {"init_weights": IMAGENET, "lr": 1e-3, "frozen_blocks": 3, "ema_decay": 0.998},
+}
 
 
 @dataclass(frozen=True)
 class AgeTrainConfig:
-    """Hyper-parameters of :func:`train_age` (saved with the metrics)."""
+    """Hyper-parameters of :func:`train_age` (saved with the metrics). ``None`` takes the architecture's default
+    (:data:`ARCHITECTURE_DEFAULTS`)."""
 
+    arch: str = "aresnet10"  # network: "aresnet10" (dlib's, fine-tuned) or "lite0" (EfficientNet-Lite0 from ImageNet)
     epochs: int = 28
     seed: int = 0
     chip_size: int = 96  # side of the chips trained on (stored with the weights; the age stage cuts this side)
     chip_scale: float = 1.0  # face scale in the chip (stored too): 1.0 = the aligner's template, < 1 shows more head
     batch_size: int = 64
-    lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
+    lr: float | None = None  # AdamW peak learning rate (linear warm-up, cosine decay)
     weight_decay: float = 0.05
     warmup_steps: int = 200
-    frozen_blocks: int = 1  # the stem and this many residual blocks keep dlib's weights (less overfitting, faster)
-    ema_decay: float = 0.999  # validation and the saved weights use this exponential moving average of the weights
+    frozen_blocks: int | None = None  # the stem and this many blocks keep their initial weights (less overfitting)
+    ema_decay: float | None = None  # validation and the saved weights use this exponential moving average
     max_age: int = 100  # the head covers ages 0..max_age; older labels are clipped
     l1_weight: float = 0.5  # weight of |expected age - age| next to the label-distribution cross-entropy
     balance_power: float = 0.5  # sampling weight = (photos in the label's 5-year bin) ** -balance_power
@@ -82,10 +98,17 @@ class AgeTrainConfig:
     max_scale: float = 0.06
     max_shift: float = 0.06
     low_res_prob: float = 0.2  # chance a chip is shrunk to 24-48 px and back
-    init_weights: str = str(DLIB_WEIGHTS)
+    init_weights: str | None = None  # an age weights file of the same architecture, or "imagenet" for lite0
     threads: int = 1  # torch threads in the training process
     workers: int = 1  # processes decoding photos and cutting chips
     min_face_px: float = EVAL_MIN_FACE_PX
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURE_DEFAULTS:
+            raise ValueError(f"arch: one of {', '.join(ARCHITECTURE_DEFAULTS)}, not {self.arch!r}")
+        for key, value in ARCHITECTURE_DEFAULTS[self.arch].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,7 +232,37 @@ def widen_head(net: AgeNet, n_classes: int) -> AgeNet:
     return wide
 
 
-def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: float) -> torch.Tensor:
+def initial_network(config: AgeTrainConfig) -> AgeModel:
+    """The network fine-tuning starts from, its head covering ages 0..max_age and its chip geometry set."""
+    n_classes = config.max_age + 1
+    if config.init_weights == IMAGENET:
+        if config.arch != "lite0":
+            raise ValueError("init_weights: imagenet is for arch lite0")
+        net: AgeModel = Lite0AgeNet(n_classes, config.chip_size)
+        encoder, head = imagenet_state()
+        net.encoder.load_state_dict(encoder)
+        net.head.load_state_dict(head)
+    else:
+        net = build_age_net(torch.load(config.init_weights, map_location="cpu", weights_only=True))
+        if architecture_of(net.state_dict()) != config.arch:
+            raise ValueError(f"init_weights: {config.init_weights} is not a {config.arch} network")
+        if isinstance(net, AgeNet):
+            net = widen_head(net, n_classes)
+    net.chip_size.fill_(config.chip_size)
+    net.chip_scale.fill_(config.chip_scale)
+    return net
+
+
+def update_average(ema: AveragedModel, net: AgeModel, decay: float) -> None:
+    """One step of the weights' moving average; batch-norm statistics are averaged alike (the other buffers, class
+    ages and chip geometry, are constants and ints that averaging could only round)."""
+    ema.update_parameters(net)
+    for (name, averaged), current in zip(ema.module.named_buffers(), net.buffers()):
+        if name.endswith(("running_mean", "running_var")):
+            averaged.lerp_(current, 1 - decay)
+
+
+def age_loss(net: AgeModel, logits: torch.Tensor, ages: torch.Tensor, l1_weight: float) -> torch.Tensor:
     """Cross-entropy against a Gaussian over the classes (sigma = 1 + 0.05 * age) + ``l1_weight`` * L1 of the mean."""
     classes = net.class_ages
     sigma = 1.0 + 0.05 * ages
@@ -220,7 +273,7 @@ def age_loss(net: AgeNet, logits: torch.Tensor, ages: torch.Tensor, l1_weight: f
     return -(target * log_p).sum(dim=1).mean() + l1_weight * (expected - ages).abs().mean()
 
 
-def predict(net: AgeNet, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
+def predict(net: AgeModel, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
     """Expected ages of uint8 chips (N, S, S, 3), as the age stage computes them."""
     net.eval()
     return estimate_ages(net, chips, device, batch_size=512, flip_average=flip_average)[0]
@@ -271,10 +324,9 @@ def train_age(
     ages = np.concatenate([part[2] for part in train_parts]).clip(0, config.max_age).astype(np.float32)
     dataset = ChipDataset(files, train_landmarks, ages, config)
 
-    net = widen_head(load_age_net(config.init_weights), config.max_age + 1).to(device)
-    net.chip_size.fill_(config.chip_size)
-    net.chip_scale.fill_(config.chip_scale)
-    for module in [net.stem, *net.blocks[: config.frozen_blocks]]:
+    net = initial_network(config).to(device)
+    pretrained = net.pretrained_layers(config.frozen_blocks)
+    for module in pretrained:
         module.requires_grad_(False)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
@@ -302,6 +354,8 @@ def train_age(
     step = 0
     for epoch in range(1, config.epochs + 1):
         net.train()
+        for module in pretrained:  # frozen batch norms keep their pretrained statistics
+            module.eval()
         started, losses = time.time(), []
         for chips, target in loader:
             for group in optimizer.param_groups:
@@ -310,7 +364,7 @@ def train_age(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            ema.update_parameters(net)
+            update_average(ema, net, config.ema_decay)
             losses.append(loss.item())
             step += 1
         val_mae = {

