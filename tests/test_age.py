@@ -189,3 +189,26 @@ def test_lite0_network_survives_saving_and_folding(tmp_path):
         before, after = net(chips), loaded(chips)
     assert before.std() > 0.03  # logits that differ by class and chip, so a wrong fold shows
     np.testing.assert_allclose(after.numpy(), before.numpy(), atol=1e-3)  # fp16 storage rounds the weights
+
+
+def test_moving_average_averages_batch_norm_and_keeps_the_chip_geometry():
+    """The saved network is the average of the trained one: its batch-norm statistics are averaged like its weights
+    (statistics of the live weights would not match the averaged ones), and its constants are not rounded."""
+    from colortrend.training.age import moving_average, update_average
+
+    torch.manual_seed(0)
+    net = Lite0AgeNet(n_classes=101, chip_size=48, chip_scale=0.85)
+    ema = moving_average(net, decay=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(4):
+        net.train()
+        loss = net(torch.randint(0, 256, (8, 3, 48, 48), dtype=torch.uint8)).logsumexp(dim=1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        update_average(ema, net)
+    live, averaged = net.encoder.blocks[5].expand.bn, ema.module.encoder.blocks[5].expand.bn
+    assert not torch.allclose(averaged.running_var, live.running_var)
+    assert not torch.allclose(ema.module.fc.weight, net.fc.weight)
+    assert int(ema.module.chip_size) == 48 and float(ema.module.chip_scale) == 0.85
+    assert torch.equal(ema.module.class_ages, net.class_ages)

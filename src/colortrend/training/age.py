@@ -253,13 +253,19 @@ def initial_network(config: AgeTrainConfig) -> AgeModel:
     return net
 
 
-def update_average(ema: AveragedModel, net: AgeModel, decay: float) -> None:
-    """One step of the weights' moving average; batch-norm statistics are averaged alike (the other buffers, class
-    ages and chip geometry, are constants and ints that averaging could only round)."""
+def moving_average(net: AgeModel, decay: float) -> AveragedModel:
+    """The exponential moving average of ``net`` that is validated and saved; kept by :func:`update_average`."""
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def update_average(ema: AveragedModel, net: AgeModel) -> None:
+    """One step of the moving average (``ema`` averages buffers too): weights and batch-norm statistics are averaged
+    alike, so the averaged weights are validated with statistics that match them; the other buffers (class ages,
+    chip geometry, batch counts) are copied, as averaging could only round them."""
     ema.update_parameters(net)
     for (name, averaged), current in zip(ema.module.named_buffers(), net.buffers()):
-        if name.endswith(("running_mean", "running_var")):
-            averaged.lerp_(current, 1 - decay)
+        if not name.endswith(("running_mean", "running_var")):
+            averaged.copy_(current)
 
 
 def age_loss(net: AgeModel, logits: torch.Tensor, ages: torch.Tensor, l1_weight: float) -> torch.Tensor:
@@ -330,7 +336,7 @@ def train_age(
         module.requires_grad_(False)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay))
+    ema = moving_average(net, config.ema_decay)
     steps_per_epoch = max(1, len(dataset) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
 
@@ -364,7 +370,7 @@ def train_age(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            update_average(ema, net, config.ema_decay)
+            update_average(ema, net)
             losses.append(loss.item())
             step += 1
         val_mae = {
