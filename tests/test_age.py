@@ -69,9 +69,10 @@ def test_moments_of_a_known_distribution():
 
 def test_default_weights_resolve_and_bad_path_is_reported():
     shipped = resolve_weights("default")
-    assert len(shipped) == 4 and all(p.is_file() for p in shipped)
-    geometry = {(int(net.chip_size), float(net.chip_scale)) for net in map(load_age_net, shipped)}
-    assert len(geometry) == len(shipped)  # each network sees the face differently: that is why they are averaged
+    assert len(shipped) == 3 and all(p.is_file() for p in shipped)
+    views = {(type(net), int(net.chip_size), float(net.chip_scale)) for net in map(load_age_net, shipped)}
+    assert len(views) == len(shipped)  # each network sees the face differently: that is why they are averaged
+    assert {type(net) for net in map(load_age_net, shipped)} == {AgeNet, Lite0AgeNet}
     assert resolve_weights("dlib") == [DLIB_WEIGHTS]
     with pytest.raises(ConfigError, match="age.weights"):
         resolve_weights("/nonexistent/age.pt")

@@ -1,10 +1,11 @@
 """Age: batched forward passes of the age networks over every face chip of the batch.
 
 The prediction for a face is the mixture of the distributions of every (network, chip scale, mirror image) view.
-The shipped default averages four fine-tuned networks that each see the face differently: the aligner's framing at
-64 and at 96 px, a wider framing (more hair, ears and neck) and a closer one (the inner face in more detail), both
-at 96 px. Networks that see different views disagree more than networks trained alike, so their average removes
-more error (validation MAE on All-Age-Faces: 5.36-5.59 alone, 5.08 together; see the README). With four views,
+The shipped default averages three networks that each see the face differently: two of dlib's ResNet-10 fine-tuned
+on 96-px chips framed wider (more hair, ears and neck) and closer (the inner face in more detail) than the
+aligner's template, and an EfficientNet-Lite0 trained from ImageNet weights on 112-px wide chips. Networks that
+differ in what they see, and in what they started from, err differently, so their average removes more error
+(validation MAE on All-Age-Faces: 5.15-5.45 alone, 4.83 together; see the README). With such different views,
 test-time chip scales (``scales``) add nothing, so the default is the trained framing only.
 
 Each network's chips are cut at the side and framing it was trained on (both stored with its weights): the
@@ -28,13 +29,12 @@ from colortrend.models import WEIGHTS_DIR
 from colortrend.stages.align import CHIP_SIZE, cut_chips
 from colortrend.stages.base import Batch, Stage, ok_indices
 
-#: Fine-tuned networks shipped with the package, averaged by default (the README gives each one's ``train age``
-#: command): chip side and framing (chip scale) differ, so their errors do.
+#: Networks shipped with the package, averaged by default (the README gives each one's ``train age`` command): their
+#: architecture, chip side and framing (chip scale) differ, so their errors do.
 FINETUNED_WEIGHTS = tuple(WEIGHTS_DIR / name for name in (
-    "age_finetuned_64.pt",  # 64 px, the aligner's framing
-    "age_finetuned_96.pt",  # 96 px, the aligner's framing
-    "age_finetuned_96_wide.pt",  # 96 px, chip scale 0.8: more hair, ears and neck
-    "age_finetuned_96_close.pt",  # 96 px, chip scale 1.25: the inner face in more detail
+    "age_finetuned_96_wide.pt",  # dlib's ResNet-10, 96 px, chip scale 0.8: more hair, ears and neck
+    "age_finetuned_96_close.pt",  # dlib's ResNet-10, 96 px, chip scale 1.25: the inner face in more detail
+    "age_lite0_112_wide.pt",  # EfficientNet-Lite0 from ImageNet, 112 px, chip scale 0.8
 ))
 #: dlib's network as converted by ``scripts/convert_age_onnx.py``: the starting point of fine-tuning.
 DLIB_WEIGHTS = WEIGHTS_DIR / "age_dlib_cc0.pt"
@@ -42,8 +42,8 @@ DLIB_WEIGHTS = WEIGHTS_DIR / "age_dlib_cc0.pt"
 
 @dataclass(frozen=True)
 class AgeSettings:
-    # Networks whose predictions are averaged: "default" (the shipped fine-tuned four), "dlib" (the original
-    # network), or paths to AgeNet files written by `colortrend train age`. One name or path alone is a list of one.
+    # Networks whose predictions are averaged: "default" (the shipped three), "dlib" (the original network), or
+    # paths to files written by `colortrend train age`. One name or path alone is a list of one.
     weights: tuple[str, ...] = ("default",)
     # Chips per forward pass; a batch's chips go through in as few passes as this allows.
     batch_size: int = 4096
@@ -51,7 +51,7 @@ class AgeSettings:
     flip_average: bool = True
     # Chip scales whose predictions are averaged (test-time augmentation), relative to the framing each network was
     # trained on: 1.0 is that framing, 0.94 shows a little more of the head, 1.06 a little less. Each scale is one
-    # more pass of each network; with the default four networks more scales do not lower the error.
+    # more pass of each network; with the default three networks more scales do not lower the error.
     scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
@@ -82,7 +82,8 @@ def resolve_weights(weights: str | tuple[str, ...]) -> list[Path]:
 def estimate_ages(
     model, chips: np.ndarray, device: str, batch_size: int = 4096, flip_average: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Age and age_sd (float32, (n,)) of (n, S, S, 3) uint8 chips with a loaded :class:`AgeNet` (S its chip size)."""
+    """Age and age_sd (float32, (n,)) of (n, S, S, 3) uint8 chips with a loaded :class:`AgeModel` (S its chip
+    size)."""
     import torch
 
     from colortrend.models.age_net import chips_to_tensor
