@@ -121,10 +121,14 @@ class AgeModel(nn.Module):
         ``flip_average`` averages the distributions of each chip and its mirror image (the chip template is
         left-right symmetric to within a pixel), at twice the cost.
         """
+        return self.moments(self.distribution(pixels, flip_average))
+
+    def distribution(self, pixels: torch.Tensor, flip_average: bool = False) -> torch.Tensor:
+        """(N, classes) float32 probabilities over :attr:`class_ages` (see :meth:`predict` for ``flip_average``)."""
         p = self(pixels).float().softmax(dim=1)
         if flip_average:
             p = (p + self(pixels.flip(3)).float().softmax(dim=1)) / 2
-        return self.moments(p)
+        return p
 
     def moments(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation, in years, of distributions over :attr:`class_ages`."""
