@@ -18,7 +18,7 @@ from colortrend.stages.age import FINETUNED_WEIGHTS, AgeSettings, AgeStage
 from colortrend.stages.align import AlignStage
 
 VARIANTS = {
-    "default (3 networks), scale 1, mirror": AgeSettings(),
+    "default (4 networks), scale 1, mirror": AgeSettings(),
     "default, 3 scales, mirror": AgeSettings(scales=(0.94, 1.0, 1.06)),
     "default, scale 1, no mirror": AgeSettings(flip_average=False),
     **{f"{w.stem} alone, scale 1, mirror": AgeSettings(weights=str(w)) for w in FINETUNED_WEIGHTS},

@@ -83,7 +83,7 @@ def test_median_of_a_known_distribution():
 
 def test_default_weights_resolve_and_bad_path_is_reported():
     shipped = resolve_weights("default")
-    assert len(shipped) == 3 and all(p.is_file() for p in shipped)
+    assert len(shipped) == 4 and all(p.is_file() for p in shipped)
     views = {(type(net), int(net.chip_size), float(net.chip_scale)) for net in map(load_age_net, shipped)}
     assert len(views) == len(shipped)  # each network sees the face differently: that is why they are averaged
     assert {type(net) for net in map(load_age_net, shipped)} == {AgeNet, Lite0AgeNet}

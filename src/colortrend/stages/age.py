@@ -1,12 +1,12 @@
 """Age: batched forward passes of the age networks over every face chip of the batch.
 
 The prediction for a face is the mixture of the distributions of every (network, chip scale, mirror image) view.
-The shipped default averages three networks that each see the face differently: two of dlib's ResNet-10 fine-tuned
-on 96-px chips framed wider (more hair, ears and neck) and closer (the inner face in more detail) than the
-aligner's template, and an EfficientNet-Lite0 trained from ImageNet weights on 112-px wide chips. Networks that
-differ in what they see, and in what they started from, err differently, so their average removes more error
-(validation MAE on All-Age-Faces: 5.15-5.45 alone, 4.83 together; see the README). With such different views,
-test-time chip scales (``scales``) add nothing, so the default is the trained framing only.
+The shipped default averages four networks that each see the face differently: two of dlib's ResNet-10 fine-tuned
+on 96-px chips framed wider (more hair, ears and neck) and closer (the inner face in more detail) than the aligner's
+template, and two EfficientNet-Lite0 trained from ImageNet weights on 112-px chips, framed wide and as the aligner
+frames them. Networks that differ in what they see, and in what they started from, err differently, so their
+average removes more error (validation MAE on All-Age-Faces: 5.15-5.45 alone, 4.72 together; see the README). With
+such different views, test-time chip scales (``scales``) add nothing, so the default is the trained framing only.
 
 Each network's chips are cut at the side and framing it was trained on (both stored with its weights): the
 aligner's 64-px chips are reused where they match, other chips are cut again from the photo with the same
@@ -36,6 +36,7 @@ FINETUNED_WEIGHTS = tuple(WEIGHTS_DIR / name for name in (
     "age_finetuned_96_wide.pt",  # dlib's ResNet-10, 96 px, chip scale 0.8: more hair, ears and neck
     "age_finetuned_96_close.pt",  # dlib's ResNet-10, 96 px, chip scale 1.25: the inner face in more detail
     "age_lite0_112_wide.pt",  # EfficientNet-Lite0 from ImageNet, 112 px, chip scale 0.8
+    "age_lite0_112.pt",  # EfficientNet-Lite0 from ImageNet, 112 px, the aligner's framing
 ))
 #: dlib's network as converted by ``scripts/convert_age_onnx.py``: the starting point of fine-tuning.
 DLIB_WEIGHTS = WEIGHTS_DIR / "age_dlib_cc0.pt"
@@ -43,7 +44,7 @@ DLIB_WEIGHTS = WEIGHTS_DIR / "age_dlib_cc0.pt"
 
 @dataclass(frozen=True)
 class AgeSettings:
-    # Networks whose predictions are averaged: "default" (the shipped three), "dlib" (the original network), or
+    # Networks whose predictions are averaged: "default" (the shipped four), "dlib" (the original network), or
     # paths to files written by `colortrend train age`. One name or path alone is a list of one.
     weights: tuple[str, ...] = ("default",)
     # Chips per forward pass; a batch's chips go through in as few passes as this allows.
@@ -52,7 +53,7 @@ class AgeSettings:
     flip_average: bool = True
     # Chip scales whose predictions are averaged (test-time augmentation), relative to the framing each network was
     # trained on: 1.0 is that framing, 0.94 shows a little more of the head, 1.06 a little less. Each scale is one
-    # more pass of each network; with the default three networks more scales do not lower the error.
+    # more pass of each network; with the default four networks more scales do not lower the error.
     scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
