@@ -14,8 +14,8 @@ template.
 
 Writes ``age`` (the median of the mixture, in years: the estimate with the least expected absolute error, and
 lower validation MAE than the mixture's mean) and ``age_sd`` (its standard deviation, a per-face uncertainty) for
-every face, filtered or not: the quality filters decide what the statistics use, and
-keeping the age of filtered faces lets their effect be measured.
+every face, filtered or not: the quality filters decide what the statistics use, and keeping the age of filtered
+faces lets their effect be measured.
 """
 from __future__ import annotations
 
