@@ -81,39 +81,19 @@ def resolve_weights(weights: str | tuple[str, ...]) -> list[Path]:
     return paths
 
 
-def estimate_ages(
-    model, chips: np.ndarray, device: str, batch_size: int = 4096, flip_average: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Expected age and its standard deviation (float32, (n,)) of (n, S, S, 3) uint8 chips with one loaded
-    :class:`AgeModel` (S its chip size): what training validates with."""
-    import torch
-
-    from colortrend.models.age_net import chips_to_tensor
-
-    ages, sds = [], []
-    with torch.inference_mode():
-        for start in range(0, len(chips), batch_size):
-            mean, sd = model.predict(chips_to_tensor(chips[start : start + batch_size], device), flip_average)
-            ages.append(mean.cpu().numpy())
-            sds.append(sd.cpu().numpy())
-    if not ages:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(ages).astype(np.float32), np.concatenate(sds).astype(np.float32)
-
-
 def age_distributions(
     model, chips: np.ndarray, device: str, batch_size: int = 4096, flip_average: bool = True
 ) -> np.ndarray:
-    """(n, classes) float64 probabilities over a loaded :class:`AgeModel`'s ages for (n, S, S, 3) uint8 chips."""
+    """(n, classes) float32 probabilities over a loaded :class:`AgeModel`'s ages for (n, S, S, 3) uint8 chips."""
     import torch
 
     from colortrend.models.age_net import chips_to_tensor
 
-    parts = [np.zeros((0, len(model.class_ages)))]
+    parts = [np.zeros((0, len(model.class_ages)), np.float32)]
     with torch.inference_mode():
         for start in range(0, len(chips), batch_size):
             pixels = chips_to_tensor(chips[start : start + batch_size], device)
-            parts.append(model.distribution(pixels, flip_average).cpu().numpy().astype(np.float64))
+            parts.append(model.distribution(pixels, flip_average).cpu().numpy())
     return np.concatenate(parts)
 
 
@@ -124,8 +104,9 @@ def median_and_sd(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     over [0, 0.5]), so the median moves smoothly with the probabilities. The standard deviation is that of the
     classes' ages (class 0 counts as 0.25 years, as in the networks' expected age).
     """
-    ages = np.arange(probabilities.shape[1], dtype=np.float64)
-    ages[0] = 0.25
+    from colortrend.models.age_net import class_ages
+
+    ages = class_ages(probabilities.shape[1]).double().numpy()
     cumulative = np.cumsum(probabilities, axis=1)
     k = np.minimum((cumulative < 0.5).sum(axis=1), probabilities.shape[1] - 1)  # the class holding the median
     rows = np.arange(len(probabilities))
@@ -200,5 +181,6 @@ class AgeStage(Stage):
                 views.append(age_distributions(model, cut[key], self.device, self.settings.batch_size,
                                                self.settings.flip_average))
         classes = max(view.shape[1] for view in views)  # heads differ in length (dlib's ends at 80 years)
-        mixture = np.mean([np.pad(view, ((0, 0), (0, classes - view.shape[1]))) for view in views], axis=0)
+        mixture = np.mean([np.pad(view.astype(np.float64), ((0, 0), (0, classes - view.shape[1]))) for view in views],
+                          axis=0)
         return median_and_sd(mixture)

@@ -60,7 +60,7 @@ from colortrend.evaluate.age import (
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeModel, AgeNet, Lite0AgeNet, architecture_of, build_age_net, save_age_net
 from colortrend.models.efficientnet_lite import imagenet_state
-from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, estimate_ages
+from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, age_distributions
 from colortrend.stages.align import cut_chips
 
 CACHE_DIR = Path(os.environ.get("COLORTREND_CACHE", "/tmp/colortrend-cache"))
@@ -281,9 +281,10 @@ def age_loss(net: AgeModel, logits: torch.Tensor, ages: torch.Tensor, l1_weight:
 
 
 def predict(net: AgeModel, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
-    """Expected ages of uint8 chips (N, S, S, 3), as the age stage computes them."""
+    """Expected ages of uint8 chips (N, S, S, 3), from the distributions the age stage mixes."""
     net.eval()
-    return estimate_ages(net, chips, device, batch_size=512, flip_average=flip_average)[0]
+    probabilities = torch.from_numpy(age_distributions(net, chips, device, batch_size=512, flip_average=flip_average))
+    return net.moments(probabilities.to(net.class_ages.device))[0].cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------------
