@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from colortrend.color.names import NAMED_COLORS
-from colortrend.stages.histograms import HistogramSettings, build_histograms
+from colortrend.aggregate.histograms import HistogramSettings, build_histograms
 
 SETTINGS = HistogramSettings(min_persons=1, bootstrap=1)
 RGB = {c.en: c.rgb for c in NAMED_COLORS}

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from colortrend.color.names import NAMED_COLORS
-from colortrend.stages.histograms import (
+from colortrend.aggregate.histograms import (
     HISTOGRAM_SCHEMA,
     AgeCalibration,
     HistogramSettings,

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from colortrend.color.names import NAMED_COLORS
-from colortrend.stages.histograms import HistogramSettings, build_histograms
+from colortrend.aggregate.histograms import HistogramSettings, build_histograms
 from colortrend.stages.report import ReportSettings, write_report
 
 RGB = {c.en: c.rgb for c in NAMED_COLORS}

@@ -216,17 +216,25 @@ def train() -> None:
               help="Face scale in the chips (stored with the weights): 1.0 = the aligner's, below 1 shows more head.")
 @click.option("--threads", type=int, default=1, show_default=True, help="CPU threads for torch (one more process "
               "cuts the chips).")
+@click.option("--init-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Start from this age weights file of the same architecture (default: dlib's, or ImageNet).")
+@click.option("--lr", type=float, help="Peak learning rate (default: the architecture's).")
+@click.option("--ema-decay", type=float, help="Decay of the weights' moving average (default: the architecture's).")
+@click.option("--samples-per-epoch", type=int, help="Faces drawn per epoch (default: the training faces' number).")
 @device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
 @reports_errors
 def train_age(labels: tuple[str, ...], out_dir: str, arch: str, epochs: int, seed: int, chip_size: int,
-              chip_scale: float, threads: int, device: str, max_photos: int | None):
-    """Train an age network on one or more LABELS files (`path,age` CSV), from dlib's or ImageNet weights."""
+              chip_scale: float, threads: int, init_weights: str | None, lr: float | None, ema_decay: float | None,
+              samples_per_epoch: int | None, device: str, max_photos: int | None):
+    """Train an age network on one or more LABELS files (`path,age` or `path,age_lo,age_hi` CSV: exact ages or age
+    bands), from dlib's or ImageNet weights, or further from a trained network (--init-weights)."""
     from colortrend.models import pick_device
     from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
 
     config = AgeTrainConfig(arch=arch, epochs=epochs, seed=seed, chip_size=chip_size, chip_scale=chip_scale,
-                            threads=threads)
+                            threads=threads, init_weights=init_weights, lr=lr, ema_decay=ema_decay,
+                            samples_per_epoch=samples_per_epoch)
     metrics = fine_tune(list(labels), out_dir, config, pick_device(device), max_photos=max_photos, log=click.echo)
     click.echo(json.dumps({k: metrics[k] for k in metrics if k != "history"}, default=str))
 

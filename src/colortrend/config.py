@@ -21,7 +21,7 @@ from colortrend.stages.age import AgeSettings
 from colortrend.stages.align import AlignSettings
 from colortrend.stages.correct import ColorSettings
 from colortrend.stages.detect import DetectSettings
-from colortrend.stages.histograms import HistogramSettings
+from colortrend.aggregate.histograms import HistogramSettings
 from colortrend.stages.intake import InputSettings
 from colortrend.stages.report import ReportSettings
 from colortrend.stages.segment import SegmentSettings

@@ -63,7 +63,7 @@ def check_environment(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
-    from colortrend.stages.histograms import load_age_calibration, load_sales
+    from colortrend.aggregate.histograms import load_age_calibration, load_sales
 
     for key, path, loader in (("histograms.sales_path", cfg.histograms.sales_path, load_sales),
                               ("histograms.age_calibration_path", cfg.histograms.age_calibration_path,
@@ -200,7 +200,7 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
 
 
 def write_aggregates(cfg: Config, store: Store) -> None:
-    from colortrend.stages.histograms import build_histograms
+    from colortrend.aggregate.histograms import build_histograms
     from colortrend.stages.report import write_report
 
     garments = store.read_table("garments").to_pandas()

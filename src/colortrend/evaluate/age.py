@@ -43,19 +43,35 @@ def validation_mask(paths: Sequence[str], fraction: float = VALIDATION_FRACTION)
 
 
 def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
-    """``path`` (as in the CSV), ``age`` and ``file`` (absolute path) of the rows of ``split``."""
+    """The labelled faces of ``split``: ``path`` (as in the CSV), ``age``, ``age_lo``, ``age_hi``, ``group`` and
+    ``file`` (absolute path).
+
+    A face is labelled with an exact ``age`` (``age_lo`` = ``age_hi`` = ``age``) or with an age band ``age_lo``-
+    ``age_hi``, both ends inclusive (``age`` is then NaN), as FairFace labels them. ``group`` is the optional
+    ``race`` column (None without it), by which band figures are also reported.
+    """
     labels_csv = Path(labels_csv)
     labels = pd.read_csv(labels_csv)
-    missing = {"path", "age"} - set(labels.columns)
-    if missing:
-        raise ConfigError(f"{labels_csv}: no {', '.join(sorted(missing))} column (expected path,age)")
-    labels = labels[["path", "age"]]
+    if "path" not in labels.columns or not ({"age"} <= set(labels.columns) or {"age_lo", "age_hi"} <= set(labels.columns)):
+        raise ConfigError(f"{labels_csv}: expected columns path and age, or path, age_lo and age_hi (an age band)")
+    out = pd.DataFrame({"path": labels["path"].astype(str)})
+    if "age" in labels.columns:
+        out["age"] = pd.to_numeric(labels["age"], errors="coerce")
+        out["age_lo"], out["age_hi"] = out["age"], out["age"]
+    else:
+        out["age"] = np.nan
+        out["age_lo"] = pd.to_numeric(labels["age_lo"], errors="coerce")
+        out["age_hi"] = pd.to_numeric(labels["age_hi"], errors="coerce")
+    if out[["age_lo", "age_hi"]].isna().any().any() or (out["age_lo"] > out["age_hi"]).any():
+        bad = out.index[out["age_lo"].isna() | out["age_hi"].isna() | (out["age_lo"] > out["age_hi"])][0]
+        raise ConfigError(f"{labels_csv}: row {bad + 2} has no valid age or age band")
+    out["group"] = labels["race"].astype(str) if "race" in labels.columns else None
     if split != "all":
-        val = validation_mask(labels["path"].tolist())
-        labels = labels[val if split == "val" else ~val]
-    labels = labels.reset_index(drop=True)
-    labels["file"] = [str(labels_csv.parent / p) for p in labels["path"]]
-    return labels
+        val = validation_mask(out["path"].tolist())
+        out = out[val if split == "val" else ~val]
+    out = out.reset_index(drop=True)
+    out["file"] = [str(labels_csv.parent / p) for p in out["path"]]
+    return out
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -74,21 +90,14 @@ def load_rgb(path: str) -> np.ndarray:
 def detection_batch(images: list[np.ndarray], device: str, min_face_px: float, detector=None) -> Batch:
     """A pipeline batch after the detect stage: images, landmarks (n, 10) and scores, faces by score descending."""
     detector = detector or make_detector(device, min_face_px)
-    detections = detector.detect(images)
-    return {
-        "status": ["ok"] * len(images),
-        "error": [None] * len(images),
-        "image": images,
-        "det_score": [np.asarray(d.scores, np.float32) for d in detections],
-        "landmarks": [np.asarray(d.landmarks, np.float32).reshape(-1, 10) for d in detections],
-    }
+    return detector({"status": ["ok"] * len(images), "error": [None] * len(images), "image": list(images)})
 
 
 def make_detector(device: str, min_face_px: float):
-    """The pipeline's face detector."""
-    from colortrend.models.mtcnn import FaceDetector
+    """The pipeline's detect stage with its default settings, searching faces down to ``min_face_px``."""
+    from colortrend.stages.detect import DetectSettings, DetectStage
 
-    return FaceDetector(device=device, min_face_px=int(min_face_px))
+    return DetectStage(DetectSettings(min_face_px=int(min_face_px)), device)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:

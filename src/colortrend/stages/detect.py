@@ -4,6 +4,11 @@ One :class:`~colortrend.models.mtcnn.FaceDetector` call covers all analysable ph
 batches across photos of any sizes). Faces are kept when their final MTCNN score reaches ``min_score``, best first,
 at most ``max_faces`` per photo. Coordinates are in pixels of the batch's ``image`` (the table builder maps them to
 the original photo). Photos without a kept face keep status ``ok`` with ``n_faces`` 0.
+
+Faces that fill the frame (close selfies, tight crops) are often missed: the chin or the forehead is cut off, and
+MTCNN's windows need some margin around a face. A photo with no face is therefore searched once more inside a
+border of its own edge colours (``retry_border`` times its longer side on each side); faces found there keep
+coordinates in the photo's pixels (a box may reach past the edge). Only photos without a face pay for the retry.
 """
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ class DetectSettings:
     min_score: float = 0.7  # final detection score a face needs to be kept (the statistics filter again in align)
     max_side: int = 1280  # photos with a longer side are downscaled for detection (coordinates map back)
     max_faces: int = 20  # faces kept per photo, best scores first
+    retry_border: float = 0.25  # photos without a face are searched again inside a border this fraction of their
+    # longer side (tight crops and close selfies); 0 turns the retry off
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.retry_border <= 1.0:
+            raise ValueError("retry_border: a fraction of the photo's longer side, 0-1 (0 = no retry)")
 
 
 class DetectStage(Stage):
@@ -75,7 +86,7 @@ class DetectStage(Stage):
         columns = {name: [value] * n_photos for name, value in empty.items()}
         columns["n_faces"] = [0] * n_photos
         ok = ok_indices(batch)
-        for i, found in zip(ok, self._detect([batch["image"][i] for i in ok])):
+        for i, found in zip(ok, self._detect_with_retry([batch["image"][i] for i in ok])):
             if isinstance(found, Exception):
                 fail(batch, i, f"face detection failed: {type(found).__name__}: {found}")
                 continue
@@ -85,6 +96,26 @@ class DetectStage(Stage):
             columns["n_faces"][i] = len(keep)
         batch.update(columns)
         return batch
+
+    def _detect_with_retry(self, images: list[np.ndarray]) -> list[Detections | Exception]:
+        """Detections per image; images without a kept face are searched again inside a border (``retry_border``)."""
+        results = self._detect(images)
+        border = self.settings.retry_border
+        missed = [k for k, found in enumerate(results)
+                  if not isinstance(found, Exception) and not (found.scores >= self.settings.min_score).any()]
+        if not border or not missed:
+            return results
+        import cv2
+
+        from colortrend.models.mtcnn import Detections
+
+        pads = [max(1, round(border * max(images[k].shape[:2]))) for k in missed]
+        padded = [cv2.copyMakeBorder(images[k], pad, pad, pad, pad, cv2.BORDER_REPLICATE) for k, pad in zip(missed, pads)]
+        for k, pad, found in zip(missed, pads, self._detect(padded)):
+            if isinstance(found, Exception) or not len(found):
+                continue
+            results[k] = Detections(boxes=found.boxes - pad, scores=found.scores, landmarks=found.landmarks - pad)
+        return results
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections | Exception]:
         """Detections per image; if the batched call fails, each image alone, an exception standing for a failure."""

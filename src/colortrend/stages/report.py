@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from colortrend.stages.histograms import HistogramSettings
+from colortrend.aggregate.histograms import HistogramSettings
 
 #: Fonts tried for Chinese labels in the PNG charts; without any of them, charts label cohorts by birth years.
 CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "PingFang SC",

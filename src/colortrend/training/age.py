@@ -25,8 +25,15 @@ trains with a higher learning rate and a shorter average (:data:`ARCHITECTURE_DE
 
 Head and loss: dlib's head grows from 81 classes (ages 0..80) to ``max_age + 1``; new classes start as copies of the
 80-year class, damped so the initial predictions barely move (``lite0``'s head is new, ``max_age + 1`` classes).
-The loss is cross-entropy against a Gaussian label distribution (width growing with age, as labels of older faces
-are less precise) plus the L1 error of the expected age. Validation scores each network by its expected age; the
+A face labelled with an exact age is scored by cross-entropy against a Gaussian label distribution (width growing
+with age, as labels of older faces are less precise) plus the L1 error of the expected age. A face labelled with an
+age *band* (FairFace: 10-19, 20-29, ...) says only that the true age lies inside it: its loss is the negative log
+of the probability the network gives the band (an interval-censored likelihood), plus the L1 distance of the
+expected age from the band (0 inside). Neither ever pretends a band's midpoint is the age.
+
+Sampling: each face is drawn with weight (faces sharing its label key) ** -``balance_power``, the key being the
+5-year bin of an exact age or the band itself, times ``young_weight`` for faces aged 10-29 (the cohorts a photo
+collection of one year splits most finely), so rare ages and the young are seen as often as they matter. Validation scores each network by its expected age; the
 age stage reports the median of the networks' mixture, which scores a little better still.
 """
 from __future__ import annotations
@@ -94,7 +101,9 @@ class AgeTrainConfig:
     ema_decay: float | None = None  # validation and the saved weights use this exponential moving average
     max_age: int = 100  # the head covers ages 0..max_age; older labels are clipped
     l1_weight: float = 0.5  # weight of |expected age - age| next to the label-distribution cross-entropy
-    balance_power: float = 0.5  # sampling weight = (photos in the label's 5-year bin) ** -balance_power
+    balance_power: float = 0.5  # sampling weight = (photos with the same label key) ** -balance_power
+    young_weight: float = 1.5  # and this much more for faces aged 10-29 (see the module docstring)
+    samples_per_epoch: int | None = None  # faces drawn per epoch (default: as many as there are training faces)
     max_rotation_deg: float = 8.0  # landmark jitter: rotation, relative scale, shift (fraction of the eye distance)
     max_scale: float = 0.06
     max_shift: float = 0.06
@@ -119,13 +128,15 @@ class AgeTrainConfig:
 def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log: Callable[[str], None] = print):
     """Landmarks (n, 5, 2) of the most confident face of each photo in ``labels`` (NaN where none), cached.
 
-    The cache key covers the photo list and the detector's source file and settings: editing the detector
-    invalidates it.
+    The cache key covers the photo list and the detect stage's and detector's source files and settings: editing
+    either invalidates it.
     """
+    from colortrend.models import mtcnn
+
     detector = make_detector(device, min_face_px)
-    source = inspect.getsourcefile(type(detector))
+    sources = (inspect.getsourcefile(type(detector)), inspect.getsourcefile(mtcnn))
     key = hashlib.sha1()
-    for part in (type(detector).__qualname__, file_checksum(source), str(min_face_px), *labels["file"]):
+    for part in (*map(file_checksum, sources), repr(detector.settings), *labels["file"]):
         key.update(part.encode())
     path = CACHE_DIR / "age-landmarks" / f"{key.hexdigest()[:20]}.npy"
     if path.exists():
@@ -171,15 +182,16 @@ def jitter_colour(chip: np.ndarray, rng: np.random.Generator, cfg: AgeTrainConfi
 
 
 class ChipDataset(Dataset):
-    """Training chips: item ``(photo index, draw seed)`` -> (3, S, S) uint8 tensor of an augmented chip, age."""
+    """Training chips: item ``(photo index, draw seed)`` -> (3, S, S) uint8 tensor of an augmented chip, and the
+    label's (first, last) age, equal for an exact age."""
 
     def __init__(self, files: Sequence[str], landmarks: np.ndarray, ages: np.ndarray, cfg: AgeTrainConfig):
-        self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg
+        self.files, self.landmarks, self.ages, self.cfg = list(files), landmarks, ages, cfg  # ages: (n, 2) lo, hi
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, draw = key
         rng = np.random.default_rng(draw)
         points = jitter_landmarks(self.landmarks[index].astype(np.float64), rng, self.cfg)
@@ -187,16 +199,25 @@ class ChipDataset(Dataset):
         if rng.random() < 0.5:
             chip = chip[:, ::-1]  # the chip template is left-right symmetric to within a pixel
         chip = jitter_colour(chip, rng, self.cfg)
-        return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1), float(self.ages[index])
+        return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1), torch.from_numpy(self.ages[index])
+
+
+def sampling_weights(ages: np.ndarray, power: float, young_weight: float) -> np.ndarray:
+    """Weight of each face, labels (n, 2) first and last age: (faces with the same label key) ** -power, times
+    ``young_weight`` for faces aged 10-29. The key is the 5-year bin of an exact age, or the band itself."""
+    exact = ages[:, 0] == ages[:, 1]
+    keys = np.where(exact, ages[:, 0] // 5, 1000 + ages[:, 0] * 1000 + ages[:, 1]).astype(np.int64)
+    _, index, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    middle = ages.mean(axis=1)
+    young = (middle >= 10) & (middle < 30)
+    return counts[index].astype(np.float64) ** -power * np.where(young, young_weight, 1.0)
 
 
 class BalancedSampler(Sampler):
-    """Per epoch, ``n`` (photo index, draw seed) keys, drawn with replacement with weight (photos in the label's
-    5-year age bin) ** -power: rare ages are seen more often without repeating a few photos endlessly."""
+    """Per epoch, ``n`` (photo index, draw seed) keys, drawn with replacement with :func:`sampling_weights`: rare
+    ages are seen more often without repeating a few photos endlessly."""
 
-    def __init__(self, ages: np.ndarray, n: int, power: float, seed: int):
-        bins = (ages // 5).astype(int)
-        weights = np.bincount(bins)[bins].astype(np.float64) ** -power
+    def __init__(self, weights: np.ndarray, n: int, seed: int):
         self.p, self.n, self.rng = weights / weights.sum(), n, np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -269,15 +290,24 @@ def update_average(ema: AveragedModel, net: AgeModel) -> None:
             averaged.copy_(current)
 
 
-def age_loss(net: AgeModel, logits: torch.Tensor, ages: torch.Tensor, l1_weight: float) -> torch.Tensor:
-    """Cross-entropy against a Gaussian over the classes (sigma = 1 + 0.05 * age) + ``l1_weight`` * L1 of the mean."""
+def age_loss(net: AgeModel, logits: torch.Tensor, labels: torch.Tensor, l1_weight: float) -> torch.Tensor:
+    """Mean loss over faces labelled (n, 2) first and last age: exact ages (first = last) by cross-entropy against a
+    Gaussian over the classes (sigma = 1 + 0.05 * age); bands by -log P(band). Both plus ``l1_weight`` * the L1
+    distance of the expected age from the label (0 inside a band)."""
     classes = net.class_ages
-    sigma = 1.0 + 0.05 * ages
-    target = torch.exp(-0.5 * ((classes[None, :] - ages[:, None]) / sigma[:, None]) ** 2)
-    target = target / target.sum(dim=1, keepdim=True)
+    lo, hi = labels[:, 0], labels[:, 1]
+    exact = lo == hi
     log_p = F.log_softmax(logits, dim=1)
+    sigma = 1.0 + 0.05 * lo
+    target = torch.exp(-0.5 * ((classes[None, :] - lo[:, None]) / sigma[:, None]) ** 2)
+    target = target / target.sum(dim=1, keepdim=True)
+    gaussian = -(target * log_p).sum(dim=1)
+    # Whole-year classes inside the band; class 0 (0.25 y) belongs to a band starting at 0.
+    inside = (classes[None, :] >= lo[:, None] - 0.5) & (classes[None, :] <= hi[:, None] + 0.5)
+    censored = -torch.logsumexp(log_p.masked_fill(~inside, float("-inf")), dim=1)
     expected = log_p.exp() @ classes
-    return -(target * log_p).sum(dim=1).mean() + l1_weight * (expected - ages).abs().mean()
+    distance = (lo - expected).clamp(min=0) + (expected - hi).clamp(min=0)
+    return torch.where(exact, gaussian, censored).mean() + l1_weight * distance.mean()
 
 
 def predict(net: AgeModel, chips: np.ndarray, flip_average: bool, device: str = "cpu") -> np.ndarray:
@@ -322,11 +352,12 @@ def train_age(
         name = Path(csv).parent.name
         log(f"{name}: {len(labels)} photos, {int((~found).sum())} without a face, {int(is_val.sum())} held out")
         keep = found & ~is_val
-        train_parts.append((labels["file"][keep].tolist(), landmarks[keep], labels["age"][keep].to_numpy()))
+        bands = labels[["age_lo", "age_hi"]].to_numpy(np.float32)
+        train_parts.append((labels["file"][keep].tolist(), landmarks[keep], bands[keep]))
         held = found & is_val
         if held.any():
             chips = validation_chips(labels["file"][held], landmarks[held], config.chip_size, config.chip_scale)
-            val_sets[name] = (chips, labels["age"][held].to_numpy())
+            val_sets[name] = (chips, bands[held])
     files = [f for part in train_parts for f in part[0]]
     train_landmarks = np.concatenate([part[1] for part in train_parts])
     ages = np.concatenate([part[2] for part in train_parts]).clip(0, config.max_age).astype(np.float32)
@@ -339,7 +370,7 @@ def train_age(
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     ema = moving_average(net, config.ema_decay)
-    steps_per_epoch = max(1, len(dataset) // config.batch_size)
+    steps_per_epoch = max(1, (config.samples_per_epoch or len(dataset)) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
 
     def lr_at(step: int) -> float:
@@ -347,7 +378,8 @@ def train_age(
         return config.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total_steps)))
 
     # The sampler is iterated in this process, so one loader (and its worker processes) serves every epoch.
-    sampler = BalancedSampler(ages, steps_per_epoch * config.batch_size, config.balance_power, config.seed)
+    weights = sampling_weights(ages, config.balance_power, config.young_weight)
+    sampler = BalancedSampler(weights, steps_per_epoch * config.batch_size, config.seed)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -375,13 +407,19 @@ def train_age(
             update_average(ema, net)
             losses.append(loss.item())
             step += 1
-        val_mae = {
-            name: round(float(np.abs(predict(ema.module, chips, flip_average, device) - age).mean()), 3)
-            for name, (chips, age) in val_sets.items()
-        }
+        # Per validation folder: the mean distance of the estimate from the label (the MAE for exact ages; 0 inside
+        # a band), and for banded folders the share of estimates inside the band.
+        val_mae, val_band = {}, {}
+        for name, (chips, band) in val_sets.items():
+            estimate = predict(ema.module, chips, flip_average, device)
+            distance = np.clip(band[:, 0] - estimate, 0, None) + np.clip(estimate - band[:, 1], 0, None)
+            val_mae[name] = round(float(distance.mean()), 3)
+            if (band[:, 0] != band[:, 1]).any():
+                rounded = np.floor(estimate + 0.5)
+                val_band[name] = round(float(((rounded >= band[:, 0]) & (rounded <= band[:, 1])).mean()), 4)
         score = float(np.mean(list(val_mae.values()))) if val_mae else 0.0
         record = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), "val_mae": val_mae,
-                  "seconds": round(time.time() - started, 1)}
+                  "val_band_accuracy": val_band, "seconds": round(time.time() - started, 1)}
         history.append(record)
         log(json.dumps(record))
         if best is None or not val_mae or score < best["score"]:  # without validation faces, keep the last

@@ -31,29 +31,16 @@ Suppression (privacy and reliability)
     suppressed cells hide persons in a single cell (its count would follow by subtraction) the smallest published
     cell of that group is suppressed too.
 
-Age error: ``persons_soft`` / ``share_soft``
-    A 5-year cohort is narrow next to an age error of several years: counting each person in the cohort of their
-    point estimate blurs neighbouring cohorts into each other (and a biased age model shifts them all). The corrected
-    columns undo that blur as far as the data allow, by deconvolving the ages rather than spreading them: spreading
-    each person over cohorts by their own age uncertainty ("soft assignment" with a flat prior) blurs the table a
-    second time, and measured worse than the raw counts on synthetic populations.
-
-    * Measurement model: predicted age ~ Normal(true + bias(true), sd(true)), bias and sd measured on labelled faces
-      (``age_calibration_path``: the CSV of ``colortrend eval age --save-predictions``, kernel-smoothed over true
-      age); without it Normal(true, ``age_sd``) with the age model's own per-face spread and no bias correction.
-    * For each photo year and colour bin, the distribution of true ages (whole years 0-110) is estimated from the
-      predicted ages by EMS: EM for a deconvolution, smoothing the estimate with a 1-2-1 kernel after each step so
-      the ill-posed inverse does not fit noise. Each person's posterior over true ages is proportional to the
-      likelihood of their predicted age times the current estimate; the new estimate is the sum of the posteriors.
-    * ``persons_soft`` is the estimated number of persons of the group wearing the bin (the estimate summed over the
-      true ages the group spans) and ``share_soft`` its share in the group. Summed over all true ages they equal the
-      persons counted; a cohort table misses only the persons estimated to be born outside every cohort.
-    * How much it helps depends on the error: on synthetic populations (3,000-20,000 persons, one cohort wearing
-      black at 70 % against 20 % elsewhere, Gaussian age errors) the mean absolute error of the cohort shares fell
-      from 0.071 (raw) to 0.053 at a 3-year error, and from 0.104 to 0.092 at 6 years with 20,000 persons; with
-      smooth trends across birth years, raw counts are already nearly unbiased and the two agree within 0.005.
-      The corrected shares have no interval: the bootstrap covers the raw shares only, and a deconvolved share is
-      less certain than the raw one.
+Age error: ``persons_soft``, ``share_soft`` and its interval, ``purity``
+    Raw counts put each person in the group of their estimated age, so a cohort's raw share blends in its
+    neighbours. The corrected columns undo that blur by a maximum-likelihood deconvolution against the age model's
+    measured error (:mod:`colortrend.aggregate.age_error`): ``age_calibration_path`` names labelled faces like the
+    photos (the CSV of ``colortrend eval age --save-predictions``); without it the shipped measurement of the default
+    age model is used. ``share_soft`` is the group's share of its corrected total (a group's corrected shares sum
+    to 1), ``share_soft_low`` / ``share_soft_high`` its bootstrap interval over the persons *and* the calibration's
+    labelled faces, ``persons_soft`` the corrected persons, ``purity`` the estimated share of the persons counted
+    in the group who truly belong to it. Corrected figures are suppressed with the cell, and for groups whose
+    corrected total is under ``min_persons``.
 
 Sales blend
     An optional sales table (buyer birth year, item colour as r, g, b or a palette name, quantity) is binned the same
@@ -74,6 +61,15 @@ import pandas as pd
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from colortrend.aggregate.age_error import (
+    AGES,
+    MAX_TRUE_AGE,
+    AgeCalibration,
+    Correction,
+    correct,
+    default_age_calibration,
+    load_age_calibration,
+)
 from colortrend.color.names import NAMED_COLORS, NAMED_LAB, nearest_index, nearest_name
 from colortrend.color.space import lab_to_rgb, rgb_to_lab, to_uint8
 
@@ -87,17 +83,6 @@ DEFAULT_COHORTS: tuple[tuple[str, int, int], ...] = (
     ("95后", 1995, 1999),
     ("00后", 2000, 2009),
 )
-#: True ages (whole years) the age-error model ranges over.
-MAX_TRUE_AGE = 110
-#: Smallest age spread used in the likelihood: below half a year the whole-year age grid cannot resolve it.
-MIN_AGE_SD = 0.5
-#: Kernel width (years of true age) over which the labelled faces' bias and spread are averaged.
-CALIBRATION_BANDWIDTH = 3.0
-#: Fewest labelled faces accepted for an age calibration.
-MIN_CALIBRATION_FACES = 30
-#: EMS stops when no true age gains or loses more than this fraction of the persons (or after EM_MAX_ITER rounds).
-EM_TOL = 1e-6
-EM_MAX_ITER = 3000
 #: Colours compared with the palette at once (bounds memory to ~20 MB whatever the palette size).
 CHUNK = 20_000
 
@@ -124,6 +109,10 @@ HISTOGRAM_SCHEMA = pa.schema(
         pa.field("suppressed_reason", pa.string()),
         pa.field("persons_soft", pa.float64()),  # corrected for age error (see the module docstring)
         pa.field("share_soft", pa.float64()),
+        pa.field("share_soft_low", pa.float64()),
+        pa.field("share_soft_high", pa.float64()),
+        pa.field("rank_soft", pa.int32()),  # rank by share_soft among the group's cells with one
+        pa.field("purity", pa.float64()),  # of the group: share of its persons truly in it (estimated)
         pa.field("sales_quantity", pa.float64()),  # cohorts only, when a sales table is given
         pa.field("sales_share", pa.float64()),
         pa.field("blended_share", pa.float64()),
@@ -165,8 +154,8 @@ class HistogramSettings:
     ci: float = 0.95
     # Seed of the bootstrap.
     seed: int = 0
-    # Predictions CSV of `colortrend eval age --save-predictions` (path,age,predicted_age): measured age error used
-    # for the corrected shares; without it the age model's own age_sd is used.
+    # Predictions CSV of `colortrend eval age --save-predictions` (path,age,predicted_age) on labelled faces like the
+    # photos: the measured age error behind the corrected shares; without it, the default model's shipped measurement.
     age_calibration_path: str | None = None
     # Optional sales table (CSV or Parquet): birth_year, quantity, and r,g,b or color_name.
     sales_path: str | None = None
@@ -311,102 +300,6 @@ def _bucket_groups(age_years: NDArray[np.int64], settings: HistogramSettings) ->
     return _Groups("age_bucket", [f"{f}-{f + w - 1}" for f in first], first, [f + w - 1 for f in first])
 
 
-# ------------------------------------------------------------------------------------------------------- age error
-@dataclass(frozen=True, eq=False)
-class AgeCalibration:
-    """How the age model errs, measured on labelled faces: predicted ~ Normal(true + bias(true), sd(true))."""
-
-    bias: NDArray[np.float64]  # (MAX_TRUE_AGE + 1,) mean of predicted - true, per whole-year true age
-    sd: NDArray[np.float64]  # (MAX_TRUE_AGE + 1,) spread of predicted - true around that mean
-    faces: int  # labelled faces it was measured on
-
-    @classmethod
-    def from_predictions(cls, true_age: NDArray, predicted_age: NDArray) -> AgeCalibration:
-        """Kernel-smoothed (Gaussian, ``CALIBRATION_BANDWIDTH`` years) bias and spread as functions of true age.
-
-        Smoothing over the *true* age keeps the measurement independent of the labelled set's age mix. Ages beyond
-        the labelled range take the values at its nearest end.
-        """
-        true_age = np.asarray(true_age, dtype=np.float64)
-        predicted_age = np.asarray(predicted_age, dtype=np.float64)
-        keep = np.isfinite(true_age) & np.isfinite(predicted_age)
-        true_age, error = true_age[keep], predicted_age[keep] - true_age[keep]
-        if len(true_age) < MIN_CALIBRATION_FACES:
-            raise ValueError(
-                f"age calibration: {len(true_age)} labelled faces, at least {MIN_CALIBRATION_FACES} needed"
-            )
-        grid = np.clip(np.arange(MAX_TRUE_AGE + 1.0), true_age.min(), true_age.max())
-        w = np.exp(-0.5 * ((grid[:, None] - true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2)
-        w /= w.sum(axis=1, keepdims=True)
-        bias = w @ error
-        sd = np.sqrt(np.einsum("gn,gn->g", w, (error[None, :] - bias[:, None]) ** 2))
-        return cls(bias=bias, sd=np.maximum(sd, MIN_AGE_SD), faces=len(true_age))
-
-
-def load_age_calibration(path: str | Path) -> AgeCalibration:
-    """Read the predictions CSV of ``colortrend eval age --save-predictions`` (rows without a prediction skipped)."""
-    df = pd.read_csv(path)
-    missing = [c for c in ("age", "predicted_age") if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: age calibration lacks column(s): {', '.join(missing)}")
-    return AgeCalibration.from_predictions(df["age"].to_numpy(np.float64), df["predicted_age"].to_numpy(np.float64))
-
-
-def true_age_distribution(persons: pd.DataFrame, bins: NDArray[np.int64], n_bins: int,
-                          calibration: AgeCalibration | None) -> dict[int, NDArray[np.float64]]:
-    """Per photo year, expected persons by whole-year true age and colour bin: (MAX_TRUE_AGE + 1, n_bins) arrays.
-
-    Each colour's predicted ages are deconvolved separately with EMS (see the module docstring); the result sums to
-    the persons of that year. ``bins`` holds each person's bin index.
-    """
-    predicted = np.clip(persons["age"].to_numpy(np.float64), 0, MAX_TRUE_AGE)
-    # Persons with the same year, bin, age (to 0.1 y) and spread share one likelihood row, weighted by their number.
-    if calibration is None:
-        sd = np.round(np.maximum(persons["age_sd"].to_numpy(np.float64), MIN_AGE_SD), 1)
-    else:
-        sd = np.zeros(len(persons))
-    rows = pd.DataFrame({"t": persons["taken_year"].to_numpy(np.int64), "k": bins,
-                         "age": np.round(predicted, 1), "sd": np.nan_to_num(sd, nan=-1.0)})
-    rows = rows.groupby(["t", "k", "age", "sd"], sort=True).size().rename("n").reset_index()
-
-    true = np.arange(MAX_TRUE_AGE + 1.0)
-    out: dict[int, NDArray[np.float64]] = {}
-    for (t, k), part in rows.groupby(["t", "k"], sort=True):
-        age, spread = part["age"].to_numpy(), part["sd"].to_numpy()
-        if calibration is not None:
-            z = (age[:, None] - true - calibration.bias) / calibration.sd
-            lik = np.exp(-0.5 * z**2) / calibration.sd
-        else:
-            lik = np.exp(-0.5 * ((age[:, None] - true) / np.abs(spread)[:, None]) ** 2)
-        # No spread known, or an age the error model deems impossible: the whole-year age is taken as exact.
-        exact = (spread < 0) if calibration is None else np.zeros(len(age), dtype=bool)
-        exact |= lik.max(axis=1) <= 0
-        lik[exact] = np.eye(len(true))[whole_years(age[exact])]
-        out.setdefault(int(t), np.zeros((len(true), n_bins)))[:, k] = _ems(lik, part["n"].to_numpy(np.float64))
-    return out
-
-
-def _ems(likelihood: NDArray, weight: NDArray) -> NDArray[np.float64]:
-    """EMS deconvolution: persons by true age, given each row's likelihood over true ages and its weight.
-
-    EM for the true-age distribution (the posterior of each row over true ages, summed), with the classic 1-2-1
-    smoothing of the estimate after every step (Silverman, Jones, Wilson & Nychka 1990), which keeps the inverse
-    problem from fitting noise. Starts flat; stops when no age moves by more than ``EM_TOL`` of the persons.
-    """
-    n = weight.sum()
-    dist = np.full(likelihood.shape[1], n / likelihood.shape[1])
-    for _ in range(EM_MAX_ITER):
-        post = likelihood * dist
-        post /= post.sum(axis=1, keepdims=True)
-        new = np.convolve(np.pad(weight @ post, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
-        new *= n / new.sum()
-        converged = np.abs(new - dist).max() <= EM_TOL * n
-        dist = new
-        if converged:
-            break
-    return dist
-
-
 # ----------------------------------------------------------------------------------------------------------- sales
 def load_sales(path: str | Path) -> pd.DataFrame:
     """Read a sales table (``.csv`` or ``.parquet``) and check its columns (see ``build_sales_histograms``)."""
@@ -492,13 +385,14 @@ def build_histograms(
     """The ``histograms/`` table: every published group x every colour bin that holds a person (or a sale).
 
     ``sales`` and ``age_calibration`` default to the files named by ``settings.sales_path`` and
-    ``settings.age_calibration_path`` (none when unset). Rows are ordered by group type (cohorts, then age buckets),
+    ``settings.age_calibration_path`` (when unset: no sales, and the shipped age calibration). Rows are ordered by group type (cohorts, then age buckets),
     group, then rank (suppressed cells last, in bin order). Identical inputs and settings give an identical table.
     """
     if sales is None and settings.sales_path:
         sales = load_sales(settings.sales_path)
-    if age_calibration is None and settings.age_calibration_path:
-        age_calibration = load_age_calibration(settings.age_calibration_path)
+    if age_calibration is None:
+        age_calibration = (load_age_calibration(settings.age_calibration_path) if settings.age_calibration_path
+                           else default_age_calibration())
     persons = select_persons(garments, settings)
     lab = persons[["l", "a", "b"]].to_numpy(np.float64)
     keys = _bin_keys(lab, settings)
@@ -510,10 +404,16 @@ def build_histograms(
 
     taken = persons["taken_year"].to_numpy(np.int64)
     age_years = whole_years(persons["age"].to_numpy(np.float64))
-    true_ages = true_age_distribution(persons, k, len(bins.keys), age_calibration)
+    # Persons by photo year, colour bin and estimated whole-year age: all the age-error correction reads.
+    estimated = np.clip(age_years, 0, MAX_TRUE_AGE)
+    by_year = {int(t): np.zeros((len(bins.keys), len(AGES))) for t in np.unique(taken)}
+    for t, counts in by_year.items():
+        in_year = taken == t
+        np.add.at(counts, (k[in_year], estimated[in_year]), 1)
     frames = []
     for groups in (_cohort_groups(settings), _bucket_groups(age_years, settings)):
-        frame = _group_frame(groups, taken, age_years, lab, k, true_ages, bins, bin_lab, names, settings)
+        correction = _correction(groups, by_year, age_calibration, settings)
+        frame = _group_frame(groups, taken, age_years, lab, k, correction, bins, bin_lab, names, settings)
         if groups.group_type == "cohort":
             frame = _blend(frame, sales_cells, bins, settings)
         frames.append(frame)
@@ -537,8 +437,18 @@ def _bin_median_lab(lab: NDArray, k: NDArray, bins: _Bins) -> NDArray[np.float64
     return out
 
 
+def _correction(groups: _Groups, by_year: dict[int, NDArray], calibration: AgeCalibration,
+                settings: HistogramSettings) -> Correction | None:
+    """The age-error-corrected cells of one kind of group (None without persons or groups)."""
+    if not by_year or not groups.labels:
+        return None
+    group_of = {t: groups.index(np.full_like(AGES, t), AGES) for t in by_year}
+    return correct(by_year, group_of, len(groups.labels), calibration,
+                   bootstrap=settings.bootstrap, ci=settings.ci, seed=settings.seed)
+
+
 def _group_frame(groups: _Groups, taken: NDArray, age_years: NDArray, lab: NDArray, k: NDArray,
-                 true_ages: dict[int, NDArray], bins: _Bins, bin_lab: NDArray, names: list[tuple[str, str]],
+                 correction: Correction | None, bins: _Bins, bin_lab: NDArray, names: list[tuple[str, str]],
                  settings: HistogramSettings) -> pd.DataFrame:
     """All cells of one group type: counts, shares, intervals, lift, corrected shares, suppression, ranks."""
     n_groups, n_bins = len(groups.labels), len(bins.keys)
@@ -546,16 +456,18 @@ def _group_frame(groups: _Groups, taken: NDArray, age_years: NDArray, lab: NDArr
     inside = hard >= 0
     counts = np.zeros((n_groups, n_bins), dtype=np.int64)
     np.add.at(counts, (hard[inside], k[inside]), 1)
-    soft = np.zeros((n_groups, n_bins))
-    age_grid = np.arange(MAX_TRUE_AGE + 1)
-    for t, dist in true_ages.items():
-        g = groups.index(np.full_like(age_grid, t), age_grid)
-        np.add.at(soft, g[g >= 0], dist[g >= 0])
+    nan = np.full((n_groups, n_bins), np.nan)
+    if correction is None:
+        soft, share_soft, soft_low, soft_high, purity = nan, nan, nan, nan, np.full(n_groups, np.nan)
+    else:
+        soft, share_soft, soft_low, soft_high, purity = (correction.persons, correction.share, correction.low,
+                                                         correction.high, correction.purity)
+    # A group whose corrected total is too small has no trustworthy corrected share.
+    too_few = np.nansum(soft, axis=1) < settings.min_persons
 
     totals = counts.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = counts / totals[:, None]
-        share_soft = soft / soft.sum(axis=1, keepdims=True)
         others = (counts.sum(axis=0)[None, :] - counts) / (totals.sum() - totals)[:, None]
         lift = np.where(others > 0, share / others, np.nan)
     ci_low, ci_high = _bootstrap(counts, groups, settings)
@@ -566,6 +478,7 @@ def _group_frame(groups: _Groups, taken: NDArray, age_years: NDArray, lab: NDArr
     for g in range(n_groups):
         for j in range(n_bins):
             hidden = reason[g][j] is not None
+            no_soft = hidden or too_few[g] or np.isnan(share_soft[g, j])
             rgb = to_uint8(lab_to_rgb(bin_lab[j] if hidden else cell_lab[g, j]))
             rows.append({
                 "group_type": groups.group_type, "group": groups.labels[g], "group_first": groups.first[g],
@@ -578,18 +491,22 @@ def _group_frame(groups: _Groups, taken: NDArray, age_years: NDArray, lab: NDArr
                 "ci_high": None if hidden else ci_high[g, j],
                 "lift": None if hidden or np.isnan(lift[g, j]) else lift[g, j],
                 "suppressed": hidden, "suppressed_reason": reason[g][j],
-                "persons_soft": None if hidden else soft[g, j],
-                "share_soft": None if hidden else share_soft[g, j],
+                "persons_soft": None if no_soft else soft[g, j],
+                "share_soft": None if no_soft else share_soft[g, j],
+                "share_soft_low": None if no_soft else soft_low[g, j],
+                "share_soft_high": None if no_soft else soft_high[g, j],
+                "purity": None if np.isnan(purity[g]) else purity[g],
                 "_group_order": g, "_bin_order": j,
             })
     frame = pd.DataFrame(rows, columns=[*_CELL_COLUMNS, "_group_order", "_bin_order"])
     frame["rank"] = _rank(frame, "share")
+    frame["rank_soft"] = _rank(frame, "share_soft")
     for col in _SALES_COLUMNS:
         frame[col] = None
     return _ordered(frame, "rank")
 
 
-_CELL_COLUMNS = [c for c in HISTOGRAM_SCHEMA.names if c not in ("rank", *_SALES_COLUMNS)]
+_CELL_COLUMNS = [c for c in HISTOGRAM_SCHEMA.names if c not in ("rank", "rank_soft", *_SALES_COLUMNS)]
 
 
 def _cell_median_lab(lab: NDArray, group: NDArray, k: NDArray, n_groups: int, n_bins: int) -> NDArray:
