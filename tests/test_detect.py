@@ -152,3 +152,31 @@ def test_stage_writes_columns_and_isolates_a_failing_photo(photos):
     assert out["det_score"][0][0] >= 0.9 and out["face_idx"][0].tolist() == [0]
     assert set(stage.face_fields.names) <= set(out) and set(stage.photo_fields.names) <= set(out)
     assert len(stage.model_files()) == 3 and len(stage.fingerprint()) == 16
+
+
+def test_faces_that_fill_the_frame_are_found_by_the_retry_inside_a_border(photos, found):
+    # Tight crops (the face box, 10 % inset: chin and forehead cut off), like close selfies and FairFace crops.
+    crops, centres = [], []
+    for image, faces in zip(photos, found):
+        if not len(faces):
+            continue
+        x1, y1, x2, y2 = faces.boxes[0]
+        dx, dy = 0.1 * (x2 - x1), 0.1 * (y2 - y1)
+        top, left = int(max(0, y1 + dy)), int(max(0, x1 + dx))
+        crops.append(np.ascontiguousarray(image[top:int(y2 - dy), left:int(x2 - dx)]))
+        centres.append(((x1 + x2) / 2 - left, (y1 + y2) / 2 - top))
+
+    def detect(border):
+        stage = DetectStage(DetectSettings(retry_border=border), "cpu")
+        return stage({"status": ["ok"] * len(crops), "error": [None] * len(crops), "image": list(crops)})
+
+    plain, retried = detect(0.0), detect(0.25)
+    found_plain = sum(n > 0 for n in plain["n_faces"])
+    found_retried = sum(n > 0 for n in retried["n_faces"])
+    assert found_retried >= found_plain + 0.2 * len(crops)
+    for k, n in enumerate(retried["n_faces"]):
+        if n and not plain["n_faces"][k]:  # found in the border, reported in the crop's own pixels
+            x1, y1, x2, y2 = (retried[c][k][0] for c in ("box_x1", "box_y1", "box_x2", "box_y2"))
+            assert x1 < centres[k][0] < x2 and y1 < centres[k][1] < y2
+    with pytest.raises(ValueError, match="retry_border"):
+        DetectSettings(retry_border=2.0)

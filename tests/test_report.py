@@ -116,3 +116,35 @@ def test_rewriting_drops_charts_of_cohorts_that_are_gone(run, tmp_path):
     write_report(tmp_path, fewer, run["garments"], run["photos"], None, run["run_info"])
     after = {p.name for p in first.parent.glob("ranking_*.png")}
     assert len(after) == len(before) - 2
+
+
+def test_with_a_measured_calibration_the_page_ranks_by_the_corrected_share(run, tmp_path):
+    rng = np.random.default_rng(8)
+    labelled = rng.integers(3, 70, 400)
+    calibration = tmp_path / "calibration.csv"
+    pd.DataFrame({"path": [f"f{i}.jpg" for i in range(400)], "age": labelled,
+                  "predicted_age": labelled + rng.normal(0, 3, 400)}).to_csv(calibration, index=False)
+    settings = HistogramSettings(age_calibration_path=str(calibration))
+    table = build_histograms(run["garments"], settings).to_pandas()
+    run_info = {**run["run_info"], "config": {"histograms": {"age_calibration_path": str(calibration)}}}
+    page = write_report(tmp_path, table, run["garments"], run["photos"], None, run_info).read_text(encoding="utf-8")
+    assert "corrected for age error" in page and "calibration.csv" in page
+    cohorts = table[table["group_type"] == "cohort"]
+    for label, rows in cohorts.groupby("group", sort=False):
+        shown = rows[~rows["suppressed"] & rows["share_soft"].notna()].sort_values("rank_soft")
+        if shown.empty:
+            continue
+        found = re.findall(r'data-bin="([^"]+)">.*?<td class="share"><b>([\d.]+)%</b> <span class="ci-text">'
+                           r'([\d.]+)%–([\d.]+)%</span>', cohort_section(page, label), re.DOTALL)
+        assert [f[0] for f in found] == list(shown["bin_id"])
+        top = shown.iloc[0]
+        assert found[0][1:] == (f"{100 * top['share_soft']:.1f}", f"{100 * top['share_soft_low']:.1f}",
+                                f"{100 * top['share_soft_high']:.1f}")
+
+
+def test_without_a_calibration_each_cohort_says_how_pure_it_is(run):
+    table = run["histograms"]
+    for label, rows in table[table["group_type"] == "cohort"].groupby("group", sort=False):
+        if rows["purity"].notna().any():
+            assert f"purity {100 * rows['purity'].iloc[0]:.0f}%" in cohort_section(run["html"], label)
+    assert "raw share" in run["html"]

@@ -134,17 +134,21 @@ def eval_command(name: str, trainer: str):
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
 def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple[str, ...],
              save_predictions: str | None):
-    """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV).
+    """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV, or
+    `path,age_lo,age_hi` for age bands as FairFace labels them).
 
     Scores the most confident face of each photo: MAE, median error, bias, MAE per age band, the 17-21 window's
-    recall and precision, and `missed` (photos without a face).
+    recall and precision, and `missed` (photos without a face); for band labels, how often the estimate falls in
+    the band (overall, per band and per `race` group) and how many faces labelled 10-19 are estimated under 20.
     """
     from colortrend.evaluate.age import age_metrics, format_age_metrics, predict_ages
     from colortrend.models import pick_device
 
     predictions = predict_ages(labels, pick_device(device), weights, split)
-    if save_predictions:  # the contract's columns; the face quality columns stay in the metrics
-        predictions[["path", "age", "predicted_age"]].to_csv(save_predictions, index=False)
+    if save_predictions:  # the contract's columns (and the band of band labels); face quality stays in the metrics
+        banded = predictions["age"].isna().any()
+        columns = ["path", "age", *(["age_lo", "age_hi"] if banded else []), "predicted_age"]
+        predictions[columns].to_csv(save_predictions, index=False)
     metrics = age_metrics(predictions)
     click.echo(json.dumps(metrics) if as_json else format_age_metrics(metrics))
 
@@ -175,6 +179,31 @@ def eval_color(labels: str, device: str, split: str, as_json: bool, save_predict
         predictions.to_csv(save_predictions, index=False)
     metrics = color_metrics(predictions)
     click.echo(json.dumps(metrics) if as_json else format_color_metrics(metrics))
+
+
+@eval.command("cohorts", context_settings=CONTEXT)
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--sizes", default="2000,10000,50000", show_default=True,
+              help="Persons per synthetic population, comma-separated.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Populations drawn per scenario and size.")
+@json_option
+@reports_errors
+def eval_cohorts(predictions: str, sizes: str, seeds: int, as_json: bool):
+    """Plant known cohort effects in synthetic populations aged with the errors in PREDICTIONS (the CSV of `eval age
+    --save-predictions`) and score the cohort table, raw and corrected: top colour right, share error, interval
+    coverage, per scenario (step, trend, reversal) and cohort."""
+    from colortrend.errors import ConfigError
+    from colortrend.evaluate.cohorts import evaluate_cohorts, format_cohort_metrics
+
+    try:
+        persons = tuple(int(x) for x in sizes.split(","))
+    except ValueError:
+        raise ConfigError(f"--sizes: comma-separated whole numbers, not {sizes!r}") from None
+    if not persons or min(persons) < 100:
+        raise ConfigError("--sizes: each population needs at least 100 persons")
+    metrics = evaluate_cohorts(predictions, persons, seeds)
+    click.echo(json.dumps(metrics, ensure_ascii=False) if as_json else format_cohort_metrics(metrics))
 
 
 @main.command(context_settings=CONTEXT)

@@ -55,6 +55,8 @@ ERROR_BANDWIDTH = 1.0
 MIN_CALIBRATION_FACES = 30
 #: Width (years) of the blocks of true ages outside every group, each with a colour distribution of its own.
 OUTSIDE_BLOCK_YEARS = 5
+#: Each EM step mixes this fraction of a block's colour distribution from its neighbours (by birth year).
+Q_SMOOTHING = 0.0
 #: EM stops when no share or age probability moves by more than EM_TOL (or after EM_MAX_ITER steps).
 EM_TOL = 1e-6
 EM_MAX_ITER = 2000
@@ -62,6 +64,8 @@ EM_MAX_ITER = 2000
 SOFT_BOOTSTRAP = 100
 BOOTSTRAP_MAX_ITER = 600
 BOOTSTRAP_TOL = 1e-5
+#: Longest SQUAREM extrapolation, in plain EM steps.
+MAX_STEP = 64.0
 #: Largest age error (years) the fit considers: true ages this far beyond the estimates seen are left out.
 ERROR_REACH = 25
 #: The default age model's errors on its validation faces (``colortrend eval age --split val --save-predictions``).
@@ -102,7 +106,7 @@ class AgeCalibration:
         m = np.ones(self.faces) if weights is None else np.asarray(weights, dtype=np.float64)
         w = near * m[..., None, :]  # (..., true age, face)
         w /= np.maximum(w.sum(axis=-1, keepdims=True), 1e-300)
-        by_offset = w @ kernel  # (..., true age, offset j - a + 110)
+        by_offset = (w.astype(np.float32) @ kernel).astype(np.float64)  # (..., true age, offset j - a + 110)
         p = by_offset[..., AGES[None, :], AGES[:, None] - AGES[None, :] + MAX_TRUE_AGE]  # (..., j, a)
         cumulative = np.cumsum(by_offset, axis=-1)
         below = MAX_TRUE_AGE - AGES  # offset of estimate 0 for each true age: wider errors fold into 0 and 110
@@ -110,15 +114,29 @@ class AgeCalibration:
         p[..., -1, :] += cumulative[..., AGES, -1] - cumulative[..., AGES, 2 * MAX_TRUE_AGE - AGES]
         return p / p.sum(axis=-2, keepdims=True)
 
+    def resampled_error_matrices(self, replicates: int, seed: int) -> NDArray[np.float64]:
+        """(replicates, 111, 111) error matrices of bootstrap resamples of the labelled faces (kept: cohorts and age
+        buckets are corrected with the same resamples)."""
+        key = (replicates, seed)
+        if key not in self._resampled:
+            rng = np.random.default_rng([seed, 0xCA1B])
+            faces = rng.multinomial(self.faces, np.full(self.faces, 1 / self.faces), size=replicates)
+            self._resampled[key] = np.stack([self.error_matrix(w) for w in faces])
+        return self._resampled[key]
+
+    @cached_property
+    def _resampled(self) -> dict:
+        return {}
+
     @cached_property
     def _kernels(self) -> tuple[NDArray, NDArray]:
         """Weights of each face for each true age (111, faces) and each face's smoothed error (faces, 221)."""
         grid = np.clip(AGES.astype(np.float64), self.true_age.min(), self.true_age.max())
-        near = np.exp(-0.5 * ((grid[:, None] - self.true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2)
+        near = np.exp(-0.5 * ((grid[:, None] - self.true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2).astype(np.float32)
         offsets = np.arange(2 * MAX_TRUE_AGE + 1) - MAX_TRUE_AGE
         error = self.predicted_age - self.true_age
         kernel = np.exp(-0.5 * ((offsets[None, :] - error[:, None]) / ERROR_BANDWIDTH) ** 2)
-        return near, kernel / np.maximum(kernel.sum(axis=1, keepdims=True), 1e-300)
+        return near, (kernel / np.maximum(kernel.sum(axis=1, keepdims=True), 1e-300)).astype(np.float32)
 
 
 def load_age_calibration(path: str | Path) -> AgeCalibration:
@@ -171,7 +189,8 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     full_error = calibration.error_matrix()
     error = full_error[np.ix_(est, true)]
     n = n[..., est]
-    fit = _em(n[None], error[None], onehot, years, None, EM_MAX_ITER)
+    mix = _neighbour_mix(blocks, years, n_blocks)
+    fit = _em(n[None], error[None], onehot, years, None, EM_MAX_ITER, mix=mix)
     q, p, expected = fit[0][0], fit[1][0], fit[2][0]
 
     replicates = min(bootstrap, SOFT_BOOTSTRAP)
@@ -182,10 +201,9 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
         np.stack([rng.multinomial(int(totals[y]), flat[y] / max(totals[y], 1)) for y in range(len(years))])
         for _ in range(replicates)
     ]).reshape(replicates, *n.shape).astype(np.float64)
-    faces = rng.multinomial(calibration.faces, np.full(calibration.faces, 1 / calibration.faces), size=replicates)
-    errors = np.stack([calibration.error_matrix(w)[np.ix_(est, true)] for w in faces])
+    errors = calibration.resampled_error_matrices(replicates, seed)[:, est][:, :, true]
     start = (np.broadcast_to(q, (replicates, *q.shape)).copy(), np.broadcast_to(p, (replicates, *p.shape)).copy())
-    q_boot = _em(resampled, errors, onehot, years, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL)[0]
+    q_boot = _em(resampled, errors, onehot, years, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL, mix=mix)[0]
     alpha = (1.0 - ci) / 2
     low, high = np.quantile(q_boot[:, :, :n_groups], [alpha, 1.0 - alpha], axis=0)
 
@@ -196,7 +214,8 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
 
 
 def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int],
-        start: tuple[NDArray, NDArray] | None, max_iter: int, tol: float = EM_TOL) -> tuple[NDArray, NDArray, NDArray]:
+        start: tuple[NDArray, NDArray] | None, max_iter: int, tol: float = EM_TOL,
+        mix: NDArray | None = None) -> tuple[NDArray, NDArray, NDArray]:
     """EM of the module docstring for R fits at once (the estimate and bootstrap replicates), accelerated by SQUAREM
     (Varadhan & Roland 2008: two EM steps, then a step along their extrapolated path, kept on the simplex).
 
@@ -230,6 +249,8 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         mass = np.einsum("ryba,yak->rbk", expected, stacked)  # expected persons by bin and block
         held = mass.sum(axis=1, keepdims=True)
         new_q = np.where(held > 0, mass / np.maximum(held, 1e-300), q)
+        if mix is not None:
+            new_q = new_q @ mix.T
         loglik = (n * np.log(np.maximum(fitted, 1e-300))).sum(axis=(1, 2, 3))
         return new_q, new_p, expected, loglik
 
@@ -245,12 +266,13 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         vq, vp = q2 - q1 - rq, p2 - p1 - rp
         norm_r = np.sqrt((rq**2).sum(axis=(1, 2)) + (rp**2).sum(axis=(1, 2)))
         norm_v = np.sqrt((vq**2).sum(axis=(1, 2)) + (vp**2).sum(axis=(1, 2)))
-        alpha = np.minimum(-norm_r / np.maximum(norm_v, 1e-300), -1.0)[:, None, None]  # -1 = a plain double step
+        # Step length: -1 is a plain double step; bounded, as a vanishing ||v|| would send it to infinity.
+        alpha = np.clip(-norm_r / np.maximum(norm_v, 1e-300), -MAX_STEP, -1.0)[:, None, None]
         q_x = simplex(q - 2 * alpha * rq + alpha**2 * vq, axis=1)
         p_x = simplex(p - 2 * alpha * rp + alpha**2 * vp, axis=2)
         new_q, new_p, expected_x, loglik_x = step(q_x, p_x)
         # Safeguard: where the extrapolated point fits worse than the plain steps' path, keep the plain steps.
-        worse = loglik_x < loglik_1
+        worse = ~(loglik_x >= loglik_1)  # NaN counts as worse
         new_q = np.where(worse[:, None, None], q2, new_q)
         new_p = np.where(worse[:, None, None], p2, new_p)
         expected = np.where(worse[:, None, None, None], expected, expected_x)
@@ -259,6 +281,21 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         if moved <= tol:
             break
     return q, p, expected
+
+
+def _neighbour_mix(blocks: dict[int, NDArray], years: list[int], n_blocks: int) -> NDArray | None:
+    """(blocks, blocks) row-stochastic matrix mixing ``Q_SMOOTHING`` of each block from its birth-year neighbours."""
+    if not Q_SMOOTHING:
+        return None
+    born = np.concatenate([t - AGES for t in years])
+    which = np.concatenate([blocks[t] for t in years])
+    centre = np.array([born[which == b].mean() if (which == b).any() else np.inf for b in range(n_blocks)])
+    order = np.argsort(centre, kind="stable")
+    mix = np.eye(n_blocks) * (1 - Q_SMOOTHING)
+    for k, b in enumerate(order):
+        for other in (order[k - 1] if k > 0 else None, order[k + 1] if k + 1 < n_blocks else None):
+            mix[b, b if other is None else other] += Q_SMOOTHING / 2
+    return mix
 
 
 def _purity(p: NDArray, totals: NDArray, error: NDArray, blocks: dict[int, NDArray], group_of: dict[int, NDArray],

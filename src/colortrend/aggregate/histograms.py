@@ -381,12 +381,14 @@ def build_histograms(
     *,
     sales: pd.DataFrame | None = None,
     age_calibration: AgeCalibration | None = None,
+    group_types: tuple[GroupType, ...] = ("cohort", "age_bucket"),
 ) -> pa.Table:
     """The ``histograms/`` table: every published group x every colour bin that holds a person (or a sale).
 
     ``sales`` and ``age_calibration`` default to the files named by ``settings.sales_path`` and
     ``settings.age_calibration_path`` (when unset: no sales, and the shipped age calibration). Rows are ordered by group type (cohorts, then age buckets),
     group, then rank (suppressed cells last, in bin order). Identical inputs and settings give an identical table.
+    ``group_types`` limits the table to some kinds of group (the other kinds are not computed).
     """
     if sales is None and settings.sales_path:
         sales = load_sales(settings.sales_path)
@@ -411,7 +413,8 @@ def build_histograms(
         in_year = taken == t
         np.add.at(counts, (k[in_year], estimated[in_year]), 1)
     frames = []
-    for groups in (_cohort_groups(settings), _bucket_groups(age_years, settings)):
+    kinds = {"cohort": lambda: _cohort_groups(settings), "age_bucket": lambda: _bucket_groups(age_years, settings)}
+    for groups in (kinds[kind]() for kind in group_types):
         correction = _correction(groups, by_year, age_calibration, settings)
         frame = _group_frame(groups, taken, age_years, lab, k, correction, bins, bin_lab, names, settings)
         if groups.group_type == "cohort":

@@ -136,7 +136,7 @@ def predict_ages(
                 row[key] = batch[key][i][0] if found else None
             rows.append(row)
     predictions = pd.DataFrame(rows, index=labels.index)
-    return pd.concat([labels[["path", "age"]], predictions], axis=1)
+    return pd.concat([labels[["path", "age", "age_lo", "age_hi", "group"]], predictions], axis=1)
 
 
 def age_metrics(predictions: pd.DataFrame) -> dict:
@@ -146,6 +146,8 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
     ``mae_by_band`` and ``n_by_band`` (true-age bands), ``window_17_21`` recall/precision (rounded predictions),
     ``quality_ok`` (MAE and coverage of faces passing the quality filters) and ``filtered`` (per reason).
     """
+    if "age_lo" in predictions and predictions["age"].isna().any():
+        return band_metrics(predictions)
     scored = predictions.dropna(subset=["predicted_age"])
     err = scored["predicted_age"].to_numpy(float) - scored["age"].to_numpy(float)
     true_age = scored["age"].to_numpy(float)
@@ -190,6 +192,39 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
     return out
 
 
+def band_metrics(predictions: pd.DataFrame) -> dict:
+    """Figures of faces labelled with age bands (FairFace): how often the estimate, rounded to whole years, falls in
+    the labelled band (``band_accuracy``, also per band and per ``group``), the mean distance of the estimate from
+    the band (``band_mae``, 0 inside), and for faces labelled 10-19 the share estimated 19 or younger."""
+    scored = predictions.dropna(subset=["predicted_age"])
+    estimate = np.floor(scored["predicted_age"].to_numpy(float) + 0.5)
+    lo, hi = scored["age_lo"].to_numpy(float), scored["age_hi"].to_numpy(float)
+    inside = (estimate >= lo) & (estimate <= hi)
+    distance = np.clip(lo - scored["predicted_age"], 0, None) + np.clip(scored["predicted_age"] - hi, 0, None)
+    bands = scored["age_lo"].astype(int).astype(str) + "-" + scored["age_hi"].astype(int).astype(str)
+    out: dict = {
+        "n": len(scored),
+        "missed": int(len(predictions) - len(scored)),
+        "missed_rate": _round((len(predictions) - len(scored)) / max(1, len(predictions)), 4),
+        "band_accuracy": _round(inside.mean(), 4) if len(scored) else None,
+        "band_mae": _round(np.mean(distance)) if len(scored) else None,
+        "band_accuracy_by_band": {b: _round(inside[(bands == b).to_numpy()].mean(), 4) for b in sorted(set(bands),
+                                  key=lambda b: int(b.split("-")[0]))},
+        "n_by_band": {b: int((bands == b).sum()) for b in sorted(set(bands), key=lambda b: int(b.split("-")[0]))},
+    }
+    teens = ((lo == 10) & (hi == 19))
+    if teens.any():
+        out["teens_estimated_under_20"] = _round((estimate[teens] <= 19).mean(), 4)
+        out["teens_mean_estimate"] = _round(scored["predicted_age"].to_numpy(float)[teens].mean())
+    if scored["group"].notna().any():
+        groups = scored["group"].astype(str).to_numpy()
+        out["band_accuracy_by_group"] = {g: _round(inside[groups == g].mean(), 4) for g in sorted(set(groups))}
+        out["missed_by_group"] = {
+            g: _round(predictions.loc[predictions["group"].astype(str) == g, "predicted_age"].isna().mean(), 4)
+            for g in sorted(set(groups))}
+    return out
+
+
 def _round(value: float, digits: int = 3) -> float:
     return round(float(value), digits)
 
@@ -208,6 +243,8 @@ def evaluate_age(
 
 def format_age_metrics(metrics: dict) -> str:
     """The human-readable report of ``colortrend eval age`` (``--json`` prints ``metrics`` instead)."""
+    if "band_accuracy" in metrics:
+        return _format_band_metrics(metrics)
     lines = [
         f"faces scored {metrics['n']}, photos without a face {metrics['missed']} ({metrics['missed_rate']:.1%})",
         f"MAE {metrics['mae']} years, median {metrics['median_ae']}, bias {metrics['bias']:+}, RMSE {metrics['rmse']}"
@@ -224,4 +261,20 @@ def format_age_metrics(metrics: dict) -> str:
         lines.append(f"passing the quality filters: {ok['n']} faces ({ok['coverage']}), MAE {ok['mae']}")
         for reason, info in metrics["filtered"].items():
             lines.append(f"  filtered as {reason}: {info['n']} faces, MAE {info['mae']}")
+    return "\n".join(lines)
+
+
+def _format_band_metrics(metrics: dict) -> str:
+    lines = [
+        f"faces scored {metrics['n']}, photos without a face {metrics['missed']} ({metrics['missed_rate']:.1%})",
+        f"estimate inside the labelled band: {metrics['band_accuracy']}; mean distance from the band "
+        f"{metrics['band_mae']} years",
+        "by band: " + ", ".join(f"{b} {a} (n={metrics['n_by_band'][b]})"
+                                for b, a in metrics["band_accuracy_by_band"].items()),
+    ]
+    if "teens_estimated_under_20" in metrics:
+        lines.append(f"faces labelled 10-19 estimated 19 or younger: {metrics['teens_estimated_under_20']} "
+                     f"(mean estimate {metrics['teens_mean_estimate']})")
+    if "band_accuracy_by_group" in metrics:
+        lines.append("by group: " + ", ".join(f"{g} {a}" for g, a in metrics["band_accuracy_by_group"].items()))
     return "\n".join(lines)

@@ -69,8 +69,10 @@ def write_report(
     settings = settings or ReportSettings()
     report_dir = Path(out_dir) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    cohorts = _groups(histograms, "cohort")
-    buckets = _groups(histograms, "age_bucket")
+    stats = _histogram_settings(run_info)
+    corrected = stats.age_calibration_path is not None
+    cohorts = _groups(histograms, "cohort", corrected)
+    buckets = _groups(histograms, "age_bucket", corrected)
 
     charts = _Charts(report_dir)
     stacked_cohorts = charts.stacked(cohorts, "cohort_shares.png", "Share of persons by colour, per birth cohort")
@@ -84,7 +86,7 @@ def write_report(
         counts=_sample_counts(photos, garments, faces, histograms),
         run_info=run_info,
         settings=settings,
-        stats=_histogram_settings(run_info),
+        stats=stats,
         charts={"cohorts": stacked_cohorts, "ages": stacked_ages, "rankings": rankings},
     )
     index = report_dir / "index.html"
@@ -103,14 +105,24 @@ def _histogram_settings(run_info: dict[str, Any]) -> HistogramSettings:
 
 
 # -------------------------------------------------------------------------------------------------------------- data
-def _groups(histograms: pd.DataFrame, group_type: str) -> dict[str, pd.DataFrame]:
-    """The rows of each group of one type, groups ordered by their first year, rows by rank (suppressed last)."""
+#: The columns the page shows and ranks by: the raw share, or (with a measured age calibration) the corrected one;
+#: ``other_share`` is the column shown beside it.
+SHOWN = {False: {"shown_share": "share", "shown_low": "ci_low", "shown_high": "ci_high", "shown_rank": "rank",
+                 "other_share": "share_soft"},
+         True: {"shown_share": "share_soft", "shown_low": "share_soft_low", "shown_high": "share_soft_high",
+                "shown_rank": "rank_soft", "other_share": "share"}}
+
+
+def _groups(histograms: pd.DataFrame, group_type: str, corrected: bool = False) -> dict[str, pd.DataFrame]:
+    """The rows of each group of one type, groups ordered by their first year, rows by the rank shown (suppressed
+    last), with the ``SHOWN`` columns of ``corrected``."""
     rows = histograms[histograms["group_type"] == group_type]
+    rows = rows.assign(**{shown: rows[column] for shown, column in SHOWN[corrected].items()})
     order = rows.groupby("group", sort=False)["group_first"].first().sort_values(kind="stable")
     out = {}
     for label in order.index:
         part = rows[rows["group"] == label]
-        rank = np.nan_to_num(_num(part["rank"]), nan=math.inf)
+        rank = np.nan_to_num(_num(part["shown_rank"]), nan=math.inf)
         out[str(label)] = part.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank")
     return out
 
@@ -200,11 +212,11 @@ class _Charts:
                 left = 0.0
                 for _, row in _published(rows).iterrows():
                     colour = _rgb01(row)
-                    ax.barh(y, row["share"], left=left, color=colour, edgecolor="white", linewidth=0.8, height=0.72)
-                    if row["share"] >= 0.06:
-                        ax.text(left + row["share"] / 2, y, f"{100 * row['share']:.0f}%", ha="center", va="center",
+                    ax.barh(y, row["shown_share"], left=left, color=colour, edgecolor="white", linewidth=0.8, height=0.72)
+                    if row["shown_share"] >= 0.06:
+                        ax.text(left + row["shown_share"] / 2, y, f"{100 * row['shown_share']:.0f}%", ha="center", va="center",
                                 fontsize=8, color=_ink_on(colour))
-                    left += row["share"]
+                    left += row["shown_share"]
                 if int(rows["group_persons"].iloc[0]) > 0 and left < 1 - 1e-9:
                     ax.barh(y, 1 - left, left=left, color=SUPPRESSED_GREY, hatch="///", edgecolor="white",
                             linewidth=0.8, height=0.72)
@@ -231,7 +243,7 @@ class _Charts:
             ax = fig.add_axes((0.34, 0.1, 0.6, 0.76))
             y = np.arange(len(shown))
             colours = [_rgb01(r) for _, r in shown.iterrows()]
-            share, low, high = _num(shown["share"]), _num(shown["ci_low"]), _num(shown["ci_high"])
+            share, low, high = _num(shown["shown_share"]), _num(shown["shown_low"]), _num(shown["shown_high"])
             err = np.clip(np.vstack([share - low, high - share]), 0, None)
             ax.barh(y, share, color=colours, edgecolor="#3f3f46", linewidth=0.4, height=0.7)
             ax.errorbar(share, y, xerr=err, fmt="none", ecolor="#9b2c2c", elinewidth=1, capsize=2)
@@ -272,7 +284,8 @@ def _num(values: pd.Series) -> np.ndarray:
 
 
 def _published(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows[~rows["suppressed"].astype(bool)]
+    """The cells the page shows: published, and with a value in the column it ranks by."""
+    return rows[~rows["suppressed"].astype(bool) & rows["shown_share"].notna()]
 
 
 def _rgb01(row: pd.Series) -> tuple[float, float, float]:
@@ -374,8 +387,8 @@ def _winners(cohorts: dict[str, pd.DataFrame], settings: HistogramSettings) -> s
             f'<div class="winner"><div class="chip" style="background:{colour};color:{_ink_on(_rgb01(row))}">'
             f'<span>{_e(label)}</span><span class="hex">{colour}</span></div><div class="body">'
             f'<div class="name">{_e(label)} · {_e(row["color_name_zh"])} {_e(row["color_name"])}</div>'
-            f'<div class="meta code">{_rgb_text(row)}</div><div class="meta"><b>{_pct(row["share"])}</b> '
-            f'({_pct(row["ci_low"])}–{_pct(row["ci_high"])}) of {_int(row["group_persons"])} born {span}</div>'
+            f'<div class="meta code">{_rgb_text(row)}</div><div class="meta"><b>{_pct(row["shown_share"])}</b> '
+            f'({_pct(row["shown_low"])}–{_pct(row["shown_high"])}) of {_int(row["group_persons"])} born {span}</div>'
             f'</div></div>'
         )
     return ('<h2>The colour of each cohort</h2><p class="note">The most worn colour of each birth cohort, shown in '
@@ -384,19 +397,36 @@ def _winners(cohorts: dict[str, pd.DataFrame], settings: HistogramSettings) -> s
             f'<div class="winners">{"".join(cards)}</div>')
 
 
+def _basis_note(stats: HistogramSettings) -> str:
+    """What the shares shown are: corrected for age error with a measured calibration, or raw counts."""
+    if stats.age_calibration_path:
+        return ("Ranked by the share <b>corrected for age error</b>, measured on the labelled faces of "
+                f'<span class="code">{_e(Path(stats.age_calibration_path).name)}</span>: each cohort as if every '
+                f"age were known exactly. Its {stats.ci:.0%} interval covers the sampling error of the persons and "
+                "of the calibration. The raw share (persons counted in the cohort by their estimated age) is shown "
+                "beside it.")
+    return ("Ranked by the <b>raw share</b>: persons counted in the cohort of their estimated age. Age errors blur "
+            "neighbouring cohorts; <i>purity</i> is the estimated share of a cohort's persons truly born in it "
+            "(from the default age model's measured error). Set <span class=\"code\">histograms."
+            "age_calibration_path</span> to rank by the corrected share (see the README).")
+
+
 def _cohort_sections(cohorts: dict[str, pd.DataFrame], settings: ReportSettings, stats: HistogramSettings) -> str:
+    corrected = stats.age_calibration_path is not None
     out = [('<h2>Ranked colours per cohort</h2><p class="note">Share of the cohort\'s persons whose dominant garment '
             f'colour falls in each colour bin, with its {stats.ci:.0%} bootstrap interval (red whisker). '
-            '"Corrected" is the share after undoing the blur of age errors between cohorts; lift compares the '
-            'share with the other cohorts (×1.5 = worn 1.5 times as often).</p>')]
+            f'{_basis_note(stats)} Lift compares the raw share with the other cohorts (×1.5 = worn 1.5 times as '
+            'often).</p>')]
     for label, rows in cohorts.items():
         first, last = int(rows["group_first"].iloc[0]), int(rows["group_last"].iloc[0])
         persons = int(rows["group_persons"].iloc[0])
         published = _published(rows)
         has_sales = "sales_share" in rows and rows["sales_share"].notna().any()
+        purity = _num(rows["purity"])[0] if "purity" in rows and len(rows) else np.nan
+        purity_text = (f' · purity {100 * purity:.0f}%' if np.isfinite(purity) else "")
         head = (f'<div class="cohort-head"><h3>{_e(label)}</h3><div class="sub">born {first}–{last} · '
-                f'{persons:,} persons · {len(published)} colours published</div></div>')
-        table = _ranking_table(published.head(settings.top_colours), has_sales) if len(published) else (
+                f'{persons:,} persons{purity_text} · {len(published)} colours published</div></div>')
+        table = _ranking_table(published.head(settings.top_colours), has_sales, corrected) if len(published) else (
             f'<p class="note">No colour reaches {stats.min_persons} persons in this cohort.</p>')
         more = len(published) - settings.top_colours
         if more > 0:
@@ -416,28 +446,28 @@ def _gallery(rankings: dict[str, str | None]) -> str:
             f'whiskers: confidence interval).</p><div class="gallery">{figures}</div>')
 
 
-def _ranking_table(rows: pd.DataFrame, has_sales: bool) -> str:
-    scale = max(float(rows["ci_high"].max()), 1e-9)
+def _ranking_table(rows: pd.DataFrame, has_sales: bool, corrected: bool) -> str:
+    scale = max(float(rows["shown_high"].max()), 1e-9)
     head = ('<tr><th></th><th>colour</th><th></th><th>share</th><th class="num">persons</th>'
-            '<th class="num">corrected</th><th class="num">lift</th>'
+            f'<th class="num">{"raw" if corrected else "corrected"}</th><th class="num">lift</th>'
             + ('<th class="num">sales</th><th class="num">blend #</th>' if has_sales else "") + "</tr>")
     body = []
     for _, r in rows.iterrows():
-        fill = 100 * float(r["share"]) / scale
-        lo, hi = 100 * float(r["ci_low"]) / scale, 100 * float(r["ci_high"]) / scale
+        fill = 100 * float(r["shown_share"]) / scale
+        lo, hi = 100 * float(r["shown_low"]) / scale, 100 * float(r["shown_high"]) / scale
         lift = "–" if pd.isna(r["lift"]) else f"×{float(r['lift']):.2f}"
         sales = (f'<td class="num">{_pct(r["sales_share"])}</td><td class="num">{_int(r["blended_rank"])}</td>'
                  if has_sales else "")
         body.append(
-            f'<tr class="{"top" if int(r["rank"]) == 1 else ""}" data-bin="{_e(r["bin_id"])}">'
-            f'<td class="rank">{int(r["rank"])}</td>'
+            f'<tr class="{"top" if int(r["shown_rank"]) == 1 else ""}" data-bin="{_e(r["bin_id"])}">'
+            f'<td class="rank">{int(r["shown_rank"])}</td>'
             f'<td><span class="sw" style="background:{_hex(r)}"></span></td>'
             f'<td class="cname"><b>{_e(r["color_name_zh"])}</b> {_e(r["color_name"])}<br>'
             f'<span class="code">{_rgb_text(r)} · {_hex(r)}</span></td>'
-            f'<td class="share"><b>{_pct(r["share"])}</b> <span class="ci-text">{_pct(r["ci_low"])}–'
-            f'{_pct(r["ci_high"])}</span><div class="bar"><div class="fill" style="width:{fill:.1f}%"></div>'
+            f'<td class="share"><b>{_pct(r["shown_share"])}</b> <span class="ci-text">{_pct(r["shown_low"])}–'
+            f'{_pct(r["shown_high"])}</span><div class="bar"><div class="fill" style="width:{fill:.1f}%"></div>'
             f'<div class="ci" style="left:{lo:.1f}%;width:{max(hi - lo, 0.5):.1f}%"></div></div></td>'
-            f'<td class="num">{_int(r["persons"])}</td><td class="num">{_pct(r["share_soft"])}</td>'
+            f'<td class="num">{_int(r["persons"])}</td><td class="num">{_pct(r["other_share"])}</td>'
             f'<td class="num">{lift}</td>{sales}</tr>'
         )
     return f"<table>{head}{''.join(body)}</table>"
@@ -461,10 +491,10 @@ def _comparison(cohorts: dict[str, pd.DataFrame], chart: str | None, top: int) -
     every = pd.concat(cohorts.values())
     if every["suppressed"].astype(bool).all():
         return ""
-    top_bins = every[_num(every["rank"]) <= top]
+    top_bins = every[_num(every["shown_rank"]) <= top]
     weight = pd.Series(_num(top_bins["persons"]), index=top_bins["bin_id"].to_numpy()).groupby(level=0).sum()
     weight = weight.sort_values(ascending=False, kind="stable")
-    peak = np.nanmax(_num(every["share"]), initial=0.0)
+    peak = np.nanmax(_num(every["shown_share"]), initial=0.0)
     peak = float(peak) if peak > 0 else 1.0
     head = "<tr><th>colour</th>" + "".join(f"<th>{_e(c)}</th>" for c in cohorts) + "</tr>"
     body = []
@@ -477,12 +507,12 @@ def _comparison(cohorts: dict[str, pd.DataFrame], chart: str | None, top: int) -
                 cells.append('<td><span class="cell off">&lt; min</span></td>')
                 continue
             r = cell.iloc[0]
-            alpha = 0.25 + 0.75 * float(r["share"]) / peak
+            alpha = 0.25 + 0.75 * float(r["shown_share"]) / peak
             rgb = _rgb01(r)
             ink = _ink_on(rgb) if alpha > 0.6 else "#1d1d1f"
-            best = " best" if int(r["rank"]) == 1 else ""
+            best = " best" if int(r["shown_rank"]) == 1 else ""
             cells.append(f'<td><span class="cell{best}" style="background:rgba({int(r["rep_r"])},{int(r["rep_g"])},'
-                         f'{int(r["rep_b"])},{alpha:.2f});color:{ink}">{_pct(r["share"])}</span></td>')
+                         f'{int(r["rep_b"])},{alpha:.2f});color:{ink}">{_pct(r["shown_share"])}</span></td>')
         body.append(f'<tr><td class="cname"><span class="sw" style="background:{_hex(first)};width:22px;height:16px">'
                     f'</span> <b>{_e(first["color_name_zh"])}</b> {_e(first["color_name"])}</td>{"".join(cells)}</tr>')
     figure = f'<div class="figure"><img src="{_e(chart)}" alt="shares per cohort"></div>' if chart else ""
@@ -498,7 +528,7 @@ def _ages(buckets: dict[str, pd.DataFrame], chart: str | None) -> str:
     for label, part in buckets.items():
         top = _published(part).head(3)
         colours = "".join(f'<span class="pill"><span class="sw" style="background:{_hex(r)};width:18px;height:14px">'
-                          f'</span> {_e(r["color_name_zh"])} {_e(r["color_name"])} <b>{_pct(r["share"])}</b></span>'
+                          f'</span> {_e(r["color_name_zh"])} {_e(r["color_name"])} <b>{_pct(r["shown_share"])}</b></span>'
                           for _, r in top.iterrows()) or "–"
         rows.append(f'<tr><td class="nowrap">{_e(label)}</td><td class="num">{_int(part["group_persons"].iloc[0])}</td>'
                     f"<td>{colours}</td></tr>")
@@ -521,9 +551,11 @@ def _method(settings: HistogramSettings, has_sales: bool) -> str:
         ("Interval", (f"{settings.ci:.0%} percentile bootstrap over persons, {settings.bootstrap:,} resamples, "
                       f"seed {settings.seed}")),
         ("Suppression", f"cells with fewer than {settings.min_persons} persons are not published"),
-        ("Corrected share", "true-age distribution of each colour deconvolved from the age model's error (EMS), "
-                            + ("error measured on labelled faces" if settings.age_calibration_path
-                               else "error from the age model's own uncertainty")),
+        ("Corrected share", "maximum-likelihood deconvolution of the age error: one colour distribution per "
+                            "cohort, fitted to the persons' colours and estimated ages; interval: bootstrap over the "
+                            "persons and the calibration's labelled faces; error measured on "
+                            + (f"{Path(settings.age_calibration_path).name}" if settings.age_calibration_path
+                               else "the default age model's validation faces (shipped)")),
     ]
     if has_sales:
         items.append(("Sales blend", (f"blend = {1 - settings.sales_weight:.2f} × photo share + "
