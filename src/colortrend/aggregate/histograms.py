@@ -386,7 +386,8 @@ def build_histograms(
     """The ``histograms/`` table: every published group x every colour bin that holds a person (or a sale).
 
     ``sales`` and ``age_calibration`` default to the files named by ``settings.sales_path`` and
-    ``settings.age_calibration_path`` (when unset: no sales, and the shipped age calibration). Rows are ordered by group type (cohorts, then age buckets),
+    ``settings.age_calibration_path`` (when unset: no sales, and the shipped age calibration). Rows are ordered
+    by group type (cohorts, then age buckets),
     group, then rank (suppressed cells last, in bin order). Identical inputs and settings give an identical table.
     ``group_types`` limits the table to some kinds of group (the other kinds are not computed).
     """

@@ -52,7 +52,8 @@ def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
     """
     labels_csv = Path(labels_csv)
     labels = pd.read_csv(labels_csv)
-    if "path" not in labels.columns or not ({"age"} <= set(labels.columns) or {"age_lo", "age_hi"} <= set(labels.columns)):
+    columns = set(labels.columns)
+    if "path" not in columns or not ("age" in columns or {"age_lo", "age_hi"} <= columns):
         raise ConfigError(f"{labels_csv}: expected columns path and age, or path, age_lo and age_hi (an age band)")
     out = pd.DataFrame({"path": labels["path"].astype(str)})
     if "age" in labels.columns:

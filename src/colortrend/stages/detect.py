@@ -110,7 +110,8 @@ class DetectStage(Stage):
         from colortrend.models.mtcnn import Detections
 
         pads = [max(1, round(border * max(images[k].shape[:2]))) for k in missed]
-        padded = [cv2.copyMakeBorder(images[k], pad, pad, pad, pad, cv2.BORDER_REPLICATE) for k, pad in zip(missed, pads)]
+        padded = [cv2.copyMakeBorder(images[k], pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+                  for k, pad in zip(missed, pads)]
         for k, pad, found in zip(missed, pads, self._detect(padded)):
             if isinstance(found, Exception) or not len(found):
                 continue

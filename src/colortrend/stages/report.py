@@ -212,9 +212,10 @@ class _Charts:
                 left = 0.0
                 for _, row in _published(rows).iterrows():
                     colour = _rgb01(row)
-                    ax.barh(y, row["shown_share"], left=left, color=colour, edgecolor="white", linewidth=0.8, height=0.72)
-                    if row["shown_share"] >= 0.06:
-                        ax.text(left + row["shown_share"] / 2, y, f"{100 * row['shown_share']:.0f}%", ha="center", va="center",
+                    share = row["shown_share"]
+                    ax.barh(y, share, left=left, color=colour, edgecolor="white", linewidth=0.8, height=0.72)
+                    if share >= 0.06:
+                        ax.text(left + share / 2, y, f"{100 * share:.0f}%", ha="center", va="center",
                                 fontsize=8, color=_ink_on(colour))
                     left += row["shown_share"]
                 if int(rows["group_persons"].iloc[0]) > 0 and left < 1 - 1e-9:
@@ -528,7 +529,8 @@ def _ages(buckets: dict[str, pd.DataFrame], chart: str | None) -> str:
     for label, part in buckets.items():
         top = _published(part).head(3)
         colours = "".join(f'<span class="pill"><span class="sw" style="background:{_hex(r)};width:18px;height:14px">'
-                          f'</span> {_e(r["color_name_zh"])} {_e(r["color_name"])} <b>{_pct(r["shown_share"])}</b></span>'
+                          f'</span> {_e(r["color_name_zh"])} {_e(r["color_name"])} '
+                          f'<b>{_pct(r["shown_share"])}</b></span>'
                           for _, r in top.iterrows()) or "–"
         rows.append(f'<tr><td class="nowrap">{_e(label)}</td><td class="num">{_int(part["group_persons"].iloc[0])}</td>'
                     f"<td>{colours}</td></tr>")

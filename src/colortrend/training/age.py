@@ -33,7 +33,8 @@ expected age from the band (0 inside). Neither ever pretends a band's midpoint i
 
 Sampling: each face is drawn with weight (faces sharing its label key) ** -``balance_power``, the key being the
 5-year bin of an exact age or the band itself, times ``young_weight`` for faces aged 10-29 (the cohorts a photo
-collection of one year splits most finely), so rare ages and the young are seen as often as they matter. Validation scores each network by its expected age; the
+collection of one year splits most finely), so rare ages and the young are seen as often as they matter.
+Validation scores each network by its expected age (for band labels: its distance from the band, 0 inside); the
 age stage reports the median of the networks' mixture, which scores a little better still.
 """
 from __future__ import annotations
