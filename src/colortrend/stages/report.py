@@ -10,6 +10,7 @@ The numbers on the page are the ``histograms/`` table's, formatted, never recomp
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -30,9 +31,12 @@ import pandas as pd
 
 from colortrend.aggregate.histograms import HistogramSettings
 
-#: Fonts tried for Chinese labels in the PNG charts; without any of them, charts label cohorts by birth years.
+#: Fonts tried for Chinese labels in the PNG charts before the shipped subset.
 CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "PingFang SC",
              "Microsoft YaHei", "SimHei", "Droid Sans Fallback")
+#: Noto Sans CJK SC (OFL-1.1) cut to the glyphs of the colour names and default cohort labels
+#: (``scripts/make_cjk_subset.py``): Chinese renders on a machine with no Chinese font, in the page and the charts.
+CJK_SUBSET = Path(__file__).resolve().parent.parent / "report_assets" / "cjk-subset.otf"
 SUPPRESSED_GREY = "#d4d4d8"
 
 
@@ -272,11 +276,25 @@ class _Charts:
 
 @functools.cache
 def _cjk_font() -> str | None:
-    """The first installed font of ``CJK_FONTS`` (None without one)."""
+    """The first installed font of ``CJK_FONTS``, else the shipped subset (registered with matplotlib)."""
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FONTS if name in installed), None)
+    found = next((name for name in CJK_FONTS if name in installed), None)
+    if found or not CJK_SUBSET.is_file():
+        return found
+    font_manager.fontManager.addfont(str(CJK_SUBSET))
+    return font_manager.FontProperties(fname=str(CJK_SUBSET)).get_name()
+
+
+@functools.cache
+def _font_face_css() -> str:
+    """An @font-face rule embedding the shipped CJK subset (a data: URL, so the page still fetches nothing)."""
+    if not CJK_SUBSET.is_file():
+        return ""
+    data = base64.b64encode(CJK_SUBSET.read_bytes()).decode("ascii")
+    return ('@font-face { font-family: "colortrend CJK"; font-display: block; '
+            f'src: url(data:font/otf;base64,{data}) format("opentype"); }}\n')
 
 
 def _num(values: pd.Series) -> np.ndarray:
@@ -325,7 +343,8 @@ def _page(*, cohorts: dict[str, pd.DataFrame], buckets: dict[str, pd.DataFrame],
           run_info: dict[str, Any], settings: ReportSettings, stats: HistogramSettings, charts: dict[str, Any]) -> str:
     name = settings.title or run_info.get("name") or "colortrend run"
     years = counts["years"]
-    css = resources.files("colortrend").joinpath("report_assets/report.css").read_text(encoding="utf-8")
+    css = _font_face_css() + resources.files("colortrend").joinpath("report_assets/report.css").read_text(
+        encoding="utf-8")
     subtitle = (f"What each birth cohort wears, measured on {counts['counted']:,} persons in "
                 f"{counts['photos']:,} photos" + (f" taken in {', '.join(years)}" if years else "") + ".")
     parts = [
