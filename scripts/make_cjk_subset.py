@@ -15,7 +15,7 @@ from fontTools.ttLib import TTCollection
 
 from colortrend.aggregate.histograms import DEFAULT_COHORTS
 from colortrend.color.names import NAMED_COLORS
-from colortrend.stages.report import CJK_SUBSET
+from colortrend.aggregate.report import CJK_SUBSET
 
 EXTRA = "后度黑年龄出生色颜"  # 95度黑 and words a cohort label or report text may use
 

@@ -9,7 +9,7 @@ import pytest
 
 from colortrend.color.names import NAMED_COLORS
 from colortrend.aggregate.histograms import HistogramSettings, build_histograms
-from colortrend.stages.report import ReportSettings, write_report
+from colortrend.aggregate.report import ReportSettings, write_report
 
 RGB = {c.en: c.rgb for c in NAMED_COLORS}
 
@@ -61,9 +61,11 @@ def test_report_is_written_beside_its_charts(run):
 
 
 def test_page_is_self_contained(run):
-    page = run["html"]
+    embedded = re.findall(r"url\(data:([a-z/]+);base64,[A-Za-z0-9+/=]+\)", run["html"])
+    assert embedded == ["font/otf"]  # the CJK subset font, inside the page
+    page = re.sub(r"url\(data:[^)]*\)", "", run["html"])
     assert not re.search(r"(?i)(https?:)?//[a-z0-9]", page.replace("<!DOCTYPE html>", ""))
-    assert "@import" not in page and "url(" not in page.replace("url(data:", "") and "<script" not in page
+    assert "@import" not in page and "url(" not in page and "<script" not in page
     for ref in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert (run["index"].parent / ref).is_file(), ref
 

@@ -23,7 +23,7 @@ from colortrend.stages.correct import ColorSettings
 from colortrend.stages.detect import DetectSettings
 from colortrend.aggregate.histograms import HistogramSettings
 from colortrend.stages.intake import InputSettings
-from colortrend.stages.report import ReportSettings
+from colortrend.aggregate.report import ReportSettings
 from colortrend.stages.segment import SegmentSettings
 
 @dataclass(frozen=True)

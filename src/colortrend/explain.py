@@ -49,7 +49,7 @@ def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, li
     parses = (batch.get("person_parse") or [None])[0] or [None] * n
     outlined = _outline_garments(image, parses, PARSE_CLASSES)
 
-    from colortrend.stages.report import _cjk_font
+    from colortrend.aggregate.report import _cjk_font
 
     font = _cjk_font()
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # a CJK font without "normal" weight warns

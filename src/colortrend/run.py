@@ -201,7 +201,7 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
 
 def write_aggregates(cfg: Config, store: Store) -> None:
     from colortrend.aggregate.histograms import build_histograms
-    from colortrend.stages.report import write_report
+    from colortrend.aggregate.report import write_report
 
     garments = store.read_table("garments").to_pandas()
     photos = store.read_table("photos").to_pandas()

@@ -117,7 +117,8 @@ def predict_ages(
     """One row per listed photo: ``path``, ``age``, ``predicted_age`` (NaN where no face) and the face's quality.
 
     Extra columns: ``age_sd``, ``det_score``, ``face_px``, ``sharpness``, ``yaw``, ``quality_ok``,
-    ``filter_reason`` (default :class:`AlignSettings` filters).
+    ``filter_reason`` (default :class:`AlignSettings` filters), and the label's ``age_lo``, ``age_hi`` (the band; the
+    age itself for exact labels) and ``group``.
     """
     from colortrend.stages.age import AgeSettings, AgeStage
 
@@ -137,7 +138,8 @@ def predict_ages(
                 row[key] = batch[key][i][0] if found else None
             rows.append(row)
     predictions = pd.DataFrame(rows, index=labels.index)
-    return pd.concat([labels[["path", "age", "age_lo", "age_hi", "group"]], predictions], axis=1)
+    out = pd.concat([labels[["path", "age"]], predictions, labels[["age_lo", "age_hi", "group"]]], axis=1)
+    return out
 
 
 def age_metrics(predictions: pd.DataFrame) -> dict:
