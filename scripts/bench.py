@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
     ap.add_argument("--facenet-min-face", type=int, default=20, help="facenet-pytorch's default min_face_size")
+    ap.add_argument("--json", action="store_true", help="print only the figures, as one JSON object on one line")
     args = ap.parse_args()
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     runs = {"colortrend": [], "facenet": []}
@@ -94,7 +95,7 @@ def main() -> None:
     ct_wall, fn_wall = med("colortrend", "wall_s"), med("facenet", "wall_s")
     ct_loop, fn_loop = med("colortrend", "analyse_s"), med("facenet", "loop_s")
     stage_names = runs["colortrend"][0]["stage_s"].keys()
-    print(json.dumps({
+    figures = {
         "photos": n,
         "device": args.device,
         "repeat": args.repeat,
@@ -108,7 +109,17 @@ def main() -> None:
                                "faces": runs["facenet"][0]["faces"], "min_face_size": args.facenet_min_face},
         "ratio_process": fn_wall / ct_wall,
         "ratio_loop": fn_loop / ct_loop,
-    }, indent=1))
+    }
+    if not args.json:
+        ct, fn = figures["colortrend"], figures["facenet_mtcnn_loop"]
+        print(f"{n} photos, {args.repeat} runs each, medians")
+        print(f"colortrend run      {ct['photos_per_s_process']:.2f} photos/s (process), "
+              f"{ct['photos_per_s_analysis']:.2f} (analysis), peak {ct['peak_mb']:.0f} MB")
+        print(f"facenet MTCNN loop  {fn['photos_per_s_process']:.2f} photos/s (process), "
+              f"{fn['photos_per_s_loop']:.2f} (loop), peak {fn['peak_mb']:.0f} MB")
+        print(f"ratio               {figures['ratio_process']:.2f}x (process), {figures['ratio_loop']:.2f}x (loop)")
+        print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in ct["stage_s"].items()))
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -150,3 +150,18 @@ def test_without_a_calibration_each_cohort_says_how_pure_it_is(run):
         if rows["purity"].notna().any():
             assert f"purity {100 * rows['purity'].iloc[0]:.0f}%" in cohort_section(run["html"], label)
     assert "raw share" in run["html"]
+
+
+def test_a_tie_or_an_unclear_lead_is_said_not_crowned(tmp_path):
+    rgb = np.array([RGB["black"]] * 15 + [RGB["charcoal"]] * 15 + [RGB["white"]] * 14, dtype=np.uint8)
+    n = len(rgb)
+    garments = pd.DataFrame({"photo_id": [f"t{i}" for i in range(n)], "face_idx": 0, "age": 19.0, "taken_year": 2016,
+                             "quality_ok": True, "dominant_r": rgb[:, 0], "dominant_g": rgb[:, 1],
+                             "dominant_b": rgb[:, 2]})
+    photos = pd.DataFrame({"photo_id": garments["photo_id"], "taken_year": 2016, "status": "ok"})
+    table = build_histograms(garments, HistogramSettings(bootstrap=200)).to_pandas()
+    page = write_report(tmp_path, table, garments, photos, None, {"name": "ties"}).read_text(encoding="utf-8")
+    assert "95后 · 黑色 black = 炭灰 charcoal</div>" in page and "a tie" in page
+    lead = table[(table["group"] == "95后") & (table["group_type"] == "cohort")]
+    assert lead["share"].max() < 0.35  # and white (14 of 44) sits inside the leaders' intervals
+    assert page.count("a tie") == 1
