@@ -107,6 +107,7 @@ def test_eval_on_a_few_faces(tmp_path):
     assert metrics["mae"] < 25 and set(metrics["mae_by_band"]) == {"0-12", "13-19", "20-29", "30-39", "40-49",
                                                                     "50-59", "60+"}
     assert {"recall", "precision"} <= set(metrics["window_17_21"])
+    assert set(metrics["bias_by_band"]) == set(metrics["mae_by_band"]) and "bias_16_21" in metrics
     json.dumps(metrics)  # what `eval age --json` prints
 
 

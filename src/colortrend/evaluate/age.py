@@ -28,6 +28,8 @@ from colortrend.stages.base import Batch
 AGE_BANDS: tuple[tuple[int, int | None], ...] = ((0, 12), (13, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, None))
 #: Ages of the 95后 cohort in 2016 (born 1995-1999): how many such faces land there matters most to the report.
 COHORT_WINDOW = (17, 21)
+#: True ages whose mean error is reported on its own: too old an estimate moves them out of their cohort.
+YOUNG = (16, 21)
 #: Share of each labelled folder held out for validation.
 VALIDATION_FRACTION = 0.15
 #: Detection floor for evaluation photos: the labelled sets are face crops, faces are never tiny.
@@ -146,7 +148,7 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
     """Error figures of a :func:`predict_ages` table (faces scored = photos with a prediction).
 
     ``mae``, ``median_ae``, ``bias`` (mean predicted - true), ``rmse``, ``n``, ``missed``, ``missed_rate``,
-    ``mae_by_band`` and ``n_by_band`` (true-age bands), ``window_17_21`` recall/precision (rounded predictions),
+    ``mae_by_band``, ``bias_by_band`` and ``n_by_band`` (true-age bands), ``bias_16_21``, ``window_17_21`` recall/precision (rounded predictions),
     ``quality_ok`` (MAE and coverage of faces passing the quality filters) and ``filtered`` (per reason).
     """
     if "age_lo" in predictions and predictions["age"].isna().any():
@@ -163,6 +165,7 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
         "missed": int(len(predictions) - len(scored)),
         "missed_rate": _round((len(predictions) - len(scored)) / max(1, len(predictions)), 4),
         "mae_by_band": {},
+        "bias_by_band": {},
         "n_by_band": {},
     }
     for lo, hi in AGE_BANDS:
@@ -170,6 +173,9 @@ def age_metrics(predictions: pd.DataFrame) -> dict:
         in_band = (true_age >= lo) & (true_age <= (hi if hi is not None else np.inf))
         out["n_by_band"][name] = int(in_band.sum())
         out["mae_by_band"][name] = _round(np.abs(err[in_band]).mean()) if in_band.any() else None
+        out["bias_by_band"][name] = _round(err[in_band].mean()) if in_band.any() else None
+    young = (true_age >= YOUNG[0]) & (true_age <= YOUNG[1])  # the ages that decide the 95后 of a 2016 collection
+    out[f"bias_{YOUNG[0]}_{YOUNG[1]}"] = _round(err[young].mean()) if young.any() else None
     lo, hi = COHORT_WINDOW
     truly = (true_age >= lo) & (true_age <= hi)
     predicted_age = np.floor(scored["predicted_age"].to_numpy(float) + 0.5)
@@ -255,6 +261,10 @@ def format_age_metrics(metrics: dict) -> str:
         else "no face scored",
         "MAE by true age: "
         + ", ".join(f"{band} {mae} (n={metrics['n_by_band'][band]})" for band, mae in metrics["mae_by_band"].items()),
+        "bias by true age: " + ", ".join(f"{band} {bias:+}" for band, bias in metrics["bias_by_band"].items()
+                                          if bias is not None)
+        + (f"; ages {YOUNG[0]}-{YOUNG[1]} {metrics[f'bias_{YOUNG[0]}_{YOUNG[1]}']:+}"
+           if metrics[f"bias_{YOUNG[0]}_{YOUNG[1]}"] is not None else ""),
     ]
     lo, hi = COHORT_WINDOW
     window = metrics[f"window_{lo}_{hi}"]

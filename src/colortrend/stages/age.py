@@ -4,9 +4,10 @@ The prediction for a face is the mixture of the distributions of every (network,
 The shipped default averages four networks that each see the face differently: two of dlib's ResNet-10 fine-tuned
 on 96-px chips framed wider (more hair, ears and neck) and closer (the inner face in more detail) than the aligner's
 template, and two EfficientNet-Lite0 trained from ImageNet weights on 112-px chips, framed wide and as the aligner
-frames them. Networks that differ in what they see, and in what they started from, err differently, so their
-average removes more error (validation MAE on All-Age-Faces: 5.15-5.45 alone, 4.72 together; see the README). With
-such different views, test-time chip scales (``scales``) add nothing, so the default is the trained framing only.
+frames them; all four trained on All-Age-Faces, UTKFace and FairFace's age bands (``docs/models.md``). Networks
+that differ in what they see, and in what they started from, err differently, so their average removes more error
+(validation MAE on All-Age-Faces: 5.16-5.57 alone, 4.71 together). With such different views, test-time chip
+scales (``scales``) add nothing, so the default is the trained framing only.
 
 Each network's chips are cut at the side and framing it was trained on (both stored with its weights): the
 aligner's 64-px chips are reused where they match, other chips are cut again from the photo with the same
