@@ -62,8 +62,8 @@ EM_TOL = 1e-6
 EM_MAX_ITER = 2000
 #: Bootstrap replicates of the corrected shares (each a refit): at most this many, fewer when ``bootstrap`` is.
 SOFT_BOOTSTRAP = 100
-BOOTSTRAP_MAX_ITER = 600
-BOOTSTRAP_TOL = 1e-5
+BOOTSTRAP_MAX_ITER = 300
+BOOTSTRAP_TOL = 1e-4
 #: Longest SQUAREM extrapolation, in plain EM steps.
 MAX_STEP = 64.0
 #: Largest age error (years) the fit considers: true ages this far beyond the estimates seen are left out.
@@ -246,7 +246,7 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         by_age = np.concatenate([expected[..., :1].sum(2), expected.sum(2), expected[..., -1:].sum(2)], axis=-1)
         smoothed = 0.25 * by_age[..., :-2] + 0.5 * by_age[..., 1:-1] + 0.25 * by_age[..., 2:]  # EMS's 1-2-1
         new_p = np.where(totals[..., None] > 0, smoothed / np.maximum(smoothed.sum(-1, keepdims=True), 1e-300), p)
-        mass = np.einsum("ryba,yak->rbk", expected, stacked)  # expected persons by bin and block
+        mass = sum(expected[:, y] @ stacked[y] for y in range(n_years))  # expected persons by bin and block
         held = mass.sum(axis=1, keepdims=True)
         new_q = np.where(held > 0, mass / np.maximum(held, 1e-300), q)
         if mix is not None:

@@ -145,11 +145,13 @@ def predict_ages(
 
 
 def age_metrics(predictions: pd.DataFrame) -> dict:
-    """Error figures of a :func:`predict_ages` table (faces scored = photos with a prediction).
+    """Error figures of a :func:`predict_ages` table (faces scored = photos with a prediction); band labels get
+    :func:`band_metrics` instead.
 
     ``mae``, ``median_ae``, ``bias`` (mean predicted - true), ``rmse``, ``n``, ``missed``, ``missed_rate``,
-    ``mae_by_band``, ``bias_by_band`` and ``n_by_band`` (true-age bands), ``bias_16_21``, ``window_17_21`` recall/precision (rounded predictions),
-    ``quality_ok`` (MAE and coverage of faces passing the quality filters) and ``filtered`` (per reason).
+    ``mae_by_band``, ``bias_by_band`` and ``n_by_band`` (true-age bands), ``bias_16_21``, ``window_17_21``
+    recall/precision (rounded predictions), ``quality_ok`` (MAE and coverage of faces passing the quality filters)
+    and ``filtered`` (per reason).
     """
     if "age_lo" in predictions and predictions["age"].isna().any():
         return band_metrics(predictions)

@@ -10,9 +10,9 @@ known cohort effects in synthetic populations and runs them through the project'
   by the difference).
 * True ages follow a photo-collection-like pyramid (:data:`AGE_WEIGHTS`, photo year 2016); colours are drawn from
   the scenario's probabilities by birth year. ``step``: the 95后 wear red 40 % (black 30 %), everyone else black
-  40 % (red 5 %): the issue this command was built for. ``trend``: navy rises smoothly from 10 % (born 1966) to 50 %
-  (born 2009) against black. ``reversal``: black falls from 50 % to 15 % as white rises from 15 % to 50 %, so the
-  top colour flips between cohorts.
+  40 % (red 5 %), the rest white, navy and grey: the case this command was built for. ``trend``: navy rises
+  smoothly from 10 % (born 1966) to 50 % (born 2009) against black. ``reversal``: black falls from 50 % to 15 % as
+  white rises from 15 % to 50 %, so the top colour flips between cohorts.
 * Truth for a cohort is the planted probability averaged over the persons truly born in it; each table is
   scored per cohort: top colour right, mean absolute share error over the scenario's colours, and whether each
   colour's interval covers the truth (nominal: ``ci``).
@@ -48,15 +48,14 @@ class Scenario:
         born = np.asarray(born, dtype=np.float64)
         if self.name == "step":
             in_95 = (born >= 1995) & (born <= 1999)
-            red = np.where(in_95, 0.40, 0.05)
-            black = np.where(in_95, 0.30, 0.40)
-        elif self.name == "trend":
+            return {"red": np.where(in_95, 0.40, 0.05), "black": np.where(in_95, 0.30, 0.40),
+                    "white": np.where(in_95, 0.10, 0.20), "navy": np.where(in_95, 0.10, 0.20),
+                    "grey": np.where(in_95, 0.10, 0.15)}
+        if self.name == "trend":
             navy = np.clip(0.10 + 0.40 * (born - 1966) / (2009 - 1966), 0.10, 0.50)
             return {"navy": navy, "black": 0.8 - navy, "white": np.full_like(born, 0.2)}
-        else:  # reversal
-            x = np.clip((born - 1966) / (2009 - 1966), 0, 1)
-            return {"black": 0.50 - 0.35 * x, "white": 0.15 + 0.35 * x, "grey": np.full_like(born, 0.35)}
-        return {"red": red, "black": black, "white": 1.0 - red - black}
+        x = np.clip((born - 1966) / (2009 - 1966), 0, 1)  # reversal
+        return {"black": 0.50 - 0.35 * x, "white": 0.15 + 0.35 * x, "grey": np.full_like(born, 0.35)}
 
 
 SCENARIOS = (
