@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from colortrend.errors import ConfigError
-from colortrend.evaluate.age import age_metrics, evaluate_age, predict_ages
+from colortrend.evaluate.age import age_metrics, predict_ages
 from colortrend.models.age_net import ARCHITECTURES, AgeNet, Lite0AgeNet, load_age_net, padded_add, save_age_net
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, AgeStage, resolve_weights
 
@@ -115,10 +115,10 @@ def test_labels_without_an_age_column_are_refused(tmp_path):
     csv = tmp_path / "labels.csv"
     csv.write_text("path,years\na.jpg,20\n")
     with pytest.raises(ConfigError, match="expected columns path and age"):
-        evaluate_age(csv)
+        predict_ages(csv)
     csv.write_text("path,age_lo,age_hi\na.jpg,20,10\n")
     with pytest.raises(ConfigError, match="row 2 has no valid age or age band"):
-        evaluate_age(csv)
+        predict_ages(csv)
 
 
 needs_fairface = pytest.mark.skipif(not (AGE_DATA / "fairface" / "labels.csv").exists(),
@@ -232,7 +232,7 @@ def test_train_a_step_writes_weights(tmp_path, monkeypatch, arch):
     assert float(net.chip_scale) == config.chip_scale  # ...and of the scale trained on
     assert metrics["history"][0]["train_loss"] > 0
     assert metrics["config"]["lr"] == training.ARCHITECTURE_DEFAULTS[arch]["lr"]  # the resolved recipe is recorded
-    result = evaluate_age(few_faces_csv(tmp_path, per_set=1), weights=str(weights))
+    result = age_metrics(predict_ages(few_faces_csv(tmp_path, per_set=1), weights=str(weights)))
     assert result["n"] == 2
 
 

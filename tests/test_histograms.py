@@ -12,7 +12,6 @@ from colortrend.aggregate.histograms import (
     AgeCalibration,
     HistogramSettings,
     build_histograms,
-    build_sales_histograms,
     load_sales,
 )
 
@@ -245,9 +244,11 @@ def test_sales_are_binned_like_the_photos_and_blended(tmp_path):
     path = tmp_path / "sales.csv"
     sales.to_csv(path, index=False)
     settings = HistogramSettings(min_persons=1, sales_weight=0.25)
-    alone = build_sales_histograms(load_sales(path), settings).to_pandas()
-    assert alone[alone["group"] == "95后"].set_index("bin_id")["quantity"].to_dict() == {"black": 10, "white": 30}
-    assert alone[alone["group"] == "90后"]["sales_share"].tolist() == [1.0]
+    loaded = load_sales(path)
+    blended = cells(build_histograms(df, settings, sales=loaded))
+    quantity = blended[blended["group"] == "95后"].set_index("bin_id")["sales_quantity"].dropna().to_dict()
+    assert quantity == {"black": 10, "white": 30}
+    assert blended[(blended["group"] == "90后") & (blended["bin_id"] == "white")]["sales_share"].tolist() == [1.0]
 
     table = cells(build_histograms(df, HistogramSettings(min_persons=1, sales_weight=0.25, sales_path=str(path))))
     black, white = cell(table, "95后", "black"), cell(table, "95后", "white")

@@ -122,18 +122,6 @@ HISTOGRAM_SCHEMA = pa.schema(
 
 _SALES_COLUMNS = ("sales_quantity", "sales_share", "blended_share", "blended_rank")
 
-SALES_SCHEMA = pa.schema(
-    [
-        pa.field("group", pa.string(), nullable=False),
-        pa.field("bin_id", pa.string(), nullable=False),
-        pa.field("color_name", pa.string(), nullable=False),
-        pa.field("color_name_zh", pa.string(), nullable=False),
-        pa.field("quantity", pa.float64(), nullable=False),
-        pa.field("sales_share", pa.float64(), nullable=False),
-    ]
-)
-
-
 @dataclass(frozen=True)
 class HistogramSettings:
     # Birth cohorts as (label, first birth year, last birth year), inclusive and non-overlapping; report order.
@@ -302,7 +290,8 @@ def _bucket_groups(age_years: NDArray[np.int64], settings: HistogramSettings) ->
 
 # ----------------------------------------------------------------------------------------------------------- sales
 def load_sales(path: str | Path) -> pd.DataFrame:
-    """Read a sales table (``.csv`` or ``.parquet``) and check its columns (see ``build_sales_histograms``)."""
+    """Read a sales table (``.csv`` or ``.parquet``) and check its columns (birth_year, quantity, and r,g,b or
+    color_name)."""
     path = Path(path)
     sales = pd.read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") or path.is_dir() else pd.read_csv(path)
     _check_sales(sales, str(path))
@@ -351,27 +340,6 @@ def _sales_cells(sales: pd.DataFrame, settings: HistogramSettings) -> tuple[NDAr
     keep = cohort >= 0
     lab = _sales_lab(sales)[keep]
     return cohort[keep], _bin_keys(lab, settings), sales["quantity"].to_numpy(np.float64)[keep]
-
-
-def build_sales_histograms(sales: pd.DataFrame, settings: HistogramSettings) -> pa.Table:
-    """Sales aggregated into the photos' cohort x colour bins (``SALES_SCHEMA``): quantity and share per cohort.
-
-    ``sales`` columns: ``birth_year`` (of the buyer), ``quantity``, and the item colour as ``r, g, b`` (0-255) or
-    ``color_name`` (a palette name, English or Chinese). Rows born outside every cohort are left out.
-    """
-    cohort, keys, quantity = _sales_cells(sales, settings)
-    bins = _make_bins(keys, settings)
-    k = np.searchsorted(bins.keys, keys)
-    table = np.zeros((len(settings.cohorts), len(bins.keys)))
-    np.add.at(table, (cohort, k), quantity)
-    names = _bin_names(bins, bins.nominal_lab, settings)
-    rows = []
-    for c, (label, _, _) in enumerate(settings.cohorts):
-        total = table[c].sum()
-        for j in np.flatnonzero(table[c]):
-            rows.append({"group": label, "bin_id": bins.ids[j], "color_name": names[j][0],
-                         "color_name_zh": names[j][1], "quantity": table[c, j], "sales_share": table[c, j] / total})
-    return pa.Table.from_pylist(rows, schema=SALES_SCHEMA)
 
 
 # ------------------------------------------------------------------------------------------------------- the table

@@ -240,18 +240,6 @@ def _round(value: float, digits: int = 3) -> float:
     return round(float(value), digits)
 
 
-def evaluate_age(
-    labels_csv: str | Path,
-    device: str = "cpu",
-    weights: str | tuple[str, ...] = "default",
-    split: Split = "all",
-    batch_size: int = 32,
-    min_face_px: float = EVAL_MIN_FACE_PX,
-) -> dict:
-    """:func:`age_metrics` of :func:`predict_ages` (same arguments)."""
-    return age_metrics(predict_ages(labels_csv, device, weights, split, batch_size, min_face_px))
-
-
 def format_age_metrics(metrics: dict) -> str:
     """The human-readable report of ``colortrend eval age`` (``--json`` prints ``metrics`` instead)."""
     if "band_accuracy" in metrics:
