@@ -134,3 +134,44 @@ def test_train_age_defaults_are_the_training_recipe():
     assert defaults["chip_size"] == recipe.chip_size
     assert defaults["chip_scale"] == recipe.chip_scale
     assert defaults["arch"] == recipe.arch and defaults["threads"] == recipe.threads
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "photos/theirs.parquet", "report/chart.png"])
+def test_an_existing_folder_that_is_not_a_colortrend_output_is_refused_untouched(tmp_path, foreign):
+    path, out = config(tmp_path)
+    target = os.path.join(out, foreign)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "w") as f:
+        f.write("someone else's")
+    before = sorted(os.path.relpath(os.path.join(r, n), out) for r, _, files in os.walk(out) for n in files)
+    result = invoke("run", path)
+    assert result.exit_code == 2 and "not a colortrend output" in result.output or "did not write" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    after = sorted(os.path.relpath(os.path.join(r, n), out) for r, _, files in os.walk(out) for n in files)
+    assert after == before and open(target).read() == "someone else's"
+
+
+@pytest.mark.parametrize("output, message", [('""', "output: name a folder"), ("/", "filesystem root")])
+def test_an_empty_or_root_output_is_refused(tmp_path, output, message):
+    path, _ = config(tmp_path, output=output)
+    result = invoke("run", path)
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_a_home_relative_output_is_expanded():
+    from colortrend.config import load_from_dict
+
+    cfg = load_from_dict({"name": "t", "input": {"paths": ["data/demo"]}, "output": "~/colortrend-out"})
+    assert cfg.output == os.path.join(os.path.expanduser("~"), "colortrend-out")
+
+
+def test_a_yaml_alias_bomb_is_one_line_not_gigabytes(tmp_path):
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 9):
+        levels.append(f"{chr(97 + k)}: &{chr(97 + k)} [" + ", ".join([f"*{chr(96 + k)}"] * 9) + "]")
+    bomb = "\n".join(levels) + "\nname: *i\ninput: {paths: [data/demo]}\noutput: " + str(tmp_path / "out") + "\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb)
+    result = invoke("run", str(path))
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert len(result.output) < 300

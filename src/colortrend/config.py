@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +57,12 @@ class Config:
     histograms: HistogramSettings = field(default_factory=HistogramSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+
+    def __post_init__(self) -> None:
+        if not self.output.strip():
+            raise ValueError("output: name a folder (or URL) for the tables; an empty value would write here")
+        if self.output.startswith("~"):
+            object.__setattr__(self, "output", os.path.expanduser(self.output))
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:
@@ -181,6 +188,16 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 3, 3, 30, 30
+    return short
+
+
+#: reprlib stops at a few items and levels: a YAML alias bomb must not be expanded to say it is wrong.
+_SHORT_REPR = _short_repr()
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    text = _SHORT_REPR.repr(value)
     return f"{type(value).__name__} {text if len(text) < 40 else text[:37] + '...'}"

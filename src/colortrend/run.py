@@ -76,11 +76,38 @@ def check_environment(cfg: Config) -> None:
     if is_url(cfg.output):
         return  # a remote store's permissions show on the first write, before any shard is analysed
     out = local_path(cfg.output)
+    _check_own_folder(cfg.output, out)
     parent = out
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"output: cannot write to {cfg.output} ({parent} is not a writable folder)")
+
+
+#: What colortrend writes at the top of an output folder: anything else there was written by someone else.
+OWN_ENTRIES = {"photos", "faces", "garments", "histograms", "report", "_markers", "_staging", "_runs", "_logs",
+               "_aggregates.json", LOCK_NAME}
+
+
+def _check_own_folder(output: str, out: str) -> None:
+    """Refuse an existing folder that holds what colortrend did not write: a run must never delete or overwrite
+    someone else's files (recovery cleans what looks like its own leftovers)."""
+    if os.path.realpath(out) == os.path.realpath(os.sep):
+        raise ConfigError(f"output: {output} is the filesystem root; name a folder of its own")
+    if not os.path.isdir(out):
+        return
+    entries = set(os.listdir(out))
+    foreign = sorted(entries - OWN_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"output: {output} already exists and holds {shown}, which colortrend did not write; "
+                          "choose a new or empty folder")
+    if "_markers" not in entries:  # no commit ever: any table file there is someone else's
+        stray = [os.path.join(root, name) for table in ("photos", "faces", "garments", "histograms", "report")
+                 for root, _, files in os.walk(os.path.join(out, table)) for name in files]
+        if stray:
+            raise ConfigError(f"output: {output} holds {stray[0]} but no colortrend commit record; it is not a "
+                              "colortrend output: choose a new or empty folder")
 
 
 def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
