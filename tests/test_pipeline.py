@@ -135,6 +135,12 @@ def test_histograms_hold_every_measured_person(demo):
     assert buckets["persons"].sum() == garments["quality_ok"].sum()
 
 
+def test_report_of_a_first_run_names_its_models(demo):
+    page = (demo["out"] / "report" / "index.html").read_text(encoding="utf-8")
+    latest = json.loads((demo["out"] / "_runs" / "latest.json").read_text())
+    assert latest["models"] and all(checksum in page for checksum in latest["models"].values())
+
+
 def test_rerun_with_nothing_new_loads_no_model(demo):
     code = ("import sys, json; from colortrend.config import load_config; from colortrend.run import run;"
             f"s = run(load_config({str(demo['config'])!r}), progress=False);"

@@ -153,7 +153,9 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         the_plan = plan(cfg, pipeline, store, full)  # again, under the lock: another run may have committed
         if the_plan.tasks:
             _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
-        summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks) or full)
+        # The models of this run go into the report directly: _runs/latest.json is written after it.
+        summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks) or full,
+                                              models=pipeline.model_checksums())
         summary.elapsed = time.perf_counter() - t0
         _record(cfg, pipeline, store, the_plan, summary)
     return summary
@@ -212,7 +214,7 @@ def committed_hashes(store: Store, exclude: set[str]) -> dict[str, str]:
     return seen
 
 
-def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
+def build_aggregates(cfg: Config, store: Store, force: bool = False, models: dict | None = None) -> str:
     """Histograms and report from all committed rows; skipped when neither the rows nor their settings changed."""
     markers = store.markers()
     key = hashlib.sha256(json.dumps(
@@ -221,12 +223,12 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False) -> str:
     state = store.read_json("_aggregates.json") or {}
     if not force and state.get("key") == key and store.exists("report/index.html"):
         return "up to date"
-    write_aggregates(cfg, store)
+    write_aggregates(cfg, store, models)
     store.write_json("_aggregates.json", {"key": key})
     return "rebuilt"
 
 
-def write_aggregates(cfg: Config, store: Store) -> None:
+def write_aggregates(cfg: Config, store: Store, models: dict | None = None) -> None:
     from colortrend.aggregate.histograms import build_histograms
     from colortrend.aggregate.report import write_report
 
@@ -235,7 +237,7 @@ def write_aggregates(cfg: Config, store: Store) -> None:
     faces = store.read_table("faces").to_pandas()
     histograms = build_histograms(garments, cfg.histograms)
     store.write_table("histograms", histograms)
-    args = (histograms.to_pandas(), garments, photos, faces, run_info(cfg, store), cfg.report)
+    args = (histograms.to_pandas(), garments, photos, faces, run_info(cfg, store, models), cfg.report)
     if store.local:
         write_report(store.root, *args)
         return
@@ -244,9 +246,11 @@ def write_aggregates(cfg: Config, store: Store) -> None:
         store.upload_folder("report", os.path.join(tmp, "report"), last="index.html")
 
 
-def run_info(cfg: Config, store: Store) -> dict:
-    latest = store.read_json("_runs/latest.json") or {}
-    return {"name": cfg.name, "version": __version__, "config": to_dict(cfg), "models": latest.get("models", {})}
+def run_info(cfg: Config, store: Store, models: dict | None = None) -> dict:
+    """What the report shows of the run: ``models`` (checksums), else those of the last recorded run."""
+    if models is None:
+        models = (store.read_json("_runs/latest.json") or {}).get("models", {})
+    return {"name": cfg.name, "version": __version__, "config": to_dict(cfg), "models": models}
 
 
 def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summary: RunSummary) -> None:
