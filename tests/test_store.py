@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import socket
+import time
 import uuid
 
 import fsspec
@@ -128,3 +129,41 @@ def test_second_run_is_refused_and_dead_lock_taken_over(tmp_path):
     with RunLock(tmp_path) as lock:
         assert lock.held
     assert not (tmp_path / "_lock").exists()
+
+
+def _contend(root, holders, start, wins, overlaps):
+    start.wait(20)
+    try:
+        with RunLock(root):
+            with holders.get_lock():
+                holders.value += 1
+                if holders.value > 1:
+                    overlaps.value += 1
+            time.sleep(0.01)
+            with holders.get_lock():
+                holders.value -= 1
+            with wins.get_lock():
+                wins.value += 1
+    except LockedError:
+        pass
+
+
+def test_contenders_never_hold_the_lock_together(tmp_path):
+    # Six runs started at once, many times, half of them finding a dead run's lock: never two holders.
+    ctx = multiprocessing.get_context("fork")
+    overlaps = ctx.Value("i", 0)
+    for trial in range(40):
+        root = tmp_path / f"t{trial}"
+        root.mkdir()
+        if trial % 2:  # a dead run's lock is left behind
+            (root / "_lock").write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname()}))
+        holders, wins, start = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Event()
+        procs = [ctx.Process(target=_contend, args=(root, holders, start, wins, overlaps)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        start.set()
+        for proc in procs:
+            proc.join(30)
+        assert wins.value >= 1
+        assert not (root / "_lock").exists()  # released by whoever held it last
+    assert overlaps.value == 0

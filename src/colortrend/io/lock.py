@@ -1,16 +1,30 @@
 """One run per output: an exclusively created lock file naming its holder; a dead holder's lock is taken over.
 
-The lock file is created with ``open(mode="xb")``: ``O_EXCL`` on a local disk, the store's exclusive create elsewhere
-(S3 conditional writes, memory). Where a filesystem has none it falls back to check-then-write, which only protects
-against runs started seconds apart.
+On a local disk the lock file appears whole and already locked: the holder record is written to a private file,
+``flock``-ed, then hard-linked to the lock's name (``link`` fails if the name exists), and the holder keeps the
+``flock`` for the whole run, so the kernel releases it the moment the holder dies. A run finding a lock checks the
+``flock`` first and the holder's pid second; it takes over a dead holder's lock only while holding that lock's
+``flock`` itself, so two runs can never both take it over, nor read a half-written holder as a dead one.
+
+Elsewhere the lock file is created with ``open(mode="xb")``: the store's exclusive create (S3 conditional writes,
+memory). Where a filesystem has none it falls back to check-then-write, which only protects against runs started
+seconds apart.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
 import socket
 import time
+
+from fsspec.implementations.local import LocalFileSystem
+
+try:
+    import fcntl
+except ImportError:  # Windows: the exclusive-create lock below
+    fcntl = None
 
 from colortrend.errors import LockedError
 from colortrend.io.fs import display, filesystem
@@ -27,6 +41,9 @@ class RunLock:
     def acquire(self) -> None:
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if isinstance(self.fs, LocalFileSystem) and fcntl is not None:
+            self._acquire_local(me.encode())
+            return
         for _ in range(3):
             try:
                 self._create(me.encode())
@@ -54,10 +71,50 @@ class RunLock:
                 raise FileExistsError(self.path) from None
             self.fs.pipe_file(self.path, data)
 
+    def _acquire_local(self, me: bytes) -> None:
+        for _ in range(20):
+            try:
+                self._fd = _create_locked(self.path, me)
+                self.held = True
+                return
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            try:
+                if not _try_flock(fd):  # a live run holds it
+                    raise self._locked(self._holder())
+                holder = self._holder()
+                if holder and _alive(holder):  # written by a live process that does not flock (or still writing)
+                    raise self._locked(holder)
+                if not _same_file(fd, self.path):
+                    continue  # replaced meanwhile
+                os.unlink(self.path)  # a dead holder's: removed while we hold its flock, so by us alone
+            finally:
+                os.close(fd)
+        raise LockedError(f"could not take the lock {display(self.fs, self.path)}")
+
+    def _locked(self, holder: dict | None) -> LockedError:
+        where = display(self.fs, self.path)
+        if not holder:
+            return LockedError(f"{where.rsplit('/', 1)[0]} is in use by another run")
+        return LockedError(f"{where.rsplit('/', 1)[0]} is in use by pid {holder['pid']} on {holder['host']} "
+                           f"(since {holder.get('since', '?')}); remove {where} if that process is gone")
+
     def release(self) -> None:
         if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(self.path)
+            fd = getattr(self, "_fd", None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    if _same_file(fd, self.path):
+                        os.unlink(self.path)  # before unlocking: a waiting run then finds no lock, or a new one
+                os.close(fd)
+                self._fd = None
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path)
             self.held = False
 
     def _holder(self) -> dict | None:
@@ -72,6 +129,39 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _create_locked(path: str, data: bytes) -> int:
+    """The lock file at ``path``, created whole and flock-ed (its descriptor); FileExistsError if one exists."""
+    private = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.link(private, path)  # atomic: the name appears with its content, or not at all
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(private)
+    return fd
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _alive(holder: dict) -> bool:
