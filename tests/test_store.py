@@ -167,3 +167,15 @@ def test_contenders_never_hold_the_lock_together(tmp_path):
         assert wins.value >= 1
         assert not (root / "_lock").exists()  # released by whoever held it last
     assert overlaps.value == 0
+
+
+def test_status_sees_a_live_holder_and_not_a_dead_one(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    holder.start()
+    assert ready.wait(20)
+    assert RunLock(tmp_path).live_holder()["pid"] == holder.pid
+    holder.kill()  # killed: its lock file stays, its flock does not
+    holder.join()
+    assert (tmp_path / "_lock").exists() and RunLock(tmp_path).live_holder() is None

@@ -299,9 +299,15 @@ def status(cfg: Config) -> dict:
         "persons": sum(m.get("rows", {}).get("garments", 0) for m in markers.values()),
         "failure_logs": store.list("_logs", ".tsv"),
         "stage_fingerprints": pipeline.fingerprints(),
-        "running": store.read_text(LOCK_NAME),
+        "running": _running(cfg.output),
         "report": store.uri("report", "index.html") if store.exists("report/index.html") else None,
     }
+
+
+def _running(output: str) -> str | None:
+    """Who holds the output's lock now, as one line; None when no live run does (a dead run's lock says nothing)."""
+    holder = RunLock(output).live_holder()
+    return f"pid {holder['pid']} on {holder['host']} since {holder.get('since', '?')}" if holder else None
 
 
 def read(output: str | os.PathLike, table: str):

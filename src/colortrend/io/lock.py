@@ -96,6 +96,22 @@ class RunLock:
                 os.close(fd)
         raise LockedError(f"could not take the lock {display(self.fs, self.path)}")
 
+    def live_holder(self) -> dict | None:
+        """The record of the run holding this lock now, or None (no lock, or one left by a run that died)."""
+        holder = self._holder()
+        if not (isinstance(self.fs, LocalFileSystem) and fcntl is not None):
+            return holder if holder and _alive(holder) else None
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if not _try_flock(fd):
+                return holder or {"pid": "?", "host": "?"}
+            return holder if holder and _alive(holder) else None
+        finally:
+            os.close(fd)  # closing drops the flock this check took
+
     def _locked(self, holder: dict | None) -> LockedError:
         where = display(self.fs, self.path)
         if not holder:
