@@ -191,6 +191,26 @@ def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
     assert not list((tmp_path / "killed" / "_staging").iterdir())
 
 
+@pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_releases_the_lock_says_what_it_kept_and_resumes(demo, tmp_path, stop, code):
+    config = write_config(tmp_path, demo["photos"], tmp_path / "stopped", shard_size=1, batch_size=1)
+    proc = run_cli(config)
+    markers = tmp_path / "stopped" / "_markers"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(stop)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-2000:]
+    assert "photos committed" in err and "resume" in err and "Traceback" not in err
+    assert not (tmp_path / "stopped" / "_lock").exists()
+    rerun = run_cli(config)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-3000:]
+    assert_same_tables(demo["out"], tmp_path / "stopped")
+
+
 def test_ray_executor_gives_the_same_rows(demo, tmp_path):
     pytest.importorskip("ray")
     config = write_config(tmp_path, demo["photos"], tmp_path / "ray")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 
 import click
@@ -16,6 +17,19 @@ from colortrend import __version__
 from colortrend.errors import ColortrendError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM) received during a run; a BaseException, like KeyboardInterrupt, so that no
+    per-photo error handler takes it for a bad photo."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, _frame) -> None:
+    raise Stopped(signum)
 
 
 def reports_errors(fn):
@@ -68,10 +82,21 @@ def main(verbose: bool) -> None:
 @reports_errors
 def run(config: str, executor: str, address: str | None, device: str | None, full: bool, progress: bool | None):
     """Analyse new photos of CONFIG and rebuild the histograms and the report."""
-    from colortrend.run import run as run_pipeline
+    from colortrend.run import committed_photos, run as run_pipeline
 
     cfg = load(config, device=device)
-    summary = run_pipeline(cfg, executor=executor, full=full, address=address, progress=progress)
+    # SIGTERM (cron, systemd, Kubernetes) stops a run like Ctrl-C: the lock is released on the way out, what was
+    # committed stays committed, and the next run resumes from there.
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        summary = run_pipeline(cfg, executor=executor, full=full, address=address, progress=progress)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        click.echo(f"Stopped by {signal.Signals(signum).name}: {committed_photos(cfg.output):,} photos committed; "
+                   "run the same command again to resume.", err=True)
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(f"{cfg.name}: {summary.line()}; report {cfg.output}/report/index.html ({summary.aggregates})")
 
 

@@ -310,6 +310,14 @@ def _running(output: str) -> str | None:
     return f"pid {holder['pid']} on {holder['host']} since {holder.get('since', '?')}" if holder else None
 
 
+def committed_photos(output: str) -> int:
+    """Photos in the committed shards of ``output`` (what a stopped run leaves for the next one to build on)."""
+    try:
+        return sum(m.get("rows", {}).get("photos", 0) for m in Store(output).markers().values())
+    except Exception:  # noqa: BLE001 - only a message depends on it: an unreadable store counts none
+        return 0
+
+
 def read(output: str | os.PathLike, table: str):
     """Committed rows of one output table (``output``: a folder or fsspec URL) as a pandas DataFrame."""
     return Store(output).read_table(table).to_pandas()
