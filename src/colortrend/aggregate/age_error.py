@@ -55,8 +55,6 @@ ERROR_BANDWIDTH = 1.0
 MIN_CALIBRATION_FACES = 30
 #: Width (years) of the blocks of true ages outside every group, each with a colour distribution of its own.
 OUTSIDE_BLOCK_YEARS = 5
-#: Each EM step mixes this fraction of a block's colour distribution from its neighbours (by birth year).
-Q_SMOOTHING = 0.0
 #: EM stops when no share or age probability moves by more than EM_TOL (or after EM_MAX_ITER steps).
 EM_TOL = 1e-6
 EM_MAX_ITER = 2000
@@ -189,8 +187,7 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     full_error = calibration.error_matrix()
     error = full_error[np.ix_(est, true)]
     n = n[..., est]
-    mix = _neighbour_mix(blocks, years, n_blocks)
-    fit = _em(n[None], error[None], onehot, years, None, EM_MAX_ITER, mix=mix)
+    fit = _em(n[None], error[None], onehot, years, None, EM_MAX_ITER)
     q, p, expected = fit[0][0], fit[1][0], fit[2][0]
 
     replicates = min(bootstrap, SOFT_BOOTSTRAP)
@@ -203,7 +200,7 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     ]).reshape(replicates, *n.shape).astype(np.float64)
     errors = calibration.resampled_error_matrices(replicates, seed)[:, est][:, :, true]
     start = (np.broadcast_to(q, (replicates, *q.shape)).copy(), np.broadcast_to(p, (replicates, *p.shape)).copy())
-    q_boot = _em(resampled, errors, onehot, years, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL, mix=mix)[0]
+    q_boot = _em(resampled, errors, onehot, years, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL)[0]
     alpha = (1.0 - ci) / 2
     low, high = np.quantile(q_boot[:, :, :n_groups], [alpha, 1.0 - alpha], axis=0)
 
@@ -214,8 +211,7 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
 
 
 def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int],
-        start: tuple[NDArray, NDArray] | None, max_iter: int, tol: float = EM_TOL,
-        mix: NDArray | None = None) -> tuple[NDArray, NDArray, NDArray]:
+        start: tuple[NDArray, NDArray] | None, max_iter: int, tol: float = EM_TOL) -> tuple[NDArray, NDArray, NDArray]:
     """EM of the module docstring for R fits at once (the estimate and bootstrap replicates), accelerated by SQUAREM
     (Varadhan & Roland 2008: two EM steps, then a step along their extrapolated path, kept on the simplex).
 
@@ -249,8 +245,6 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         mass = sum(expected[:, y] @ stacked[y] for y in range(n_years))  # expected persons by bin and block
         held = mass.sum(axis=1, keepdims=True)
         new_q = np.where(held > 0, mass / np.maximum(held, 1e-300), q)
-        if mix is not None:
-            new_q = new_q @ mix.T
         loglik = (n * np.log(np.maximum(fitted, 1e-300))).sum(axis=(1, 2, 3))
         return new_q, new_p, expected, loglik
 
@@ -281,21 +275,6 @@ def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int]
         if moved <= tol:
             break
     return q, p, expected
-
-
-def _neighbour_mix(blocks: dict[int, NDArray], years: list[int], n_blocks: int) -> NDArray | None:
-    """(blocks, blocks) row-stochastic matrix mixing ``Q_SMOOTHING`` of each block from its birth-year neighbours."""
-    if not Q_SMOOTHING:
-        return None
-    born = np.concatenate([t - AGES for t in years])
-    which = np.concatenate([blocks[t] for t in years])
-    centre = np.array([born[which == b].mean() if (which == b).any() else np.inf for b in range(n_blocks)])
-    order = np.argsort(centre, kind="stable")
-    mix = np.eye(n_blocks) * (1 - Q_SMOOTHING)
-    for k, b in enumerate(order):
-        for other in (order[k - 1] if k > 0 else None, order[k + 1] if k + 1 < n_blocks else None):
-            mix[b, b if other is None else other] += Q_SMOOTHING / 2
-    return mix
 
 
 def _purity(p: NDArray, totals: NDArray, error: NDArray, blocks: dict[int, NDArray], group_of: dict[int, NDArray],
