@@ -45,6 +45,17 @@ def run_cli(config: Path, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def run_until_committed(config: Path, output: Path, shards: int = 2) -> subprocess.Popen:
+    """A `colortrend run` still running after committing ``shards`` shards (to be killed or stopped)."""
+    proc = run_cli(config)
+    markers = output / "_markers"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < shards:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    return proc
+
+
 def tables(output: Path) -> dict[str, pd.DataFrame]:
     out = {}
     for name in ("photos", "faces", "garments"):
@@ -174,12 +185,8 @@ def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
 
 def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
     config = write_config(tmp_path, demo["photos"], tmp_path / "killed", shard_size=1, batch_size=1)
-    proc = run_cli(config)
+    proc = run_until_committed(config, tmp_path / "killed")
     markers = tmp_path / "killed" / "_markers"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     committed = len(list(markers.glob("*.json")))
@@ -194,12 +201,7 @@ def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
 @pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_run_releases_the_lock_says_what_it_kept_and_resumes(demo, tmp_path, stop, code):
     config = write_config(tmp_path, demo["photos"], tmp_path / "stopped", shard_size=1, batch_size=1)
-    proc = run_cli(config)
-    markers = tmp_path / "stopped" / "_markers"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(list(markers.glob("*.json"))) < 2:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc = run_until_committed(config, tmp_path / "stopped")
     proc.send_signal(stop)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]

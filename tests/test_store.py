@@ -115,12 +115,18 @@ def _hold_lock(root, ready, release):
         release.wait(20)
 
 
-def test_second_run_is_refused_and_dead_lock_taken_over(tmp_path):
+def _start_holder(root) -> multiprocessing.Process:
+    """Another process holding the lock of ``root`` (kill it to leave a dead run's lock)."""
     ctx = multiprocessing.get_context("fork")
     ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
+    holder = ctx.Process(target=_hold_lock, args=(root, ready, release))
     holder.start()
     assert ready.wait(20)
+    return holder
+
+
+def test_second_run_is_refused_and_dead_lock_taken_over(tmp_path):
+    holder = _start_holder(tmp_path)
     with pytest.raises(LockedError, match=f"pid {holder.pid}"):
         RunLock(tmp_path).acquire()
     holder.kill()  # dies without releasing: its lock file stays behind
@@ -170,11 +176,7 @@ def test_contenders_never_hold_the_lock_together(tmp_path):
 
 
 def test_status_sees_a_live_holder_and_not_a_dead_one(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(tmp_path, ready, release))
-    holder.start()
-    assert ready.wait(20)
+    holder = _start_holder(tmp_path)
     assert RunLock(tmp_path).live_holder()["pid"] == holder.pid
     holder.kill()  # killed: its lock file stays, its flock does not
     holder.join()
