@@ -175,3 +175,14 @@ def test_a_yaml_alias_bomb_is_one_line_not_gigabytes(tmp_path):
     result = invoke("run", str(path))
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert len(result.output) < 300
+
+
+def test_an_empty_input_folder_is_a_quiet_night_not_an_error(tmp_path):
+    (tmp_path / "nothing-today").mkdir()
+    path, out = config(tmp_path, inputs=f"[{tmp_path / 'nothing-today'}]")
+    for _ in range(2):  # and again the next night
+        result = invoke("run", path)
+        assert result.exit_code == 0, result.output
+        assert "0 photos" in result.output
+    page = open(os.path.join(out, "report", "index.html"), encoding="utf-8").read()
+    assert "No person was counted" in page

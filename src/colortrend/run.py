@@ -232,9 +232,10 @@ def write_aggregates(cfg: Config, store: Store, models: dict | None = None) -> N
     from colortrend.aggregate.histograms import build_histograms
     from colortrend.aggregate.report import write_report
 
-    garments = store.read_table("garments").to_pandas()
-    photos = store.read_table("photos").to_pandas()
-    faces = store.read_table("faces").to_pandas()
+    # With nothing committed (an empty input folder on a cron night) the tables are empty but keep their columns.
+    schemas = Pipeline(cfg).schemas
+    garments, photos, faces = (store.read_table(name, schema=schemas[name]).to_pandas()
+                               for name in ("garments", "photos", "faces"))
     histograms = build_histograms(garments, cfg.histograms)
     store.write_table("histograms", histograms)
     args = (histograms.to_pandas(), garments, photos, faces, run_info(cfg, store, models), cfg.report)
