@@ -186,3 +186,13 @@ def test_an_empty_input_folder_is_a_quiet_night_not_an_error(tmp_path):
         assert "0 photos" in result.output
     page = open(os.path.join(out, "report", "index.html"), encoding="utf-8").read()
     assert "No person was counted" in page
+
+
+def test_ray_executor_without_ray_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    import colortrend.run
+
+    monkeypatch.setattr(colortrend.run, "ray_installed", lambda: False)
+    path, out = config(tmp_path)
+    result = invoke("run", path, "--executor", "ray")
+    assert result.exit_code == 2 and "Ray is not installed" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not os.path.exists(out)

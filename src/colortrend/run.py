@@ -110,6 +110,12 @@ def _check_own_folder(output: str, out: str) -> None:
                               "colortrend output: choose a new or empty folder")
 
 
+def ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
     inputs = discover(cfg.input.paths, exclude=cfg.output)
     ids = [photo_id_for(p) for p in inputs]
@@ -134,6 +140,8 @@ def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> P
 def run(cfg: Config, executor: str = "local", full: bool = False, address: str | None = None,
         progress: bool | None = None) -> RunSummary:
     check_environment(cfg)
+    if executor == "ray" and not ray_installed():
+        raise ConfigError('--executor ray: Ray is not installed (pip install "colortrend[ray]")')
     if executor == "ray" and any(p.startswith("memory://") for p in (cfg.output, *cfg.input.paths)):
         raise ConfigError("memory:// lives in one process; Ray workers cannot see it (use the local executor)")
     t0 = time.perf_counter()
