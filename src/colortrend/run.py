@@ -22,11 +22,12 @@ from colortrend.errors import ConfigError
 from colortrend.io.discover import discover, photo_id_for
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
-from colortrend.io.store import Store
+from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
 from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, sort_rows, status_counts
 
 log = logging.getLogger(__name__)
 ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
+AGGREGATES_STATE = "_aggregates.json"  # what the last histograms and report were built from
 
 
 @dataclass
@@ -63,7 +64,8 @@ def check_environment(cfg: Config) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
-    from colortrend.aggregate.histograms import load_age_calibration, load_sales
+    from colortrend.aggregate.age_error import load_age_calibration
+    from colortrend.aggregate.histograms import load_sales
 
     for key, path, loader in (("histograms.sales_path", cfg.histograms.sales_path, load_sales),
                               ("histograms.age_calibration_path", cfg.histograms.age_calibration_path,
@@ -85,8 +87,7 @@ def check_environment(cfg: Config) -> None:
 
 
 #: What colortrend writes at the top of an output folder: anything else there was written by someone else.
-OWN_ENTRIES = {"photos", "faces", "garments", "histograms", "report", "_markers", "_staging", "_runs", "_logs",
-               "_aggregates.json", LOCK_NAME}
+OWN_ENTRIES = {*FOLDERS, "histograms", "report", AGGREGATES_STATE, LOCK_NAME}
 
 
 def _check_own_folder(output: str, out: str) -> None:
@@ -102,8 +103,8 @@ def _check_own_folder(output: str, out: str) -> None:
         shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise ConfigError(f"output: {output} already exists and holds {shown}, which colortrend did not write; "
                           "choose a new or empty folder")
-    if "_markers" not in entries:  # no commit ever: any table file there is someone else's
-        stray = [os.path.join(root, name) for table in ("photos", "faces", "garments", "histograms", "report")
+    if MARKERS not in entries:  # no commit ever: any table file there is someone else's
+        stray = [os.path.join(root, name) for table in (*SHARD_TABLES, "histograms", "report")
                  for root, _, files in os.walk(os.path.join(out, table)) for name in files]
         if stray:
             raise ConfigError(f"output: {output} holds {stray[0]} but no colortrend commit record; it is not a "
@@ -228,11 +229,11 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False, models: dic
     key = hashlib.sha256(json.dumps(
         [sorted((k, m.get("created")) for k, m in markers.items()), to_dict(cfg.histograms), to_dict(cfg.report),
          __version__], default=str).encode()).hexdigest()[:16]
-    state = store.read_json("_aggregates.json") or {}
+    state = store.read_json(AGGREGATES_STATE) or {}
     if not force and state.get("key") == key and store.exists("report/index.html"):
         return "up to date"
     write_aggregates(cfg, store, models)
-    store.write_json("_aggregates.json", {"key": key})
+    store.write_json(AGGREGATES_STATE, {"key": key})
     return "rebuilt"
 
 

@@ -37,7 +37,7 @@ Purity
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +147,7 @@ def load_age_calibration(path: str | Path) -> AgeCalibration:
                                            source=str(path))
 
 
+@cache  # one per process: its resampled error matrices are reused across tables
 def default_age_calibration() -> AgeCalibration:
     """The shipped measurement of the default age model's error (its validation faces)."""
     calibration = load_age_calibration(DEFAULT_CALIBRATION)
@@ -183,11 +184,11 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     seen = np.flatnonzero(n.sum(axis=(0, 1)) > 0)
     est = np.arange(seen.min(), seen.max() + 1) if len(seen) else AGES
     true = np.arange(max(0, est[0] - ERROR_REACH), min(MAX_TRUE_AGE, est[-1] + ERROR_REACH) + 1)
-    onehot = {t: np.eye(n_blocks)[blocks[t][true]] for t in years}  # (true ages, blocks)
+    block = np.stack([blocks[t][true] for t in years])  # (years, true ages): the block of each true age
     full_error = calibration.error_matrix()
     error = full_error[np.ix_(est, true)]
     n = n[..., est]
-    fit = _em(n[None], error[None], onehot, years, None, EM_MAX_ITER)
+    fit = _em(n[None], error[None], block, n_blocks, None, EM_MAX_ITER)
     q, p, expected = fit[0][0], fit[1][0], fit[2][0]
 
     replicates = min(bootstrap, SOFT_BOOTSTRAP)
@@ -200,28 +201,28 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     ]).reshape(replicates, *n.shape).astype(np.float64)
     errors = calibration.resampled_error_matrices(replicates, seed)[:, est][:, :, true]
     start = (np.broadcast_to(q, (replicates, *q.shape)).copy(), np.broadcast_to(p, (replicates, *p.shape)).copy())
-    q_boot = _em(resampled, errors, onehot, years, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL)[0]
+    q_boot = _em(resampled, errors, block, n_blocks, start, BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL)[0]
     alpha = (1.0 - ci) / 2
     low, high = np.quantile(q_boot[:, :, :n_groups], [alpha, 1.0 - alpha], axis=0)
 
-    persons = sum(expected[y] @ onehot[t] for y, t in enumerate(years))[:, :n_groups]  # (bins, groups)
+    by_block = sum(expected[y] @ np.eye(n_blocks)[block[y]] for y in range(len(years)))  # (bins, blocks)
+    persons = by_block[:, :n_groups]
     purity = _purity(p, totals, full_error[:, true], {t: b[true] for t, b in blocks.items()}, group_of, years,
                      n_groups)
     return Correction(persons=persons.T, share=q[:, :n_groups].T, low=low.T, high=high.T, purity=purity)
 
 
-def _em(n: NDArray, error: NDArray, onehot: dict[int, NDArray], years: list[int],
-        start: tuple[NDArray, NDArray] | None, max_iter: int, tol: float = EM_TOL) -> tuple[NDArray, NDArray, NDArray]:
+def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, start: tuple[NDArray, NDArray] | None,
+        max_iter: int, tol: float = EM_TOL) -> tuple[NDArray, NDArray, NDArray]:
     """EM of the module docstring for R fits at once (the estimate and bootstrap replicates), accelerated by SQUAREM
     (Varadhan & Roland 2008: two EM steps, then a step along their extrapolated path, kept on the simplex).
 
     ``n``: (R, years, bins, J) counts by estimated age; ``error``: (R, J, A) error matrices over those estimates and
-    A true ages. Returns q (R, bins, blocks), p (R, years, A) and the expected counts by true age (R, years, bins,
-    A).
+    A true ages; ``block``: (years, A) block of each true age. Returns q (R, bins, blocks), p (R, years, A) and the
+    expected counts by true age (R, years, bins, A).
     """
     r, n_years = n.shape[:2]
-    stacked = np.stack([onehot[t] for t in years])  # (years, 111, blocks)
-    block = stacked.argmax(axis=2)  # (years, 111)
+    stacked = np.eye(n_blocks)[block]  # (years, A, blocks): one-hot blocks, to sum expected persons by block
     totals = n.sum(axis=(2, 3))  # (R, years)
     colour = n.sum(axis=(1, 3)) / np.maximum(n.sum(axis=(1, 2, 3)), 1)[:, None]  # overall colour shares (R, bins)
     # Every (colour, block) starts possible: EM's multiplicative updates never leave an exact zero.

@@ -32,6 +32,8 @@ from colortrend.io.fs import display, filesystem, is_local
 SHARD_TABLES = ("photos", "faces", "garments")
 MARKERS = "_markers"
 STAGING = "_staging"
+#: The folders every output starts with (``prepare``); aggregates add ``histograms/`` and ``report/``.
+FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs")
 
 
 class Store:
@@ -56,7 +58,7 @@ class Store:
         return f"{MARKERS}/{shard_id}.json"
 
     def prepare(self) -> None:
-        for sub in (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs"):
+        for sub in FOLDERS:
             self.fs.makedirs(self.path(sub), exist_ok=True)
 
     # ---- files --------------------------------------------------------------------------------------------------
