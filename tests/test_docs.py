@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from colortrend.config import load_from_dict, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +30,14 @@ def test_readme_commands_exist():
     for command in sorted(set(re.findall(r"`colortrend ((?:eval |train )?[a-z]+)", readme))):
         result = CliRunner().invoke(main, [*command.split(), "--help"])
         assert result.exit_code == 0, f"colortrend {command}: {result.output}"
+
+
+def test_every_data_file_of_the_package_ships_in_the_wheel():
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+")
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["colortrend"]
+    package = ROOT / "src" / "colortrend"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert data and all(any(fnmatch.fnmatch(d, g) for g in globs) for d in data), data
