@@ -4,6 +4,11 @@ Both run as fresh processes (cold: imports and model loading included), one afte
 Prints one JSON object: photos/s of each (over the whole process and over the processing loop alone), their
 ratio, colortrend's time per stage, and peak resident memory of each process.
 
+It also measures the GPU budget on the CPU: in a third process the chain runs twice over the photos (the first
+pass loads the models), timing every outermost ``torch.nn.Module`` call. What is left of each stage's time is the
+work around the networks (decode, pyramids and NMS, warps, crops, white balance, k-means, tables), the part a GPU
+host must feed from its CPU cores: ``cpu_ms_per_photo_outside_networks`` and the cores it takes at 2,000 photos/s.
+
     python scripts/bench.py data/demo --device cpu --repeat 3
 """
 from __future__ import annotations
@@ -32,6 +37,42 @@ for p in paths:
     boxes, probs, landmarks = mtcnn.detect(Image.open(p).convert("RGB"), landmarks=True)
     faces += 0 if boxes is None else len(boxes)
 print(json.dumps({"photos": len(paths), "faces": faces, "loop_s": time.perf_counter() - t0}))
+"""
+
+
+BUDGET = r"""
+import json, sys, threading, time
+import torch
+from colortrend.config import default_config
+from colortrend.io.discover import discover, photo_id_for
+from colortrend.pipeline import Pipeline, ShardTask
+
+torch.set_num_threads(int(sys.argv[3]))
+paths = discover((sys.argv[1],))
+cfg = default_config(sys.argv[1], device=sys.argv[2])
+pipeline = Pipeline(cfg, device=sys.argv[2])
+local = threading.local()
+network = {}
+
+def pre(module, args):  # only the outermost module call counts: a network, not its layers
+    local.depth = getattr(local, "depth", 0) + 1
+    if local.depth == 1:
+        local.t0, local.owner = time.perf_counter(), type(module).__name__
+
+def post(module, args, out):
+    local.depth -= 1
+    if local.depth == 0:
+        if sys.argv[2] == "cuda":
+            torch.cuda.synchronize()
+        network[local.owner] = network.get(local.owner, 0.0) + time.perf_counter() - local.t0
+
+task = ShardTask("budget", [photo_id_for(p) for p in paths], paths)
+pipeline.analyse_shard(task, {})  # warm-up: models load, caches fill
+torch.nn.modules.module.register_module_forward_pre_hook(pre)
+torch.nn.modules.module.register_module_forward_hook(post)
+network.clear()
+result = pipeline.analyse_shard(task, {})
+print(json.dumps({"photos": len(paths), "stage_s": result.seconds, "network_s": network}))
 """
 
 
@@ -74,6 +115,17 @@ def run_facenet(photos: Path, device: str, min_face: int, env: dict) -> dict:
             "peak_mb": peak}
 
 
+def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
+    _, out, _ = timed_process([sys.executable, "-c", BUDGET, str(photos), device, str(threads)], env)
+    result = json.loads(out.splitlines()[-1])
+    n, stage_s, network_s = result["photos"], result["stage_s"], result["network_s"]
+    outside_ms = (sum(stage_s.values()) - sum(network_s.values())) / n * 1000
+    return {"photos": n, "torch_threads": threads, "stage_s": stage_s, "network_s": network_s,
+            "stage_ms_per_photo": {k: v / n * 1000 for k, v in stage_s.items()},
+            "cpu_ms_per_photo_outside_networks": outside_ms,
+            "cores_for_2000_photos_per_s": 2000 * outside_ms / 1000}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("photos", type=Path, help="folder of photos")
@@ -81,12 +133,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
     ap.add_argument("--facenet-min-face", type=int, default=20, help="facenet-pytorch's default min_face_size")
     ap.add_argument("--json", action="store_true", help="print only the figures, as one JSON object on one line")
+    ap.add_argument("--budget-threads", type=int, default=1,
+                    help="torch threads for the GPU-budget pass (1: milliseconds of one core)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     runs = {"colortrend": [], "facenet": []}
     for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both alike
         runs["colortrend"].append(run_colortrend(args.photos, args.device, env))
         runs["facenet"].append(run_facenet(args.photos, args.device, args.facenet_min_face, env))
+    budget = run_budget(args.photos, args.device, args.budget_threads, env)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
@@ -109,6 +164,9 @@ def main() -> None:
                                "faces": runs["facenet"][0]["faces"], "min_face_size": args.facenet_min_face},
         "ratio_process": fn_wall / ct_wall,
         "ratio_loop": fn_loop / ct_loop,
+        "gpu_budget": budget,
+        "cpu_ms_per_photo_outside_networks": budget["cpu_ms_per_photo_outside_networks"],
+        "cores_for_2000_photos_per_s": budget["cores_for_2000_photos_per_s"],
     }
     if not args.json:
         ct, fn = figures["colortrend"], figures["facenet_mtcnn_loop"]
@@ -119,6 +177,8 @@ def main() -> None:
               f"{fn['photos_per_s_loop']:.2f} (loop), peak {fn['peak_mb']:.0f} MB")
         print(f"ratio               {figures['ratio_process']:.2f}x (process), {figures['ratio_loop']:.2f}x (loop)")
         print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in ct["stage_s"].items()))
+        print(f"outside networks    {budget['cpu_ms_per_photo_outside_networks']:.1f} ms/photo of one core: "
+              f"{budget['cores_for_2000_photos_per_s']:.0f} cores feed 2,000 photos/s")
     print(json.dumps(figures))
 
 
