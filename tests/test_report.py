@@ -70,6 +70,26 @@ def test_page_is_self_contained(run):
         assert (run["index"].parent / ref).is_file(), ref
 
 
+def test_embedded_font_draws_every_cjk_character_of_the_page(run):
+    """On a machine without a CJK font, every cohort label and colour name must still draw (no boxes)."""
+    import base64
+    import io
+
+    from fontTools.ttLib import TTFont
+
+    data, = re.findall(r"url\(data:font/otf;base64,([A-Za-z0-9+/=]+)\)", run["html"])
+    cmap = TTFont(io.BytesIO(base64.b64decode(data))).getBestCmap()
+    ranges = [tuple(int(x, 16) for x in r.split("-"))
+              for r in re.findall(r"U\+([0-9A-F]+-[0-9A-F]+)", re.search(r"unicode-range:([^;]+);", run["html"])[1])]
+    body = run["html"][run["html"].index("<body"):]
+    cjk = {c for c in body if ord(c) >= 0x2E80}
+    assert cjk, "the page shows cohort labels such as 95后"
+    assert not [c for c in cjk if ord(c) not in cmap]
+    assert all(any(lo <= ord(c) <= hi for lo, hi in ranges) for c in cjk)
+    # First in the page's font list (listed last, Chromium drew the first CJK strings as boxes).
+    assert re.search(r'font: [^;]*?"colortrend CJK", system-ui', run["html"])
+
+
 def test_data_is_escaped(run):
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; demo" in run["html"]
 

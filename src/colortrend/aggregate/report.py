@@ -294,6 +294,7 @@ def _font_face_css() -> str:
         return ""
     data = base64.b64encode(CJK_SUBSET.read_bytes()).decode("ascii")
     return ('@font-face { font-family: "colortrend CJK"; font-display: block; '
+            "unicode-range: U+2E80-9FFF, U+F900-FAFF, U+FF00-FFEF; "
             f'src: url(data:font/otf;base64,{data}) format("opentype"); }}\n')
 
 
