@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from colortrend import __version__
 from colortrend.config import Config, to_dict
-from colortrend.errors import ConfigError
+from colortrend.errors import ConfigError, OutputError
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
@@ -139,8 +139,11 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         if the_plan.tasks:
             _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
         # The models of this run go into the report directly: _runs/latest.json is written after it.
-        summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks or the_plan.damaged) or full,
-                                              models=pipeline.model_checksums())
+        try:
+            summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks or the_plan.damaged) or full,
+                                                  models=pipeline.model_checksums())
+        except OSError as exc:  # the report's own files (disk full, read-only): one line, like the shards' writes
+            raise OutputError(f"output: cannot write the report in {store.url}: {exc.strerror or exc}") from None
         summary.elapsed = time.perf_counter() - t0
         _record(cfg, pipeline, store, the_plan, summary)
     return summary
