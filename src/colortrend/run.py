@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from colortrend import __version__
 from colortrend.config import Config, to_dict
 from colortrend.errors import ConfigError, OutputError
+from colortrend.io.discover import check_inputs
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
@@ -121,7 +122,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
     pipeline.check_models()
-    the_plan = plan(cfg, pipeline, store, full)  # raises ConfigError on missing inputs, before any write
+    check_inputs(cfg.input.paths, exclude=cfg.output)  # a missing input is a config error, before any write
     summary = RunSummary()
     try:
         store.prepare()
@@ -131,7 +132,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         summary.recovered = store.recover()
         for action in summary.recovered:
             log.info("recovery: %s", action)
-        the_plan = plan(cfg, pipeline, store, full)  # again, under the lock: another run may have committed
+        the_plan = plan(cfg, pipeline, store, full)  # under the lock: what another run committed counts
         for shard_id, problem in the_plan.damaged.items():
             # Its files are colortrend's (its marker names them); its photos are already planned as new.
             log.warning("shard %s is damaged (%s): its photos are analysed again", shard_id, problem)

@@ -51,34 +51,46 @@ def iter_inputs(paths: tuple[str, ...], exclude: str | None = None) -> Iterator[
     output = _Output(exclude)
     walked: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: each one once
     for i, entry in enumerate(paths):
-        key = f"input.paths[{i}]"
-        if is_url(entry):
-            yield from _iter_url(entry, key, exclude)
-            continue
-        entry = entry.removeprefix("file://")
-        if glob.has_magic(entry):
-            base = _glob_base(os.path.abspath(entry))
-            if output.holds(os.path.realpath(base)):
-                raise ConfigError(f"{key}: {entry} is inside the output folder {exclude}; colortrend never reads "
-                                  "its own output")
-            found = False
-            for listed in _glob(os.path.abspath(entry), output, walked):
-                found = True
-                yield listed
-            if not found:
-                raise ConfigError(f"{key}: pattern {entry!r} matches no file")
-            continue
-        if not os.path.lexists(entry):
-            raise ConfigError(f"{key}: {entry!r} does not exist")
-        if output.holds(os.path.realpath(entry)):
-            raise ConfigError(f"{key}: {entry} is inside the output folder {exclude}; colortrend never reads its "
-                              "own output")
-        if os.path.isdir(entry):
-            yield from _walk(os.path.abspath(entry), output, walked)
-        elif os.path.isfile(entry) and entry.lower().endswith(MANIFEST_SUFFIXES):
-            yield from _manifest_rows(entry, key, output)
-        else:
-            yield _listed_local(os.path.abspath(entry))
+        yield from _iter_entry(entry, f"input.paths[{i}]", exclude, output, walked)
+
+
+def check_inputs(paths: tuple[str, ...], exclude: str | None = None) -> None:
+    """The config errors :func:`iter_inputs` would raise, found without listing everything: each input is
+    listed up to its first file (a pattern that matches nothing is listed whole)."""
+    output = _Output(exclude)
+    for i, entry in enumerate(paths):
+        next(_iter_entry(entry, f"input.paths[{i}]", exclude, output, set()), None)
+
+
+def _iter_entry(entry: str, key: str, exclude: str | None, output: "_Output",
+                walked: set[tuple[int, int]]) -> Iterator[Listed]:
+    if is_url(entry):
+        yield from _iter_url(entry, key, exclude)
+        return
+    entry = entry.removeprefix("file://")
+    if glob.has_magic(entry):
+        base = _glob_base(os.path.abspath(entry))
+        if output.holds(os.path.realpath(base)):
+            raise ConfigError(f"{key}: {entry} is inside the output folder {exclude}; colortrend never reads "
+                              "its own output")
+        found = False
+        for listed in _glob(os.path.abspath(entry), output, walked):
+            found = True
+            yield listed
+        if not found:
+            raise ConfigError(f"{key}: pattern {entry!r} matches no file")
+        return
+    if not os.path.lexists(entry):
+        raise ConfigError(f"{key}: {entry!r} does not exist")
+    if output.holds(os.path.realpath(entry)):
+        raise ConfigError(f"{key}: {entry} is inside the output folder {exclude}; colortrend never reads its "
+                          "own output")
+    if os.path.isdir(entry):
+        yield from _walk(os.path.abspath(entry), output, walked)
+    elif os.path.isfile(entry) and entry.lower().endswith(MANIFEST_SUFFIXES):
+        yield from _manifest_rows(entry, key, output)
+    else:
+        yield _listed_local(os.path.abspath(entry))
 
 
 class _Output:
