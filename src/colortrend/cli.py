@@ -115,7 +115,10 @@ def status(config: str, as_json: bool):
     click.echo(f"output            {info['output']}")
     click.echo(f"inputs            {info['inputs']} files")
     click.echo(f"committed         {info['photos_committed']} photos in {info['shards_committed']} shards")
-    click.echo(f"pending           {info['photos_pending']} photos ({info['shards_stale']} stale shards to redo)")
+    click.echo(f"pending           {info['photos_pending']} photos ({info['shards_stale']} stale shards to redo, "
+               f"{info['photos_changed']} changed files)")
+    for shard_id, problem in info["shards_damaged"].items():
+        click.echo(f"damaged shard     {shard_id}: {problem} (the next run redoes it)")
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(info["photos_by_status"].items(), key=lambda kv: -kv[1]))
     click.echo(f"photos by status  {statuses or '-'}")
     click.echo(f"faces / persons   {info['faces']} / {info['persons']}")

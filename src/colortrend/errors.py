@@ -17,3 +17,10 @@ class LockedError(ColortrendError):
     """Another live run holds the output folder."""
 
     exit_code = 3
+
+
+class OutputError(ColortrendError):
+    """The output folder is damaged (a file its commit record names is missing or altered, a record of the wrong
+    shape) or cannot be written (disk full, read-only). One line naming the file and the problem."""
+
+    exit_code = 2

@@ -18,25 +18,19 @@ from dataclasses import dataclass, field
 
 from colortrend import __version__
 from colortrend.config import Config, to_dict
-from colortrend.errors import ConfigError
-from colortrend.io.discover import discover, photo_id_for
+from colortrend.errors import ConfigError, OutputError
+from colortrend.io.discover import check_inputs
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
-from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, sort_rows, status_counts
+from colortrend.pipeline import Pipeline, sort_rows, status_counts
+from colortrend.plan import Plan, plan
+
+__all__ = ["Plan", "RunSummary", "plan", "run", "status", "read", "report"]
 
 log = logging.getLogger(__name__)
 ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
 AGGREGATES_STATE = "_aggregates.json"  # what the last histograms and report were built from
-
-
-@dataclass
-class Plan:
-    inputs: list[str]
-    tasks: list[ShardTask]
-    stale: list[str]  # committed shards whose fingerprints no longer match
-    committed_photos: int
-    fingerprint: str
 
 
 @dataclass
@@ -117,27 +111,6 @@ def ray_installed() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
-    inputs = discover(cfg.input.paths, exclude=cfg.output)
-    ids = [photo_id_for(p) for p in inputs]
-    path_of = dict(zip(ids, inputs))
-    current = pipeline.fingerprints()[pipeline.stages[-1].name]
-    done, stale_tasks, stale = set(), [], []
-    for shard_id, marker in store.markers().items():
-        if marker.get("fingerprint") == current and not full:
-            done.update(marker["photo_ids"])
-            continue
-        stale.append(shard_id)
-        keep = [pid for pid in marker["photo_ids"] if pid in path_of]
-        for task in shard_tasks(keep, [path_of[p] for p in keep], cfg.shard_size):
-            task.replaces = [shard_id]
-            stale_tasks.append(task)
-    in_stale = {pid for t in stale_tasks for pid in t.photo_ids}
-    new = [pid for pid in ids if pid not in done and pid not in in_stale]
-    tasks = stale_tasks + shard_tasks(new, [path_of[p] for p in new], cfg.shard_size)
-    return Plan(inputs, tasks, stale, len(done), current)
-
-
 def run(cfg: Config, executor: str = "local", full: bool = False, address: str | None = None,
         progress: bool | None = None) -> RunSummary:
     check_environment(cfg)
@@ -149,7 +122,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
     pipeline.check_models()
-    the_plan = plan(cfg, pipeline, store, full)  # raises ConfigError on missing inputs, before any write
+    check_inputs(cfg.input.paths, exclude=cfg.output)  # a missing input is a config error, before any write
     summary = RunSummary()
     try:
         store.prepare()
@@ -159,12 +132,19 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         summary.recovered = store.recover()
         for action in summary.recovered:
             log.info("recovery: %s", action)
-        the_plan = plan(cfg, pipeline, store, full)  # again, under the lock: another run may have committed
+        the_plan = plan(cfg, pipeline, store, full)  # under the lock: what another run committed counts
+        for shard_id, problem in the_plan.damaged.items():
+            # Its files are colortrend's (its marker names them); its photos are already planned as new.
+            log.warning("shard %s is damaged (%s): its photos are analysed again", shard_id, problem)
+            store.drop_shard(shard_id)
         if the_plan.tasks:
             _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
         # The models of this run go into the report directly: _runs/latest.json is written after it.
-        summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks) or full,
-                                              models=pipeline.model_checksums())
+        try:
+            summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks or the_plan.damaged) or full,
+                                                  models=pipeline.model_checksums())
+        except OSError as exc:  # the report's own files (disk full, read-only): one line, like the shards' writes
+            raise OutputError(f"output: cannot write the report in {store.url}: {exc.strerror or exc}") from None
         summary.elapsed = time.perf_counter() - t0
         _record(cfg, pipeline, store, the_plan, summary)
     return summary
@@ -189,8 +169,8 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
     with tqdm(total=total, unit="photo", desc="analyse", disable=None if progress is None else not progress) as bar:
         for result in runner.execute(pipeline, the_plan.tasks, seen, bar):
             task = by_id[result.shard_id]
-            marker = {
-                "photo_ids": task.photo_ids,
+            result.tables["photos"] = _with_listing(result.tables["photos"], the_plan.listed)
+            marker = {  # the shard's photo ids are in its photos file (input columns included), not here
                 "fingerprint": the_plan.fingerprint,
                 "stages": fingerprints,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -211,15 +191,26 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
                 summary.seconds[k] = summary.seconds.get(k, 0.0) + v
 
 
+def _with_listing(photos, listed: dict):
+    """The photos rows with the size, mtime and ETag their files had when listed (``input_*`` columns)."""
+    import pyarrow as pa
+
+    entries = [listed.get(pid) for pid in photos.column("photo_id").to_pylist()]
+    values = {"input_bytes": [e and e.size for e in entries], "input_mtime_ns": [e and e.mtime_ns for e in entries],
+              "input_etag": [e and e.etag for e in entries]}
+    for name, column in values.items():
+        i = photos.schema.get_field_index(name)
+        photos = photos.set_column(i, photos.schema.field(i), pa.array(column, photos.schema.field(i).type))
+    return photos
+
+
 def committed_hashes(store: Store, exclude: set[str]) -> dict[str, str]:
     """content_hash -> photo_id of every committed analysed photo (the first copy of those bytes)."""
-    photos = store.read_table("photos", columns=None)
-    if not photos.num_rows:
-        return {}
     seen: dict[str, str] = {}
-    for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
-        if digest and status in ANALYSED and pid not in exclude:
-            seen.setdefault(digest, pid)
+    for _, photos in store.iter_table("photos", columns=["photo_id", "content_hash", "status"]):
+        for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
+            if digest and status in ANALYSED and pid not in exclude:
+                seen.setdefault(digest, pid)
     return seen
 
 
@@ -272,7 +263,7 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
         "config": to_dict(cfg),
         "models": pipeline.model_checksums(),
         "fingerprints": pipeline.fingerprints(),
-        "inputs": len(the_plan.inputs),
+        "inputs": the_plan.inputs,
         "summary": {"photos": dict(summary.photos), "faces": summary.faces, "persons": summary.persons,
                     "shards": summary.shards, "stale_shards": len(the_plan.stale),
                     "stage_seconds": {k: round(v, 3) for k, v in summary.seconds.items()},
@@ -295,16 +286,20 @@ def status(cfg: Config) -> dict:
     pipeline = Pipeline(cfg)
     pipeline.check_models()
     the_plan = plan(cfg, pipeline, store)
-    markers = store.markers()
-    photos = store.read_table("photos", columns=None) if markers else None
+    markers = {sid: m for sid, m in store.markers().items() if sid not in the_plan.damaged}
+    by_status = Counter()
+    for _, photos in store.iter_table("photos", columns=["status"], markers=markers):
+        by_status.update(status_counts(photos))
     return {
         "output": store.url,
-        "inputs": len(the_plan.inputs),
+        "inputs": the_plan.inputs,
         "shards_committed": len(markers),
         "shards_stale": len(the_plan.stale),
+        "shards_damaged": the_plan.damaged,
         "photos_committed": the_plan.committed_photos,
+        "photos_changed": the_plan.changed,
         "photos_pending": sum(len(t.photo_ids) for t in the_plan.tasks),
-        "photos_by_status": dict(status_counts(photos)) if photos is not None else {},
+        "photos_by_status": dict(by_status),
         "faces": sum(m.get("rows", {}).get("faces", 0) for m in markers.values()),
         "persons": sum(m.get("rows", {}).get("garments", 0) for m in markers.values()),
         "failure_logs": store.list("_logs", ".tsv"),

@@ -33,7 +33,15 @@ GARMENT_CONTEXT = pa.schema(
         pa.field("wb_gain_b", pa.float32()),
     ]
 )
-PHOTO_EXTRA = pa.schema([pa.field("n_faces", pa.int32()), pa.field("n_persons", pa.int32())])
+PHOTO_EXTRA = pa.schema([
+    pa.field("n_faces", pa.int32()),
+    pa.field("n_persons", pa.int32()),
+    # The input file as listed when the photo was planned (filled in by the run): a later listing that differs
+    # means the file changed (replaced, or whole after a partial copy) and the photo is analysed again.
+    pa.field("input_bytes", pa.int64()),
+    pa.field("input_mtime_ns", pa.int64()),
+    pa.field("input_etag", pa.string()),
+])
 FACE_KEYS = pa.schema([
     pa.field("photo_id", pa.string(), nullable=False),
     pa.field("face_idx", pa.int32(), nullable=False),

@@ -26,7 +26,7 @@ try:
 except ImportError:  # Windows: the exclusive-create lock below
     fcntl = None
 
-from colortrend.errors import LockedError
+from colortrend.errors import LockedError, OutputError
 from colortrend.io.fs import display, filesystem
 
 LOCK_NAME = "_lock"
@@ -40,6 +40,8 @@ class RunLock:
 
     def acquire(self) -> None:
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        if self.fs.isdir(self.path):  # someone made a folder of its name: it can never be a lock
+            raise self._folder()
         me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if isinstance(self.fs, LocalFileSystem) and fcntl is not None:
             self._acquire_local(me.encode())
@@ -83,6 +85,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDWR)
             except FileNotFoundError:
                 continue  # released meanwhile: try again
+            except IsADirectoryError:
+                raise self._folder() from None
             try:
                 if not _try_flock(fd):  # a live run holds it
                     raise self._locked(self._holder())
@@ -103,7 +107,10 @@ class RunLock:
             return holder if holder and _alive(holder) else None
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        if os.path.isdir(self.path):  # a folder in the lock's place holds nothing
+            os.close(fd)
             return None
         try:
             if not _try_flock(fd):
@@ -111,6 +118,10 @@ class RunLock:
             return holder if holder and _alive(holder) else None
         finally:
             os.close(fd)  # closing drops the flock this check took
+
+    def _folder(self) -> OutputError:
+        return OutputError(f"output: the lock {display(self.fs, self.path)} is a folder, not colortrend's lock "
+                           "file; remove it (no run can hold the output while it is there)")
 
     def _locked(self, holder: dict | None) -> LockedError:
         where = display(self.fs, self.path)
@@ -150,7 +161,7 @@ class RunLock:
 def _create_locked(path: str, data: bytes) -> int:
     """The lock file at ``path``, created whole and flock-ed (its descriptor); FileExistsError if one exists."""
     private = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(private, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to every file
     try:
         os.write(fd, data)
         os.fsync(fd)

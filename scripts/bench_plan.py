@@ -1,0 +1,140 @@
+"""Benchmark: what planning costs the coordinator, at N input photos, when nothing is new.
+
+Fabricates N tiny distinct input files and commits them as shards through the project's own commit code
+(``colortrend.run._analyse``, the code a real run commits with; only the analysis itself is replaced by rows
+made up from each file, so N can be 200,000 in a minute), then measures, each in a fresh process:
+
+- ``colortrend run CONFIG`` with nothing new (a no-op nightly rerun, after one run has built the report):
+  peak RSS and wall seconds;
+- ``colortrend status CONFIG --json``: peak RSS and wall seconds.
+
+    python scripts/bench_plan.py --photos 20000 200000 --json
+
+Prints one line per N and, with ``--json``, one JSON object on the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PER_FOLDER = 1000
+
+
+def fabricate_inputs(folder: Path, n: int) -> None:
+    """``n`` distinct tiny files, 1,000 per sub-folder (as an upload tree would hold them)."""
+    for i in range(n):
+        sub = folder / f"d{i // PER_FOLDER:05d}"
+        if i % PER_FOLDER == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"p{i:08d}.jpg").write_bytes(b"photo %d" % i)
+
+
+class MadeUpRunner:
+    """Stands in for the analysis: every photo a ``no_face`` row with its real content hash and size."""
+
+    def execute(self, pipeline, tasks, seen, progress=None):
+        import pyarrow as pa
+
+        from colortrend.pipeline import ShardResult
+
+        schemas = pipeline.schemas
+        for task in tasks:
+            data = [Path(p).read_bytes() for p in task.paths]
+            n = len(task.photo_ids)
+            rows = {name: [None] * n for name in schemas["photos"].names}
+            rows.update(photo_id=task.photo_ids, path=task.paths, status=["no_face"] * n,
+                        content_hash=[hashlib.sha256(d).hexdigest() for d in data],
+                        file_bytes=[len(d) for d in data], n_faces=[0] * n, n_persons=[0] * n)
+            tables = {"photos": pa.Table.from_pydict(rows, schema=schemas["photos"]),
+                      "faces": schemas["faces"].empty_table(), "garments": schemas["garments"].empty_table()}
+            yield ShardResult(task.shard_id, tables, {}, [])
+
+
+def commit_all(config: Path) -> None:
+    """Plan and commit every input through ``colortrend.run`` (what a first run does, analysis made up)."""
+    import colortrend.runners
+    from colortrend.config import load_config
+    from colortrend.io.lock import RunLock
+    from colortrend.io.store import Store
+    from colortrend.pipeline import Pipeline
+    from colortrend.run import RunSummary, _analyse, plan
+
+    colortrend.runners.get_runner = lambda name, **_: MadeUpRunner()
+    cfg = load_config(str(config))
+    store = Store(cfg.output)
+    pipeline = Pipeline(cfg)
+    store.prepare()
+    with RunLock(cfg.output):
+        the_plan = plan(cfg, pipeline, store)
+        _analyse(cfg, pipeline, store, the_plan, "local", None, False, RunSummary())
+
+
+def measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and stdout of ``cmd`` run in a fresh process of its own."""
+    wrapper = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:], capture_output=True, "
+               "text=True); sys.stderr.write(p.stderr[-3000:]); print(p.stdout); "
+               "print(json.dumps({'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}));"
+               "sys.exit(p.returncode)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return wall, json.loads(lines[-1])["peak_mb"], "\n".join(lines[:-1])
+
+
+def bench(n: int, work: Path) -> dict:
+    inputs = work / f"inputs-{n}"
+    if not (inputs / ".complete").exists():
+        fabricate_inputs(inputs, n)
+        (inputs / ".complete").write_text("")
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        config = Path(tmp) / "bench.yaml"
+        config.write_text(json.dumps({"name": "bench", "input": {"paths": [str(inputs)], "year": 2016},
+                                      "output": str(Path(tmp) / "out"), "device": "cpu", "shard_size": 256}))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--commit", str(config)], check=True)
+        commit_s = time.perf_counter() - t0
+        cli = [sys.executable, "-m", "colortrend.cli"]
+        measured([*cli, "run", str(config), "--no-progress"])  # builds histograms and report once, as a run does
+        run_s, run_mb, run_out = measured([*cli, "run", str(config), "--no-progress"])
+        status_s, status_mb, status_out = measured([*cli, "status", str(config), "--json"])
+        info = json.loads(status_out.splitlines()[-1])
+        if info["photos_pending"] or info["photos_committed"] != n:
+            raise SystemExit(f"not a no-op: {info['photos_committed']} committed, {info['photos_pending']} pending")
+        return {"photos": n, "commit_s": round(commit_s, 1), "noop_run_s": round(run_s, 2),
+                "noop_run_peak_mb": round(run_mb, 1), "status_s": round(status_s, 2),
+                "status_peak_mb": round(status_mb, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=int, nargs="+", default=[20000, 200000])
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "colortrend-bench-plan",
+                        help="where the fabricated inputs are kept between runs (reused when present)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--commit", type=Path, help=argparse.SUPPRESS)  # the fabricating step, in its own process
+    args = parser.parse_args()
+    if args.commit:
+        commit_all(args.commit)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in args.photos:
+        result = bench(n, args.work)
+        results.append(result)
+        print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    if args.json:
+        growth = {k: round(results[-1][k] - results[0][k], 1) for k in ("noop_run_peak_mb", "status_peak_mb")}
+        print(json.dumps({"results": results, "growth_mb": growth}))
+
+
+if __name__ == "__main__":
+    main()

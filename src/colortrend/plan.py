@@ -1,0 +1,235 @@
+"""What a run has to do: the listed inputs compared with what is committed, without loading any model.
+
+A listed photo is *done* when a committed shard holds it under the current stage fingerprints and its file is
+the one that was analysed (same size and mtime, and ETag where the store gives one, as recorded in
+``photos.input_bytes`` / ``input_mtime_ns`` / ``input_etag``). Everything else is pending:
+
+- new photos (no committed row) go into new shards, in path order;
+- the listed photos of a *stale* shard (other fingerprints, or ``--full``) or of a shard holding a *changed*
+  photo (replaced bytes, a file truncated mid-copy that is now whole) are reanalysed into shards that replace it;
+- a *damaged* shard (a file its marker names missing or altered: ``Store.damage``) counts as not committed: the
+  run drops it and its photos are new again.
+
+Memory: the committed side is a few numpy arrays (8-byte photo keys, sizes, mtimes: about 40 bytes a photo),
+read shard by shard from the photos files' own columns; the listing is streamed past them and only pending
+photos are kept as Python objects. A nightly rerun over 200,000 unchanged photos holds no set of paths or ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+from colortrend.io.discover import Listed, iter_inputs, photo_id_for
+from colortrend.pipeline import ShardTask, shard_tasks
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from colortrend.config import Config
+    from colortrend.io.store import Store
+    from colortrend.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+UNKNOWN = np.iinfo(np.int64).min  # a size, mtime or ETag the listing or an old row does not give
+CHUNK = 8192  # listed files compared with the committed ones at a time
+INPUT_COLUMNS = ("input_bytes", "input_mtime_ns", "input_etag")  # the version of each input as listed when planned
+
+
+@dataclass
+class Plan:
+    inputs: int  # distinct input files listed
+    tasks: list[ShardTask]
+    stale: list[str]  # committed shards to redo: other fingerprints, or holding a changed photo
+    committed_photos: int  # photos of committed shards that stay as they are
+    fingerprint: str
+    damaged: dict[str, str] = field(default_factory=dict)  # shard id -> which file is damaged and how
+    changed: int = 0  # listed photos whose file changed since it was analysed
+    listed: dict[str, Listed] = field(default_factory=dict)  # photo_id -> how it was listed, for pending photos
+
+
+def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False) -> Plan:
+    current = pipeline.fingerprints()[pipeline.stages[-1].name]
+    markers = store.markers()
+    damaged = store.damage(markers)
+    healthy = {sid: m for sid, m in markers.items() if sid not in damaged}
+    index = CommittedIndex.read(store, healthy, damaged)
+    fresh = np.array([healthy[sid].get("fingerprint") == current and not full for sid in index.shards], bool)
+
+    pending: dict[str, Listed] = {}  # photo_id -> listing, of new photos and of photos of shards to redo
+    owner: dict[str, int] = {}  # photo_id -> index of the committed shard a pending photo is in
+    changed_shards: set[int] = set()
+    listed_keys: list[np.ndarray] = []
+    changed = 0
+    for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
+        ids = [photo_id_for(entry.path) for entry in chunk]
+        keys = id_keys(ids)
+        listed_keys.append(keys)
+        pos, found = index.find(keys)
+        shard = np.where(found, index.shard[pos], -1) if len(index.key) else np.full(len(chunk), -1)
+        in_fresh = np.zeros(len(chunk), bool)
+        in_fresh[found] = fresh[shard[found]]
+        is_changed = found & index.changed(pos, chunk)
+        changed += int(np.count_nonzero(is_changed & in_fresh))
+        changed_shards.update(shard[is_changed].tolist())
+        redo = ~in_fresh | is_changed
+        for i in np.flatnonzero(redo):
+            pending[ids[i]] = chunk[i]
+            if found[i]:
+                owner[ids[i]] = int(shard[i])
+    inputs = int(np.unique(np.concatenate(listed_keys)).size) if listed_keys else 0
+
+    newly_stale = changed_shards - {int(i) for i in np.flatnonzero(~fresh)}
+    if newly_stale:  # a shard holding a changed photo is redone whole: list again for its other photos
+        for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
+            ids = [photo_id_for(entry.path) for entry in chunk]
+            pos, found = index.find(id_keys(ids))
+            for i in np.flatnonzero(found):
+                if int(index.shard[pos[i]]) in newly_stale:
+                    pending.setdefault(ids[i], chunk[i])
+                    owner[ids[i]] = int(index.shard[pos[i]])
+
+    redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
+    by_shard: dict[int, list[str]] = {}
+    new = []
+    for pid in pending:
+        if pid in owner:
+            by_shard.setdefault(owner[pid], []).append(pid)
+        else:
+            new.append(pid)
+    tasks = []
+    for s in sorted(by_shard, key=lambda s: index.shards[s]):
+        for task in _tasks(by_shard[s], pending, cfg.shard_size):
+            task.replaces = [index.shards[s]]
+            tasks.append(task)
+    tasks += _tasks(new, pending, cfg.shard_size)
+    stale = sorted(index.shards[s] for s in redone)
+    committed = sum(int(index.rows[s]) for s in range(len(index.shards)) if s not in redone)
+    return Plan(inputs, tasks, stale, committed, current, damaged, changed, pending)
+
+
+def _tasks(ids: list[str], listed: dict[str, Listed], shard_size: int) -> list[ShardTask]:
+    ids = sorted(ids, key=lambda pid: listed[pid].path)
+    return shard_tasks(ids, [listed[pid].path for pid in ids], shard_size)
+
+
+def _chunks(entries: Iterable[Listed]) -> Iterator[list[Listed]]:
+    chunk = []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class CommittedIndex:
+    """The committed photos as parallel numpy arrays sorted by photo key: what planning compares listings with."""
+
+    def __init__(self, shards: list[str], rows: np.ndarray, key: np.ndarray, shard: np.ndarray,
+                 size: np.ndarray, mtime: np.ndarray, etag: np.ndarray, file_bytes: np.ndarray):
+        order = np.argsort(key, kind="stable")
+        self.shards, self.rows = shards, rows
+        self.key, self.shard = key[order], shard[order]
+        self.size, self.mtime, self.etag, self.file_bytes = size[order], mtime[order], etag[order], file_bytes[order]
+
+    @classmethod
+    def read(cls, store: "Store", markers: dict[str, dict], damaged: dict[str, str]) -> "CommittedIndex":
+        """From each shard's photos file (only the columns planning needs). A photos file that cannot be read
+        makes its shard damaged (added to ``damaged``)."""
+        from colortrend.errors import OutputError
+
+        shards, rows, parts = [], [], []
+        for shard_id, marker in markers.items():
+            if "photos" not in marker["files"]:
+                continue
+            try:
+                table = _read_columns(store, shard_id, marker)
+            except OutputError as exc:
+                damaged[shard_id] = str(exc).removeprefix("output: ")
+                continue
+            index = len(shards)
+            shards.append(shard_id)
+            rows.append(table.num_rows)
+            parts.append((id_keys(table.column("photo_id").to_pylist()), np.full(table.num_rows, index, np.int32),
+                          *(_int_column(table, c) for c in ("input_bytes", "input_mtime_ns")),
+                          etag_keys(table.column("input_etag").to_pylist()) if "input_etag" in table.column_names
+                          else np.full(table.num_rows, UNKNOWN, np.int64),
+                          _int_column(table, "file_bytes")))
+        columns = [np.concatenate(c) if c else np.empty(0, dtype) for c, dtype in
+                   zip(zip(*parts) if parts else [()] * 6,
+                       (np.uint64, np.int32, np.int64, np.int64, np.int64, np.int64))]
+        for name in list(markers):
+            if name in damaged:
+                markers.pop(name)
+        return cls(shards, np.array(rows, np.int64), *columns)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each key: its position in the index and whether it is there."""
+        if not len(self.key):
+            return np.zeros(len(keys), np.intp), np.zeros(len(keys), bool)
+        pos = np.minimum(np.searchsorted(self.key, keys), len(self.key) - 1)
+        return pos, self.key[pos] == keys
+
+    def changed(self, pos: np.ndarray, chunk: list[Listed]) -> np.ndarray:
+        """Whether each listed file differs from the one analysed (meaningful where the key was found)."""
+        if not len(self.key):
+            return np.zeros(len(chunk), bool)
+        size = np.array([UNKNOWN if e.size is None else e.size for e in chunk], np.int64)
+        mtime = np.array([UNKNOWN if e.mtime_ns is None else e.mtime_ns for e in chunk], np.int64)
+        etag = etag_keys([e.etag for e in chunk])
+        c_size, c_mtime, c_etag = self.size[pos], self.mtime[pos], self.etag[pos]
+        recorded = c_size != UNKNOWN
+        differs = (size != c_size) | ((c_mtime != UNKNOWN) & (mtime != c_mtime)) | (
+            (c_etag != UNKNOWN) & (etag != UNKNOWN) & (etag != c_etag))
+        # Rows committed before listings were recorded: only the size intake read can tell a changed file.
+        c_read = self.file_bytes[pos]
+        differs_old = (c_read != UNKNOWN) & (size != UNKNOWN) & (size != c_read)
+        return np.where(recorded, differs, differs_old)
+
+
+def _read_columns(store: "Store", shard_id: str, marker: dict) -> "pa.Table":
+    import pyarrow.parquet as pq
+
+    from colortrend.errors import OutputError
+
+    rel = marker["files"]["photos"]
+    try:
+        with store.fs.open(store.path(rel), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            wanted = ["photo_id", *(c for c in (*INPUT_COLUMNS, "file_bytes") if c in names)]
+            return parquet.read(columns=wanted)
+    except Exception as exc:  # noqa: BLE001 - OSError, ArrowException, a photos file without photo_id...
+        raise OutputError(f"output: {store.uri(rel)} is damaged ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _int_column(table: "pa.Table", name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.full(table.num_rows, UNKNOWN, np.int64)
+    return table.column(name).fill_null(UNKNOWN).to_numpy().astype(np.int64, copy=False)
+
+
+def id_keys(ids: list[str]) -> np.ndarray:
+    """Photo ids (16 hex digits: 64 bits of the path's sha1) as uint64, losslessly; any other id is hashed."""
+    return np.fromiter((_key(pid) for pid in ids), np.uint64, count=len(ids))
+
+
+def _key(pid: str) -> int:
+    if len(pid) == 16:
+        try:
+            return int(pid, 16)
+        except ValueError:
+            pass
+    return int.from_bytes(hashlib.blake2b(pid.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def etag_keys(etags: list[str | None]) -> np.ndarray:
+    """ETags as int64 hashes (UNKNOWN where absent): compared for equality only."""
+    return np.fromiter((UNKNOWN if e is None else
+                        int.from_bytes(hashlib.blake2b(e.encode(), digest_size=8).digest(), "big", signed=True) | 1
+                        for e in etags), np.int64, count=len(etags))
