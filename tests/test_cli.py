@@ -8,8 +8,10 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+import colortrend
 from colortrend import __version__
 from colortrend.cli import main
+from conftest import encoded, rgb_image
 
 
 def config(tmp_path, extra: str = "", inputs: str = "[data/demo]", output: str | None = None):
@@ -196,3 +198,28 @@ def test_ray_executor_without_ray_is_one_line_and_writes_nothing(tmp_path, monke
     result = invoke("run", path, "--executor", "ray")
     assert result.exit_code == 2 and "Ray is not installed" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not os.path.exists(out)
+
+
+def test_manifest_urls_outside_the_allowed_schemes_are_error_rows_and_nothing_connects(tmp_path):
+    """A manifest chooses photos, not where the run connects: its ftp/http rows become error rows, no connection
+    is opened (a listening socket sees none) and the run goes on with the rest."""
+    import pandas as pd
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    urls = [f"ftp://127.0.0.1:{port}/a.jpg", f"http://127.0.0.1:{port}/b.jpg", f"sftp://127.0.0.1:{port}/c.jpg"]
+    (tmp_path / "local.png").write_bytes(encoded(rgb_image(), "PNG"))
+    pd.DataFrame({"path": ["local.png", *urls]}).to_csv(tmp_path / "list.csv", index=False)
+    path, out = config(tmp_path, inputs=f"[{tmp_path / 'list.csv'}]")
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    photos = colortrend.read(out, "photos").set_index("path")
+    assert photos.loc[str(tmp_path / "local.png"), "status"] == "no_face"
+    for url in urls:
+        assert photos.loc[url, "status"] == "error" and "is not allowed" in photos.loc[url, "error"]
+    with pytest.raises(BlockingIOError):  # a connection attempt would be waiting here to be accepted
+        listener.accept()
+    listener.close()

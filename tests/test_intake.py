@@ -191,3 +191,42 @@ def test_a_new_setting_at_its_default_leaves_committed_shards_current():
     default = IntakeStage(InputSettings(paths=("x",)))
     assert "max_decode_bytes" not in default.fingerprint_settings()
     assert IntakeStage(InputSettings(paths=("x",), max_decode_bytes=10**6)).fingerprint() != default.fingerprint()
+
+
+def test_url_rows_are_checked_against_the_allowed_schemes_before_anything_is_opened(monkeypatch):
+    """A manifest row must not choose where intake connects: only local files, the schemes written in
+    input.paths, the output's store's and input.allowed_schemes are opened; any other row is an error row."""
+    import fsspec
+
+    import colortrend.io.fs
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/allowed/photo.png", encoded(rgb_image(), "PNG"))
+    rows = ["ftp://127.0.0.1:1/a.jpg", "http://127.0.0.1:1/b.jpg", "zip://c.jpg::ftp://127.0.0.1:1/d.zip",
+            "memory://allowed/photo.png", "memory://allowed/missing.png"]
+    opened = []
+    real = colortrend.io.fs.filesystem
+    monkeypatch.setattr(colortrend.io.fs, "filesystem", lambda url: opened.append(url) or real(url))
+    cases = [(InputSettings(paths=("list.csv",)), None, []),  # local manifest, local output: nothing remote
+             (InputSettings(paths=("list.csv",), allowed_schemes=("memory",)), None, ["memory"]),
+             (InputSettings(paths=("memory://allowed",)), None, ["memory"]),  # a scheme the user wrote in paths
+             (InputSettings(paths=("list.csv",)), "memory://out", ["memory"])]  # the output's own store
+    for settings, output, allowed in cases:
+        opened.clear()
+        stage = IntakeStage(settings, output=output)
+        out = stage({"photo_id": [str(i) for i in range(len(rows))], "path": rows})
+        for path, status, error in zip(rows, out["status"], out["error"]):
+            if path.startswith("memory://") and allowed:
+                assert status == ("ok" if "photo" in path else "error"), (path, error)
+                assert "missing" not in path or "cannot read file" in error
+            else:
+                assert status == "error" and "is not allowed" in error and "input.allowed_schemes" in error
+        assert all(url.startswith("memory://") for url in opened) and bool(opened) == bool(allowed)
+
+
+def test_an_unknown_allowed_scheme_is_a_config_error():
+    from colortrend.config import load_from_dict
+
+    message = r"input.allowed_schemes\[1\]: unknown URL scheme 'htps' \(did you mean https"
+    with pytest.raises(ConfigError, match=message):
+        load_from_dict({"name": "t", "input": {"paths": ["x"], "allowed_schemes": ["s3", "htps"]}, "output": "o"})

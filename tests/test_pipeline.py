@@ -248,8 +248,9 @@ def peak_rss(config: Path) -> int:
 
 def test_hostile_corpus_memory_stays_bounded(demo_photos, tmp_path):
     """The hostile files, a bomb and three 30-megapixel photos (JPEG, PNG, 16-bit PNG) cost little more memory than
-    one photo: large photos are decoded reduced, the bombs (pixels, TIFF strips, PNG text) are never decoded. Measured here: 805 MB more before PNGs
-    were reduced while decoding, 375 MB after (the one-photo run peaks at 0.89 GB)."""
+    one photo: large photos are decoded reduced, the bombs (pixels, TIFF strips, PNG text) are never decoded.
+    Measured here: 805 MB more before PNGs were reduced while decoding, 375 MB after (the one-photo run peaks at
+    0.89 GB)."""
     from PIL import Image
 
     one, hostile = tmp_path / "one", tmp_path / "hostile"

@@ -50,7 +50,7 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
     from colortrend.stages.segment import SegmentStage
 
     return [
-        IntakeStage(cfg.input, device, workers=cfg.decode_workers),
+        IntakeStage(cfg.input, device, workers=cfg.decode_workers, output=cfg.output),
         DetectStage(cfg.detect, device),
         AlignStage(cfg.align, device),
         AgeStage(cfg.age, device),

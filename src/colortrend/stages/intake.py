@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import UnidentifiedImageError
 
-from colortrend.io.fs import file_size, read_bytes
+from colortrend.io.fs import file_size, read_bytes, url_schemes
 from colortrend.stages.base import Batch, Stage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -46,6 +46,9 @@ class InputSettings:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     # Files larger than this many bytes are refused unread.
     max_bytes: int = 200_000_000
+    # URL schemes that manifest rows may name besides local files, the schemes written in `paths` and the
+    # output's store (e.g. [s3]); a row naming another one becomes an error row and nothing is opened for it.
+    allowed_schemes: tuple[str, ...] = ()
     # Photos whose decoding would need more memory than this (pixel buffers, TIFF strips/tiles and tag arrays,
     # EXIF, progressive JPEG coefficients), estimated from the file's structure, are refused before decoding.
     max_decode_bytes: int = DEFAULT_DECODE_BYTES
@@ -57,6 +60,17 @@ class InputSettings:
             raise ValueError("max_side: must be at least 64")
         if self.max_decode_bytes < 1:
             raise ValueError("max_decode_bytes: must be positive")
+        if self.allowed_schemes:
+            import difflib
+
+            from fsspec import available_protocols
+
+            known = available_protocols()
+            for i, scheme in enumerate(self.allowed_schemes):
+                if scheme not in known:
+                    close = difflib.get_close_matches(scheme, known, n=3)
+                    hint = f"did you mean {', '.join(close)}?" if close else f"fsspec knows {len(known)} others"
+                    raise ValueError(f"allowed_schemes[{i}]: unknown URL scheme {scheme!r} ({hint})")
 
 
 class IntakeStage(Stage):
@@ -79,13 +93,15 @@ class IntakeStage(Stage):
         ]
     )
 
-    def __init__(self, settings: InputSettings, device: str = "cpu", workers: int = 2):
+    def __init__(self, settings: InputSettings, device: str = "cpu", workers: int = 2, output: str | None = None):
         super().__init__(settings, device)
         self.workers = max(1, workers)
+        self.schemes = input_schemes(settings, output)
 
     def fingerprint_settings(self) -> dict:
         # Which folders are read does not change how a photo is decoded: adding a folder must not redo old shards.
-        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "paths"}
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items()
+                    if k not in ("paths", "allowed_schemes")}
         # Settings added after outputs existed count only when changed, so an upgrade does not restale every shard.
         for name, default in ADDED_SETTINGS.items():
             if settings.get(name) == default:
@@ -109,6 +125,11 @@ class IntakeStage(Stage):
                "year_source": None, "content_hash": None, "file_bytes": None, "format": None,
                "analysis_scale": None, "image": None}
         s = self.settings
+        refused = sorted(url_schemes(path) - self.schemes)
+        if refused:  # checked before anything is opened: a manifest row must not choose where we connect
+            allowed = ", ".join(["local files", *sorted(self.schemes)])
+            return {**row, "status": "error", "error": f"URL scheme {refused[0]!r} is not allowed (allowed here: "
+                    f"{allowed}; add others to input.allowed_schemes)"}
         ext = os.path.splitext(path)[1].lower()
         if ext not in s.extensions:
             return {**row, "status": "skipped", "error": f"extension {ext or '(none)'!r} not in input.extensions"}
@@ -145,6 +166,12 @@ class IntakeStage(Stage):
         elif s.year is not None:
             row.update(taken_year=s.year, year_source="config")
         return row
+
+
+def input_schemes(settings: InputSettings, output: str | None = None) -> frozenset[str]:
+    """URL schemes intake may open besides local files: those the user wrote in ``input.paths`` and
+    ``input.allowed_schemes``, and the output's store's."""
+    return frozenset().union(*(url_schemes(p) for p in (*settings.paths, output or "")), settings.allowed_schemes)
 
 
 class TooLarge(Exception):
