@@ -17,11 +17,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from colortrend import __version__
-from colortrend.config import Config, to_dict
+from colortrend.config import Config, recorded, to_dict
 from colortrend.errors import ConfigError
-from colortrend.io.discover import discover, photo_id_for
+from colortrend.io.discover import discover, keyed_photo_id
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
+from colortrend.io.secret import KEY_NAME, output_key
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
 from colortrend.pipeline import Pipeline, ShardTask, shard_tasks, sort_rows, status_counts
 
@@ -87,7 +88,7 @@ def check_environment(cfg: Config) -> None:
 
 
 #: What colortrend writes at the top of an output folder: anything else there was written by someone else.
-OWN_ENTRIES = {*FOLDERS, "histograms", "report", AGGREGATES_STATE, LOCK_NAME}
+OWN_ENTRIES = {*FOLDERS, "histograms", "report", AGGREGATES_STATE, LOCK_NAME, KEY_NAME}
 
 
 def _check_own_folder(output: str, out: str) -> None:
@@ -119,7 +120,7 @@ def ray_installed() -> bool:
 
 def plan(cfg: Config, pipeline: Pipeline, store: Store, full: bool = False) -> Plan:
     inputs = discover(cfg.input.paths, exclude=cfg.output)
-    ids = [photo_id_for(p) for p in inputs]
+    ids = [keyed_photo_id(p, pipeline.photo_key) for p in inputs]
     path_of = dict(zip(ids, inputs))
     current = pipeline.fingerprints()[pipeline.stages[-1].name]
     done, stale_tasks, stale = set(), [], []
@@ -149,6 +150,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
     pipeline.check_models()
+    pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
     the_plan = plan(cfg, pipeline, store, full)  # raises ConfigError on missing inputs, before any write
     summary = RunSummary()
     try:
@@ -159,6 +161,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         summary.recovered = store.recover()
         for action in summary.recovered:
             log.info("recovery: %s", action)
+        pipeline.photo_key = output_key(store, cfg.privacy.hash_paths, create=True)
         the_plan = plan(cfg, pipeline, store, full)  # again, under the lock: another run may have committed
         if the_plan.tasks:
             _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
@@ -260,7 +263,7 @@ def run_info(cfg: Config, store: Store, models: dict | None = None) -> dict:
     """What the report shows of the run: ``models`` (checksums), else those of the last recorded run."""
     if models is None:
         models = (store.read_json("_runs/latest.json") or {}).get("models", {})
-    return {"name": cfg.name, "version": __version__, "config": to_dict(cfg), "models": models}
+    return {"name": cfg.name, "version": __version__, "config": recorded(cfg), "models": models}
 
 
 def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summary: RunSummary) -> None:
@@ -269,7 +272,7 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
         "name": cfg.name,
         "finished": stamp.isoformat(timespec="seconds"),
         "version": __version__,
-        "config": to_dict(cfg),
+        "config": recorded(cfg),
         "models": pipeline.model_checksums(),
         "fingerprints": pipeline.fingerprints(),
         "inputs": len(the_plan.inputs),
@@ -294,6 +297,7 @@ def status(cfg: Config) -> dict:
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
     pipeline.check_models()
+    pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
     the_plan = plan(cfg, pipeline, store)
     markers = store.markers()
     photos = store.read_table("photos", columns=None) if markers else None

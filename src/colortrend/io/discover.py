@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import hmac
 import os
 
 from colortrend.errors import ConfigError
@@ -121,3 +122,11 @@ def _add(found: set[str], match: str, excluded: str | None) -> None:
 def photo_id_for(path: str) -> str:
     """Stable id of an input file: the same path always gets the same id, in every run and on every worker."""
     return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def keyed_photo_id(path: str, key: bytes | None) -> str:
+    """``photo_id_for`` keyed with the output's secret (``privacy.hash_paths``): an HMAC, so a guessed path cannot
+    be confirmed without the key. Without a key, the plain id (outputs keep the ids they were written with)."""
+    if key is None:
+        return photo_id_for(path)
+    return hmac.new(key, path.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
