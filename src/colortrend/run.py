@@ -61,10 +61,9 @@ class RunSummary:
 def check_environment(cfg: Config) -> None:
     """Problems that must stop a run before anything is written."""
     if cfg.device == "cuda":
-        import torch
+        from colortrend.models import pick_device
 
-        if not torch.cuda.is_available():
-            raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
+        pick_device(cfg.device)  # a ConfigError without CUDA
     from colortrend.aggregate.age_error import load_age_calibration
     from colortrend.aggregate.histograms import load_sales
 
