@@ -1,9 +1,11 @@
 """Intake: read each file once, hash it, decode it to an RGB array the models can use.
 
 Every file gets an honest outcome here: unreadable, unsupported or oversized files become rows with a status and a
-message (never an exception that stops the run). The declared pixel count is checked from the header before any
-pixel is decoded, so a decompression bomb costs nothing. Very large photos are decoded straight to a reduced size
-(JPEG DCT scaling via ``draft``) and analysed there; coordinates are mapped back to the original pixels on output.
+message (never an exception that stops the run). Before any pixel is decoded, the declared pixel count is checked
+from the header and the decoder's memory is estimated from the file's structure (pixel buffers, TIFF strips and tag
+arrays, EXIF arrays, progressive JPEG coefficients), so a decompression or structure bomb costs nothing. A URL is
+opened only when its scheme is allowed. Very large photos are decoded straight to a reduced size (JPEG DCT scaling
+via ``draft``) and analysed there; coordinates are mapped back to the original pixels on output.
 """
 from __future__ import annotations
 
