@@ -46,11 +46,31 @@ def encoded(im, fmt: str, **kw) -> bytes:
 
 def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
     """A ~100-byte PNG whose header declares width x height pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + png_chunk(b"IEND", b""))
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def strip_tiff(rows: int) -> bytes:
+    """An RGB TIFF 1 pixel wide and ``rows`` high with one strip per row: Pillow makes a Python object of every
+    strip (issue 16: 10 million rows, 90 MB, took 4 GB to open)."""
+    offsets_at = 8 + 3 * rows
+    counts_at = offsets_at + 4 * rows
+    ifd_at = counts_at + 2 * rows + 6
+    entries = [(256, 4, 1, 1), (257, 4, 1, rows), (258, 3, 3, counts_at + 2 * rows), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, rows, offsets_at), (277, 3, 1, 3), (278, 4, 1, 1), (279, 3, rows, counts_at)]
+    return b"".join([
+        b"II*\0", struct.pack("<I", ifd_at), b"\x80" * (3 * rows),
+        (8 + 3 * np.arange(rows, dtype="<u4")).tobytes(), np.full(rows, 3, "<u2").tobytes(),
+        struct.pack("<3H", 8, 8, 8),
+        struct.pack("<H", len(entries)),
+        *(struct.pack("<HHIH2x" if kind == 3 and n == 1 else "<HHII", tag, kind, n, v) for tag, kind, n, v in entries),
+        b"\0\0\0\0",
+    ])
 
 
 def make_hostile_corpus(folder: Path, demo_photo: Path) -> dict[str, str]:
@@ -69,6 +89,11 @@ def make_hostile_corpus(folder: Path, demo_photo: Path) -> dict[str, str]:
     put("truncated.jpg", photo[: len(photo) // 3], "ok_or_error")
     put("text.jpg", b"this is not a photo\n" * 10, "error")
     put("bomb.png", png_bomb(), "too_large")
+    # 10 megapixels declared (under max_pixels), but 1.2 million strips: over 500 MB for Pillow to open
+    put("strips.tif", strip_tiff(1_200_000), "too_large")
+    small_png = encoded(rgb_image(), "PNG")  # a comment chunk that inflates to 2 MB (Pillow stops at 1 MB)
+    text_bomb = png_chunk(b"zTXt", b"c\0\0" + zlib.compress(b"\0" * 2_000_000))
+    put("text-bomb.png", small_png[:33] + text_bomb + small_png[33:], "too_large")
     put("cmyk.jpg", encoded(rgb_image().convert("CMYK"), "JPEG"), "no_face")
     put("grey.png", encoded(rgb_image().convert("L"), "PNG"), "no_face")
     rgba = Image.new("RGBA", (64, 48), (10, 200, 10, 128))

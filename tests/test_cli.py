@@ -8,8 +8,10 @@ import socket
 import pytest
 from click.testing import CliRunner
 
+import colortrend
 from colortrend import __version__
 from colortrend.cli import main
+from conftest import encoded, rgb_image
 
 
 def config(tmp_path, extra: str = "", inputs: str = "[data/demo]", output: str | None = None):
@@ -196,3 +198,155 @@ def test_ray_executor_without_ray_is_one_line_and_writes_nothing(tmp_path, monke
     result = invoke("run", path, "--executor", "ray")
     assert result.exit_code == 2 and "Ray is not installed" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not os.path.exists(out)
+
+
+def test_manifest_urls_outside_the_allowed_schemes_are_error_rows_and_nothing_connects(tmp_path):
+    """A manifest chooses photos, not where the run connects: its ftp/http rows become error rows, no connection
+    is opened (a listening socket sees none) and the run goes on with the rest."""
+    import pandas as pd
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    urls = [f"ftp://127.0.0.1:{port}/a.jpg", f"http://127.0.0.1:{port}/b.jpg", f"sftp://127.0.0.1:{port}/c.jpg"]
+    (tmp_path / "local.png").write_bytes(encoded(rgb_image(), "PNG"))
+    pd.DataFrame({"path": ["local.png", *urls]}).to_csv(tmp_path / "list.csv", index=False)
+    path, out = config(tmp_path, inputs=f"[{tmp_path / 'list.csv'}]")
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    photos = colortrend.read(out, "photos").set_index("path")
+    assert photos.loc[str(tmp_path / "local.png"), "status"] == "no_face"
+    for url in urls:
+        assert photos.loc[url, "status"] == "error" and "is not allowed" in photos.loc[url, "error"]
+    with pytest.raises(BlockingIOError):  # a connection attempt would be waiting here to be accepted
+        listener.accept()
+    listener.close()
+
+
+def one_line_error(result, *wanted: str) -> str:
+    """The single stderr line of a failed command, after checking the exit code and that it names the problem."""
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    for text in wanted:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def awkward_inputs(tmp_path):
+    """A photo, a file that is not one, labels files with and without the right columns, and a path under a file."""
+    (tmp_path / "photo.png").write_bytes(encoded(rgb_image(), "PNG"))
+    (tmp_path / "not-a-photo.jpg").write_text("hello")
+    (tmp_path / "ages.csv").write_text("path,age\nphoto.png,30\n")
+    (tmp_path / "masks.csv").write_text("image,mask\nphoto.png,photo.png\n")
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    (tmp_path / "no-ccp").mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize("args, wanted", [
+    (["explain", "{t}/not-a-photo.jpg"], "not an image in a supported format"),
+    (["explain", "{t}/photo.png", "--out", "{t}/blocker/x.png"], "--out: cannot write"),
+    (["eval", "age", "{t}/ages.csv", "--save-predictions", "{t}/blocker/p.csv"], "--save-predictions: cannot write"),
+    (["eval", "color", "{t}/masks.csv", "--save-predictions", "{t}/blocker/p.csv"], "--save-predictions: cannot"),
+    (["eval", "parsing", "{t}/masks.csv", "--save-masks", "{t}/blocker/masks"], "--save-masks: cannot write"),
+    (["eval", "parsing", "{t}/ages.csv"], "expected a CSV with image and mask columns"),
+    (["eval", "age", "{t}/missing.csv"], "'{t}/missing.csv' does not exist"),
+    (["eval", "age", "{t}/photo.png"], "not a readable CSV"),
+    (["train", "parsing", "{t}/no-ccp", "--out", "{t}/w.pt"], "needs labels.csv"),
+    (["train", "age", "{t}/ages.csv", "--out", "{t}/blocker/age"], "--out: cannot write"),
+], ids=["explain-not-an-image", "explain-out", "eval-age-save", "eval-color-save", "eval-parsing-masks",
+        "labels-columns", "labels-missing", "labels-not-csv", "train-parsing-no-labels", "train-age-out"])
+def test_bad_inputs_and_unwritable_targets_are_one_line_before_any_work(awkward_inputs, args, wanted):
+    t = str(awkward_inputs)
+    one_line_error(invoke(*(a.format(t=t) for a in args)), wanted.format(t=t))
+    assert not (awkward_inputs / "blocker").is_dir() and not (awkward_inputs / "w.pt").exists()
+
+
+@pytest.mark.parametrize("args", [["explain", "{t}/photo.png"], ["eval", "age", "{t}/ages.csv"],
+                                  ["eval", "color", "{t}/masks.csv"], ["eval", "parsing", "{t}/masks.csv"]],
+                         ids=["explain", "eval-age", "eval-color", "eval-parsing"])
+def test_device_cuda_without_a_gpu_is_one_line_for_every_command(awkward_inputs, args):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    one_line_error(invoke(*(a.format(t=awkward_inputs) for a in args), "--device", "cuda"), "device: cuda requested")
+
+
+def refuse_writes(monkeypatch, folder, code: int) -> None:
+    """Every attempt to create, change or remove a file under ``folder`` fails with ``code`` (ENOSPC: a full disk;
+    EACCES: `chmod -R a-w`, which root, running these tests in CI, would ignore)."""
+    import builtins
+    import errno as errnos
+
+    root = os.path.abspath(folder) + os.sep
+
+    def check(path) -> None:
+        if os.path.abspath(os.fsdecode(path)).startswith(root):
+            raise OSError(code, os.strerror(code), os.fsdecode(path))
+
+    real_open, real_builtin_open = os.open, builtins.open
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+    def guarded_open(path, flags, *a, **k):
+        if flags & writing:
+            check(path)
+        return real_open(path, flags, *a, **k)
+
+    def guarded_builtin_open(path, mode="r", *a, **k):
+        if isinstance(path, (str, bytes, os.PathLike)) and set(mode) & set("wax+"):
+            check(path)
+        return real_builtin_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(builtins, "open", guarded_builtin_open)
+    for name in ("replace", "rename", "unlink", "remove", "mkdir", "rmdir", "link"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, *a, _real=real, **k: check(path) or _real(path, *a, **k))
+    assert code in (errnos.ENOSPC, errnos.EACCES)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(r, n), folder): open(os.path.join(r, n), "rb").read()
+            for r, _, files in os.walk(folder) for n in files}
+
+
+def test_a_full_disk_while_the_report_is_written_is_one_line_and_the_next_run_finishes_it(tmp_path, monkeypatch):
+    import errno
+
+    (tmp_path / "today").mkdir()
+    path, out = config(tmp_path, inputs=f"[{tmp_path / 'today'}]")
+    os.makedirs(os.path.join(out, "report"))
+    refuse_writes(monkeypatch, os.path.join(out, "report"), errno.ENOSPC)
+    one_line_error(invoke("run", path), "disk full", os.path.join(out, "report"))
+    monkeypatch.undo()
+    result = invoke("run", path)  # space again: the lock was released and the report is built
+    assert result.exit_code == 0, result.output
+    assert os.path.exists(os.path.join(out, "report", "index.html"))
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """An output with one committed shard (a photo without a face: the models run once, on little)."""
+    folder = tmp_path_factory.mktemp("committed")
+    (folder / "photos").mkdir()
+    (folder / "photos" / "plain.png").write_bytes(encoded(rgb_image(), "PNG"))
+    path, out = config(folder, inputs=f"[{folder / 'photos'}]")
+    result = invoke("run", path)
+    assert result.exit_code == 0, result.output
+    return path, out
+
+
+@pytest.mark.parametrize("code, wanted", [("EACCES", "permission denied"), ("ENOSPC", "disk full")])
+def test_report_on_a_read_only_or_full_output_is_one_line_and_changes_nothing(committed, monkeypatch, code, wanted):
+    import errno
+
+    path, out = committed
+    before = snapshot(out)
+    refuse_writes(monkeypatch, out, getattr(errno, code))
+    one_line_error(invoke("report", path), wanted, out)
+    monkeypatch.undo()
+    assert snapshot(out) == before

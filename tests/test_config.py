@@ -89,3 +89,16 @@ def test_config_round_trips_through_its_saved_form(tmp_path):
     cfg = load_config(ROOT / "configs" / "2016.yaml")
     saved = write(tmp_path, yaml.safe_dump(to_dict(cfg), allow_unicode=True))
     assert load_config(saved) == cfg
+
+
+def test_the_recorded_config_never_holds_the_salt_and_with_hash_paths_no_location():
+    from colortrend.config import HIDDEN, load_from_dict, recorded
+
+    raw = {"name": "t", "input": {"paths": ["/photos/alice", "bob"]}, "output": "out/x",
+           "histograms": {"age_calibration_path": "/photos/alice/labels.csv"}, "privacy": {"salt": "s3cret"}}
+    plain = recorded(load_from_dict(raw))
+    assert plain["privacy"]["salt"] == HIDDEN and plain["input"]["paths"] == ["/photos/alice", "bob"]
+    hashed = recorded(load_from_dict({**raw, "privacy": {"hash_paths": True, "salt": "s3cret"}}))
+    assert "alice" not in str(hashed) and "bob" not in str(hashed) and "s3cret" not in str(hashed)
+    assert hashed["output"] == hashed["histograms"]["age_calibration_path"] == HIDDEN
+    assert hashed["color"] == plain["color"] and hashed["name"] == "t"  # settings that name no place stay

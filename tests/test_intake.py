@@ -9,7 +9,7 @@ from PIL import Image
 from colortrend.errors import ConfigError
 from colortrend.io.discover import discover, photo_id_for
 from colortrend.stages.intake import InputSettings, IntakeStage, decode_image
-from conftest import encoded, make_hostile_corpus, png_bomb, rgb_image
+from conftest import encoded, make_hostile_corpus, png_bomb, png_chunk, rgb_image, strip_tiff
 
 
 def intake(paths, **settings):
@@ -85,6 +85,71 @@ def test_large_png_is_reduced_early_to_the_same_picture(mode):
     assert np.abs(centres - reference).max() <= 2
 
 
+def refusal(data: bytes, tmp_path, name: str, **settings) -> tuple[str, str]:
+    """(status, error) intake gives ``data`` saved as ``name``."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    batch = intake([path], **settings)
+    return batch["status"][0], batch["error"][0]
+
+
+def test_a_tiff_with_a_strip_per_row_is_refused_from_its_structure(tmp_path, monkeypatch):
+    """Pillow turns every strip into Python objects when it opens a TIFF: the number of strips, not the declared
+    pixels (2,000 here), decides the cost, and it is counted from the raw bytes before Pillow sees them."""
+    import PIL.Image
+
+    data = strip_tiff(2000)
+    opened = []
+    monkeypatch.setattr(PIL.Image, "open", lambda *a, **k: opened.append(a) or pytest.fail("opened"))
+    status, error = refusal(data, tmp_path, "strips.tif", max_decode_bytes=500_000)
+    assert status == "too_large" and "2,000 TIFF strips" in error and "input.max_decode_bytes=500000" in error
+    assert not opened  # refused before Pillow parsed it
+    monkeypatch.undo()
+    assert refusal(data, tmp_path, "strips.tif") == ("ok", None)  # the default bound admits 2,000 strips
+
+
+def test_a_progressive_jpeg_counts_the_coefficients_of_the_whole_image(tmp_path):
+    """libjpeg keeps every DCT coefficient of a progressive JPEG (2 bytes each), even when it decodes it reduced."""
+    photo = rgb_image(600, 400)
+    bound = {"max_decode_bytes": 1_200_000}  # 600 x 400 x 4 bytes of pixels fit, 600 x 400 x 3 x 2 more do not
+    status, error = refusal(encoded(photo, "JPEG", progressive=True, subsampling=0), tmp_path, "p.jpg", **bound)
+    assert status == "too_large" and "progressive JPEG coefficients" in error
+    assert refusal(encoded(photo, "JPEG", subsampling=0), tmp_path, "b.jpg", **bound)[0] == "ok"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_huge_exif_arrays_are_counted_before_they_are_read(tmp_path, fmt):
+    """An EXIF block is a TIFF directory: Pillow expands its number arrays when the orientation or date is read."""
+    exif = Image.Exif()
+    exif[0xC7A0] = tuple(range(70_000, 85_000))  # 15,000 LONG values (about 1 MB once read) in 60 kB of EXIF
+    bound = {"max_decode_bytes": 600_000}
+    status, error = refusal(encoded(rgb_image(), fmt, exif=exif.tobytes()), tmp_path, f"x.{fmt.lower()}", **bound)
+    assert status == "too_large" and "15,0" in error and "TIFF tag values" in error, error
+    assert refusal(encoded(rgb_image(), fmt), tmp_path, f"y.{fmt.lower()}", **bound)[0] == "ok"
+
+
+def test_a_multi_page_tiff_is_judged_by_its_first_page(tmp_path):
+    """Only the first page is decoded and Pillow never parses the others: a huge second page costs nothing."""
+    import io
+
+    buf = io.BytesIO()
+    rgb_image(64, 48).save(buf, "TIFF", save_all=True, append_images=[rgb_image(4000, 3000)])
+    (tmp_path / "pages.tif").write_bytes(buf.getvalue())
+    batch = intake([tmp_path / "pages.tif"], max_decode_bytes=100_000)  # the second page alone needs 48 MB
+    assert batch["status"] == ["ok"] and batch["image"][0].shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("kind, payload", [(b"zTXt", b"comment\0\0"), (b"iCCP", b"profile\0\0"),
+                                           (b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0")])
+def test_png_chunks_that_inflate_past_the_limit_are_too_large(tmp_path, kind, payload):
+    import zlib
+
+    png = encoded(rgb_image(), "PNG")
+    bomb = png_chunk(kind, payload + zlib.compress(b"\0" * 2_000_000))
+    status, error = refusal(png[:33] + bomb + png[33:], tmp_path, "chunk.png")
+    assert status == "too_large" and "expands past" in error
+
+
 def test_every_hostile_file_gets_a_row(tmp_path, demo_photos):
     expected = make_hostile_corpus(tmp_path / "in", demo_photos[0])
     paths = discover((str(tmp_path / "in"),))
@@ -119,3 +184,49 @@ def test_manifest_and_glob_inputs(tmp_path, demo_photos):
     pd.DataFrame({"path": [f"../{p.name}" for p in demo_photos[:2]]}).to_csv(manifest, index=False)
     assert discover((str(manifest),)) == sorted(str(tmp_path / p.name) for p in demo_photos[:2])
     assert len(discover((str(tmp_path / "*.jpg"),))) == 2
+
+
+def test_a_new_setting_at_its_default_leaves_committed_shards_current():
+    """Outputs written before `max_decode_bytes` existed keep their fingerprints; changing it redoes them."""
+    default = IntakeStage(InputSettings(paths=("x",)))
+    assert "max_decode_bytes" not in default.fingerprint_settings()
+    assert IntakeStage(InputSettings(paths=("x",), max_decode_bytes=10**6)).fingerprint() != default.fingerprint()
+
+
+def test_url_rows_are_checked_against_the_allowed_schemes_before_anything_is_opened(monkeypatch):
+    """A manifest row must not choose where intake connects: only local files, the schemes written in
+    input.paths, the output's store's and input.allowed_schemes are opened; any other row is an error row."""
+    import fsspec
+
+    import colortrend.io.fs
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/allowed/photo.png", encoded(rgb_image(), "PNG"))
+    rows = ["ftp://127.0.0.1:1/a.jpg", "http://127.0.0.1:1/b.jpg", "zip://c.jpg::ftp://127.0.0.1:1/d.zip",
+            "memory://allowed/photo.png", "memory://allowed/missing.png"]
+    opened = []
+    real = colortrend.io.fs.filesystem
+    monkeypatch.setattr(colortrend.io.fs, "filesystem", lambda url: opened.append(url) or real(url))
+    cases = [(InputSettings(paths=("list.csv",)), None, []),  # local manifest, local output: nothing remote
+             (InputSettings(paths=("list.csv",), allowed_schemes=("memory",)), None, ["memory"]),
+             (InputSettings(paths=("memory://allowed",)), None, ["memory"]),  # a scheme the user wrote in paths
+             (InputSettings(paths=("list.csv",)), "memory://out", ["memory"])]  # the output's own store
+    for settings, output, allowed in cases:
+        opened.clear()
+        stage = IntakeStage(settings, output=output)
+        out = stage({"photo_id": [str(i) for i in range(len(rows))], "path": rows})
+        for path, status, error in zip(rows, out["status"], out["error"]):
+            if path.startswith("memory://") and allowed:
+                assert status == ("ok" if "photo" in path else "error"), (path, error)
+                assert "missing" not in path or "cannot read file" in error
+            else:
+                assert status == "error" and "is not allowed" in error and "input.allowed_schemes" in error
+        assert all(url.startswith("memory://") for url in opened) and bool(opened) == bool(allowed)
+
+
+def test_an_unknown_allowed_scheme_is_a_config_error():
+    from colortrend.config import load_from_dict
+
+    message = r"input.allowed_schemes\[1\]: unknown URL scheme 'htps' \(did you mean https"
+    with pytest.raises(ConfigError, match=message):
+        load_from_dict({"name": "t", "input": {"paths": ["x"], "allowed_schemes": ["s3", "htps"]}, "output": "o"})

@@ -222,17 +222,49 @@ def test_ray_executor_gives_the_same_rows(demo, tmp_path):
     assert_same_tables(demo["out"], tmp_path / "ray")
 
 
-def test_hashed_paths_keep_no_file_names(demo_photos, tmp_path):
-    photos = tmp_path / "private"
+def test_hashed_paths_leave_no_input_name_under_the_output_and_key_the_ids(demo_photos, tmp_path):
+    """With privacy.hash_paths no file the run writes names an input folder or file (tables, markers, logs,
+    _runs records, report), and photo ids are HMACs under a per-output secret (0600, never printed), so a guessed
+    path cannot be confirmed from a photo id. Without hash_paths the ids stay the plain ones."""
+    from click.testing import CliRunner
+
+    from colortrend.cli import main
+    from colortrend.io.discover import keyed_photo_id, photo_id_for
+
+    photos = tmp_path / "alice-private-photos"
     photos.mkdir()
     shutil.copy(demo_photos[1], photos / "alice-at-the-beach.jpg")
-    config = write_config(tmp_path, photos, tmp_path / "hashed", privacy={"hash_paths": True, "salt": "s3cret"})
-    run(load_config(config), progress=False)
-    stored = read(str(tmp_path / "hashed"), "photos")["path"].tolist()
-    assert len(stored) == 1 and "alice" not in stored[0] and len(stored[0]) == 32
-    for folder in (tmp_path / "hashed").rglob("*"):  # nowhere in the output: tables, markers, logs, report
-        if folder.is_file() and folder.suffix in (".parquet", ".json", ".tsv", ".html"):
-            assert b"alice" not in folder.read_bytes(), folder
+    (photos / "alice-notes.jpg").write_bytes(b"not a photo")  # an error row and a failure log line
+    os.symlink(photos / "gone.jpg", photos / "alice-dangling.jpg")
+    out = tmp_path / "hashed"
+    config = write_config(tmp_path, photos, out, privacy={"hash_paths": True, "salt": "s3cret"})
+    first = CliRunner().invoke(main, ["run", str(config)], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    key_file = out / "_secret.key"
+    key = key_file.read_bytes()
+    assert len(key) == 32 and key_file.stat().st_mode & 0o777 == 0o600
+    written = [p for p in out.rglob("*") if p.is_file() and p != key_file]
+    assert {p.parent.name for p in written} >= {"photos", "_markers", "_logs", "_runs", "report"}
+    for path in written:
+        data = path.read_bytes()
+        assert b"alice" not in data and b"s3cret" not in data, path
+        assert key not in data and key.hex().encode() not in data, path
+    assert key.hex() not in first.output
+    stored = read(str(out), "photos")
+    files = sorted(str(p) for p in photos.iterdir())
+    assert sorted(stored["photo_id"]) == sorted(keyed_photo_id(f, key) for f in files)
+    assert not set(stored["photo_id"]) & {photo_id_for(f) for f in files}  # the unkeyed id confirms nothing
+    assert (stored["path"].str.len() == 32).all()
+
+    again = CliRunner().invoke(main, ["run", str(config)], catch_exceptions=False)  # the same key, the same ids
+    assert again.exit_code == 0 and "nothing new" in again.output and key_file.read_bytes() == key
+    config.write_text(config.read_text().replace('"hash_paths": true', '"hash_paths": false'))
+    switched = CliRunner().invoke(main, ["run", str(config)], catch_exceptions=False)
+    assert switched.exit_code == 2 and "hash_paths" in switched.output and len(switched.output.splitlines()) == 1
+
+    plain = write_config(tmp_path, photos, tmp_path / "plain")
+    run(load_config(plain), progress=False)
+    assert sorted(read(str(tmp_path / "plain"), "photos")["photo_id"]) == sorted(photo_id_for(f) for f in files)
 
 
 PEAK_RSS = ("import json, resource, sys; from colortrend.config import load_config; from colortrend.run import run;"
@@ -248,8 +280,9 @@ def peak_rss(config: Path) -> int:
 
 def test_hostile_corpus_memory_stays_bounded(demo_photos, tmp_path):
     """The hostile files, a bomb and three 30-megapixel photos (JPEG, PNG, 16-bit PNG) cost little more memory than
-    one photo: large photos are decoded reduced, the bomb is never decoded. Measured here: 805 MB more before PNGs
-    were reduced while decoding, 375 MB after (the one-photo run peaks at 0.89 GB)."""
+    one photo: large photos are decoded reduced, the bombs (pixels, TIFF strips, PNG text) are never decoded.
+    Measured here: 805 MB more before PNGs were reduced while decoding, 375 MB after (the one-photo run peaks at
+    0.89 GB)."""
     from PIL import Image
 
     one, hostile = tmp_path / "one", tmp_path / "hostile"
@@ -265,4 +298,6 @@ def test_hostile_corpus_memory_stays_bounded(demo_photos, tmp_path):
     peak = peak_rss(write_config(tmp_path, hostile, tmp_path / "out-hostile"))
     assert peak - baseline < 600 * 2**20, f"{(peak - baseline) / 2**20:.0f} MB over a one-photo run"
     photos = read(str(tmp_path / "out-hostile"), "photos")
-    assert (photos["status"] == "too_large").sum() == 1 and photos["error"][photos["status"] == "error"].notna().all()
+    refused = photos["path"][photos["status"] == "too_large"].map(os.path.basename)
+    assert sorted(refused) == ["bomb.png", "strips.tif", "text-bomb.png"]  # refused from their structure, unread
+    assert photos["error"][photos["status"] == "error"].notna().all()

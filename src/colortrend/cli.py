@@ -5,16 +5,17 @@ Exit codes: 0 done (photos that could not be analysed are rows with a status, no
 """
 from __future__ import annotations
 
-import functools
+import errno
 import json
 import logging
+import os
 import signal
 import sys
 
 import click
 
 from colortrend import __version__
-from colortrend.errors import ColortrendError
+from colortrend.errors import ColortrendError, ConfigError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -32,18 +33,55 @@ def _raise_stopped(signum, _frame) -> None:
     raise Stopped(signum)
 
 
-def reports_errors(fn):
-    """Library errors become one line on stderr and their exit code, never a traceback."""
+#: What the environment refuses (full disk, read-only or forbidden folder): the user's to fix, not a bug.
+ENVIRONMENT_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only "
+                      "filesystem", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                      errno.EFBIG: "file too large"}
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+
+class Commands(click.Group):
+    """Every command's library errors, bad arguments and environment failures become one line on stderr and an
+    exit code, never a traceback (subcommands are parsed and run inside ``invoke``, so one place covers all)."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            return fn(*args, **kwargs)
+            return super().invoke(ctx)
         except ColortrendError as exc:
             click.echo(f"Error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} -h`)" if exc.ctx else ""
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            ctx.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in ENVIRONMENT_ERRORS:
+                raise
+            click.echo(f"Error: {environment_problem(exc)}", err=True)
+            ctx.exit(2)
 
-    return wrapper
+
+def environment_problem(exc: OSError) -> str:
+    """``disk full writing in out/report (No space left on device); ...``: what, where, and that it is safe to retry."""
+    where = str(exc.filename or "")
+    # A file being created (often under a temporary name): its folder is what the user must look at.
+    place = f" at {where}" if where and os.path.exists(where) else f" in {os.path.dirname(where)}" if where else ""
+    return (f"{ENVIRONMENT_ERRORS[exc.errno]}{place} ({exc.strerror or exc}); nothing committed was lost, "
+            "run again once it is fixed")
+
+
+def writable(option: str, path: str | None, folder: bool = False) -> None:
+    """Fail before any work when ``path`` (a file, or a ``folder`` that may be created) cannot be written: an
+    evaluation must not run for minutes and then fail on its last line."""
+    if path is None:
+        return
+    target = os.path.abspath(path)
+    if os.path.exists(target) and os.path.isdir(target) != folder:
+        raise ConfigError(f"{option}: {path} is a {'file' if folder else 'folder'}")
+    parent = target if folder else os.path.dirname(target)
+    while folder and not os.path.exists(parent):  # a folder is created with its parents; a file is not
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}: cannot write {path} ({parent} is not a writable folder)")
 
 
 device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -62,7 +100,7 @@ def load(config: str, **overrides):
     return load_config(config, {k: v for k, v in overrides.items() if v is not None})
 
 
-@click.group(context_settings=CONTEXT)
+@click.group(cls=Commands, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="colortrend")
 @click.option("-v", "--verbose", is_flag=True, help="Log each step (recovery, retries, stage timings).")
 def main(verbose: bool) -> None:
@@ -79,7 +117,6 @@ def main(verbose: bool) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
 @click.option("--full", is_flag=True, help="Reanalyse every photo, even those already committed.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
-@reports_errors
 def run(config: str, executor: str, address: str | None, device: str | None, full: bool, progress: bool | None):
     """Analyse new photos of CONFIG and rebuild the histograms and the report."""
     from colortrend.run import committed_photos, run as run_pipeline
@@ -103,7 +140,6 @@ def run(config: str, executor: str, address: str | None, device: str | None, ful
 @main.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@reports_errors
 def status(config: str, as_json: bool):
     """What is committed, pending, stale and failed for CONFIG (loads no model)."""
     from colortrend.run import status as run_status
@@ -129,7 +165,6 @@ def status(config: str, as_json: bool):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(dir_okay=False))
-@reports_errors
 def report(config: str):
     """Rebuild histograms and report/index.html from the committed rows of CONFIG."""
     from colortrend.run import report as build_report
@@ -148,7 +183,6 @@ def eval_command(name: str, trainer: str):
     labels = click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 
     def register(fn):
-        fn = reports_errors(fn)
         for option in (json_option, split_option(trainer), device_option, labels):  # click lists them in reverse
             fn = option(fn)
         return eval.command(name, context_settings=CONTEXT)(fn)
@@ -172,6 +206,7 @@ def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple
     from colortrend.evaluate.age import age_metrics, format_age_metrics, predict_ages
     from colortrend.models import pick_device
 
+    writable("--save-predictions", save_predictions)
     predictions = predict_ages(labels, pick_device(device), weights, split)
     if save_predictions:  # the contract's columns (and the band of band labels); face quality stays in the metrics
         banded = predictions["age"].isna().any()
@@ -188,6 +223,7 @@ def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks
     from colortrend.evaluate.parsing import evaluate_parsing, format_parsing_metrics
     from colortrend.models import pick_device
 
+    writable("--save-masks", save_masks, folder=True)
     metrics = evaluate_parsing(labels, pick_device(device), save_masks, split)
     click.echo(json.dumps(metrics) if as_json else format_parsing_metrics(metrics))
 
@@ -202,6 +238,7 @@ def eval_color(labels: str, device: str, split: str, as_json: bool, save_predict
     from colortrend.evaluate.color import color_metrics, format_color_metrics, predict_colors
     from colortrend.models import pick_device
 
+    writable("--save-predictions", save_predictions)
     predictions = predict_colors(labels, pick_device(device), split=split)
     if save_predictions:
         predictions.to_csv(save_predictions, index=False)
@@ -216,12 +253,10 @@ def eval_color(labels: str, device: str, split: str, as_json: bool, save_predict
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Populations drawn per scenario and size.")
 @json_option
-@reports_errors
 def eval_cohorts(predictions: str, sizes: str, seeds: int, as_json: bool):
     """Plant known cohort effects in synthetic populations aged with the errors in PREDICTIONS (the CSV of `eval age
     --save-predictions`) and score the cohort table, raw and corrected: top colour right, share error, interval
     coverage, per scenario (step, trend, reversal) and cohort."""
-    from colortrend.errors import ConfigError
     from colortrend.evaluate.cohorts import evaluate_cohorts, format_cohort_metrics
 
     try:
@@ -240,13 +275,13 @@ def eval_cohorts(predictions: str, sizes: str, seeds: int, as_json: bool):
               help="Settings to analyse with (default: defaults).")
 @click.option("--out", "out_png", type=click.Path(dir_okay=False), help="PNG to write (default: <photo>.explain.png).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Override the config's device.")
-@reports_errors
 def explain(photo: str, config: str | None, out_png: str | None, device: str | None):
     """Draw one photo's analysis: faces and ages, garment masks, palettes and colour names."""
     from colortrend.config import default_config
     from colortrend.explain import explain as draw
 
     cfg = load(config, device=device) if config else default_config(photo, device=device or "auto")
+    writable("--out", out_png or os.path.basename(os.path.splitext(photo)[0]) + ".explain.png")
     path, people = draw(photo, cfg, out_png)
     for j, person in enumerate(people):
         rgb = "/".join(map(str, person["dominant"])) if person["dominant"] else "-"
@@ -280,7 +315,6 @@ def train() -> None:
 @click.option("--samples-per-epoch", type=int, help="Faces drawn per epoch (default: the training faces' number).")
 @device_option
 @click.option("--max-photos", type=int, help="Take at most this many photos per labels file (smoke runs).")
-@reports_errors
 def train_age(labels: tuple[str, ...], out_dir: str, arch: str, epochs: int, seed: int, chip_size: int,
               chip_scale: float, threads: int, init_weights: str | None, lr: float | None, ema_decay: float | None,
               samples_per_epoch: int | None, device: str, max_photos: int | None):
@@ -289,6 +323,7 @@ def train_age(labels: tuple[str, ...], out_dir: str, arch: str, epochs: int, see
     from colortrend.models import pick_device
     from colortrend.training.age import AgeTrainConfig, train_age as fine_tune
 
+    writable("--out", out_dir, folder=True)
     config = AgeTrainConfig(arch=arch, epochs=epochs, seed=seed, chip_size=chip_size, chip_scale=chip_scale,
                             threads=threads, init_weights=init_weights, lr=lr, ema_decay=ema_decay,
                             samples_per_epoch=samples_per_epoch)
@@ -302,11 +337,11 @@ def train_age(labels: tuple[str, ...], out_dir: str, arch: str, epochs: int, see
 @click.option("--epochs", type=int, default=26, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads for torch.")
-@reports_errors
 def train_parsing(ccp_dir: str, out_path: str, epochs: int, seed: int, threads: int):
     """Train the garment parser on a Clothing Co-Parsing folder (its images/, masks/, labels.csv)."""
     from colortrend.training.parsing import TrainSettings, train_parsing as fit
 
+    writable("--out", out_path)
     metrics_path = str(out_path) + ".metrics.json"
     settings = TrainSettings(epochs=epochs, seed=seed, threads=threads)
     metrics = fit(ccp_dir, out_path, settings, metrics_path=metrics_path, log=click.echo)

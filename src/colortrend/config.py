@@ -29,9 +29,10 @@ from colortrend.stages.segment import SegmentSettings
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    # Store a salted hash of each path instead of the path itself.
+    # Store keyed hashes instead of paths: photo ids and paths are HMACs under the output's own secret
+    # (OUTPUT/_secret.key, created once, 0600), and no input location goes into _runs/ or the report.
     hash_paths: bool = False
-    # Salt for hash_paths; keep it secret to make the hashes unlinkable to file names.
+    # Optional extra secret mixed into the stored path hashes; never recorded.
     salt: str = ""
 
 
@@ -182,6 +183,31 @@ def to_dict(cfg: Any) -> dict:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+HIDDEN = "(hidden: privacy)"
+
+
+def recorded(cfg: Config) -> dict:
+    """The resolved config as written under the output (``_runs/``, the report): never the salt; with
+    ``privacy.hash_paths`` no location either (input folders, output, file settings), since file and folder names
+    say whose photos these are."""
+    def hide(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: hide(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [hide(v) for v in value]
+        is_location = isinstance(value, str) and any(mark in value for mark in ("/", "\\", os.sep))
+        return HIDDEN if is_location else value
+
+    out = to_dict(cfg)
+    if out["privacy"]["salt"]:
+        out["privacy"]["salt"] = HIDDEN
+    if cfg.privacy.hash_paths:
+        out = {k: v if k in ("name", "privacy") else hide(v) for k, v in out.items()}
+        out["input"]["paths"] = [HIDDEN] * len(cfg.input.paths)  # a bare folder name has no slash to spot
+        out["output"] = HIDDEN
+    return out
 
 
 def _join(prefix: str, key: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from colortrend.config import Config
+from colortrend.errors import ConfigError
 from colortrend.io.discover import photo_id_for
 
 PART_OUTLINES = {"upper": (255, 0, 255), "lower": (0, 255, 255)}
@@ -42,8 +43,8 @@ def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, li
     batch = analyse_photo(path, cfg)
     out_png = out_png or str(Path(path).with_suffix("").name + ".explain.png")
     image = batch["image"][0]
-    if image is None:
-        raise ValueError(f"{path}: {batch['status'][0]}: {batch['error'][0]}")
+    if image is None or batch["status"][0] not in ("ok", "no_face"):
+        raise ConfigError(f"{path}: {batch['status'][0]}: {batch['error'][0]}")
     n = int(batch["n_faces"][0])
     people = _people(batch, n)
     parses = (batch.get("person_parse") or [None])[0] or [None] * n

@@ -6,6 +6,7 @@ isolation, stage timings and building the shard tables. Runners only decide wher
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import time
 from collections import Counter
@@ -50,7 +51,7 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
     from colortrend.stages.segment import SegmentStage
 
     return [
-        IntakeStage(cfg.input, device, workers=cfg.decode_workers),
+        IntakeStage(cfg.input, device, workers=cfg.decode_workers, output=cfg.output),
         DetectStage(cfg.detect, device),
         AlignStage(cfg.align, device),
         AgeStage(cfg.age, device),
@@ -65,6 +66,14 @@ class Pipeline:
         self.cfg = cfg
         self.stages = build_stages(cfg, device)
         self.schemas = table_schemas(self.stages)
+        self.photo_key: bytes | None = None  # the output's secret under privacy.hash_paths (io/secret.py)
+
+    def path_key(self) -> bytes | None:
+        """Key of the stored path hashes: derived from the output's secret and ``privacy.salt`` (kept for configs
+        that set one), distinct from the photo ids' key."""
+        if self.photo_key is None:
+            return None
+        return hmac.new(self.photo_key, b"path\0" + self.cfg.privacy.salt.encode(), hashlib.sha256).digest()
 
     def check_models(self) -> None:
         """Every weight file the chain needs exists (a wrong ``weights:`` path is a config error, found early)."""
@@ -120,7 +129,7 @@ class Pipeline:
         mark_duplicates(batch, seen)
         for stage in models:
             batch = run_isolated(stage, batch, result.seconds)
-        tables = build_tables(batch, self.schemas, self.cfg.privacy.salt if self.cfg.privacy.hash_paths else None)
+        tables = build_tables(batch, self.schemas, self.path_key())
         photos = tables["photos"]
         for pid, path, status, error in zip(*(photos[c].to_pylist() for c in ("photo_id", "path", "status", "error"))):
             if status not in ("ok", "no_face", "duplicate"):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
-from colortrend.io.discover import Listed, iter_inputs, photo_id_for
+from colortrend.io.discover import Listed, iter_inputs, keyed_photo_id
 from colortrend.pipeline import ShardTask, shard_tasks
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     listed_keys: list[np.ndarray] = []
     changed = 0
     for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-        ids = [photo_id_for(entry.path) for entry in chunk]
+        ids = [keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk]
         keys = id_keys(ids)
         listed_keys.append(keys)
         pos, found = index.find(keys)
@@ -85,7 +85,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     newly_stale = changed_shards - {int(i) for i in np.flatnonzero(~fresh)}
     if newly_stale:  # a shard holding a changed photo is redone whole: list again for its other photos
         for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-            ids = [photo_id_for(entry.path) for entry in chunk]
+            ids = [keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk]
             pos, found = index.find(id_keys(ids))
             for i in np.flatnonzero(found):
                 if int(index.shard[pos[i]]) in newly_stale:

@@ -17,11 +17,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from colortrend import __version__
-from colortrend.config import Config, to_dict
+from colortrend.config import Config, recorded, to_dict
 from colortrend.errors import ConfigError, OutputError
 from colortrend.io.discover import check_inputs
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
+from colortrend.io.secret import KEY_NAME, output_key
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
 from colortrend.pipeline import Pipeline, sort_rows, status_counts
 from colortrend.plan import Plan, plan
@@ -54,10 +55,9 @@ class RunSummary:
 def check_environment(cfg: Config) -> None:
     """Problems that must stop a run before anything is written."""
     if cfg.device == "cuda":
-        import torch
+        from colortrend.models import pick_device
 
-        if not torch.cuda.is_available():
-            raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
+        pick_device(cfg.device)  # a ConfigError without CUDA
     from colortrend.aggregate.age_error import load_age_calibration
     from colortrend.aggregate.histograms import load_sales
 
@@ -81,7 +81,7 @@ def check_environment(cfg: Config) -> None:
 
 
 #: What colortrend writes at the top of an output folder: anything else there was written by someone else.
-OWN_ENTRIES = {*FOLDERS, "histograms", "report", AGGREGATES_STATE, LOCK_NAME}
+OWN_ENTRIES = {*FOLDERS, "histograms", "report", AGGREGATES_STATE, LOCK_NAME, KEY_NAME}
 
 
 def _check_own_folder(output: str, out: str) -> None:
@@ -123,6 +123,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     pipeline = Pipeline(cfg)
     pipeline.check_models()
     check_inputs(cfg.input.paths, exclude=cfg.output)  # a missing input is a config error, before any write
+    output_key(store, cfg.privacy.hash_paths)  # so is switching privacy.hash_paths on an output with commits
     summary = RunSummary()
     try:
         store.prepare()
@@ -132,6 +133,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
         summary.recovered = store.recover()
         for action in summary.recovered:
             log.info("recovery: %s", action)
+        pipeline.photo_key = output_key(store, cfg.privacy.hash_paths, create=True)
         the_plan = plan(cfg, pipeline, store, full)  # under the lock: what another run committed counts
         for shard_id, problem in the_plan.damaged.items():
             # Its files are colortrend's (its marker names them); its photos are already planned as new.
@@ -251,7 +253,7 @@ def run_info(cfg: Config, store: Store, models: dict | None = None) -> dict:
     """What the report shows of the run: ``models`` (checksums), else those of the last recorded run."""
     if models is None:
         models = (store.read_json("_runs/latest.json") or {}).get("models", {})
-    return {"name": cfg.name, "version": __version__, "config": to_dict(cfg), "models": models}
+    return {"name": cfg.name, "version": __version__, "config": recorded(cfg), "models": models}
 
 
 def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summary: RunSummary) -> None:
@@ -260,7 +262,7 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
         "name": cfg.name,
         "finished": stamp.isoformat(timespec="seconds"),
         "version": __version__,
-        "config": to_dict(cfg),
+        "config": recorded(cfg),
         "models": pipeline.model_checksums(),
         "fingerprints": pipeline.fingerprints(),
         "inputs": the_plan.inputs,
@@ -285,6 +287,7 @@ def status(cfg: Config) -> dict:
     store = Store(cfg.output)
     pipeline = Pipeline(cfg)
     pipeline.check_models()
+    pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
     the_plan = plan(cfg, pipeline, store)
     markers = {sid: m for sid, m in store.markers().items() if sid not in the_plan.damaged}
     by_status = Counter()

@@ -6,6 +6,7 @@ in the output without touching this file. Coordinates are reported in the origin
 from __future__ import annotations
 
 import hashlib
+import hmac
 from typing import Sequence
 
 import numpy as np
@@ -70,8 +71,8 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_salt: str | None = None) -> dict[str, pa.Table]:
-    """Photos, faces and garments rows of one analysed batch. ``path_salt`` set = store paths hashed."""
+def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_key: bytes | None = None) -> dict[str, pa.Table]:
+    """Photos, faces and garments rows of one analysed batch. ``path_key`` set: paths are stored as keyed hashes."""
     n_photos = len(batch["photo_id"])
     n_faces = [int(batch.get("n_faces", [0] * n_photos)[i] or 0) for i in range(n_photos)]
     parses = batch.get("person_parse", [None] * n_photos)
@@ -84,8 +85,8 @@ def build_tables(batch: Batch, schemas: dict[str, pa.Schema], path_salt: str | N
     photos["status"] = [
         "no_face" if s == "ok" and n == 0 else s for s, n in zip(batch["status"], n_faces)
     ]
-    if path_salt is not None:
-        photos["path"] = [hashlib.sha256((path_salt + p).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    if path_key is not None:
+        photos["path"] = [hmac.new(path_key, p.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:32]
                           for p in photos["path"]]
     else:
         photos["path"] = [printable(p) for p in photos["path"]]

@@ -53,7 +53,10 @@ def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
     ``race`` column (None without it), by which band figures are also reported.
     """
     labels_csv = Path(labels_csv)
-    labels = pd.read_csv(labels_csv)
+    try:
+        labels = pd.read_csv(labels_csv)
+    except ValueError as exc:  # not a CSV, not text, empty
+        raise ConfigError(f"{labels_csv}: not a readable CSV ({' '.join(str(exc).split())})") from None
     columns = set(labels.columns)
     if "path" not in columns or not ("age" in columns or {"age_lo", "age_hi"} <= columns):
         raise ConfigError(f"{labels_csv}: expected columns path and age, or path, age_lo and age_hi (an age band)")

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from colortrend.errors import ConfigError
 from colortrend.models.parser_net import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
 
 Split = Literal["all", "train", "val"]
@@ -38,7 +39,11 @@ def is_validation(path: str | Path) -> bool:
 def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
     """``image`` and ``mask`` (as in the CSV), ``image_file`` and ``mask_file`` (absolute) of the rows of ``split``."""
     labels_csv = Path(labels_csv)
-    labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
+    try:
+        labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
+    except ValueError as exc:  # missing columns, not a CSV, not text
+        raise ConfigError(f"{labels_csv}: expected a CSV with image and mask columns ({' '.join(str(exc).split())})"
+                          ) from None
     if split != "all":
         val = np.array([is_validation(p) for p in labels["image"]], bool)
         labels = labels[val if split == "val" else ~val].reset_index(drop=True)

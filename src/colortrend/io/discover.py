@@ -13,6 +13,7 @@ import datetime
 import fnmatch
 import glob
 import hashlib
+import hmac
 import logging
 import os
 from typing import Iterator, NamedTuple
@@ -371,3 +372,11 @@ def _hidden(relative: str) -> bool:
 def photo_id_for(path: str) -> str:
     """Stable id of an input file: the same path always gets the same id, in every run and on every worker."""
     return hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def keyed_photo_id(path: str, key: bytes | None) -> str:
+    """``photo_id_for`` keyed with the output's secret (``privacy.hash_paths``): an HMAC, so a guessed path cannot
+    be confirmed without the key. Without a key, the plain id (outputs keep the ids they were written with)."""
+    if key is None:
+        return photo_id_for(path)
+    return hmac.new(key, path.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]

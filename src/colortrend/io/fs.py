@@ -23,6 +23,15 @@ def is_url(path: str | os.PathLike) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+def url_schemes(path: str | os.PathLike) -> frozenset[str]:
+    """Every protocol that opening ``path`` would use: ``{"s3"}`` for ``s3://bucket/key``, each link of a chained
+    URL (``zip://a.jpg::ftp://host/b.zip`` opens ftp too), nothing for a local path."""
+    if not is_url(path):
+        return frozenset()
+    return frozenset(part.split("://", 1)[0].lower() if "://" in part else part.lower()
+                     for part in str(path).split("::"))
+
+
 def local_path(path: str | os.PathLike) -> str:
     """A ``file://`` URL or a plain path as an absolute local path."""
     text = str(path)
@@ -83,8 +92,8 @@ def read_bytes(path: str, limit: int | None = None) -> bytes:
 
 def _remote(path: str, operation):
     """Run ``operation(fs, inner_path)``; errors surface as ``OSError``, like those of local files."""
-    fs, inner = filesystem(path)
     try:
+        fs, inner = filesystem(path)  # may connect (ftp, sftp) or need a package: this file's problem, not the run's
         return operation(fs, inner)
     except OSError:
         raise

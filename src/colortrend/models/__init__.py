@@ -19,9 +19,14 @@ def file_checksum(path: str | Path) -> str:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """``auto`` means CUDA when available; ``cuda`` without a GPU is a configuration error, raised by the caller."""
+    """``auto`` means CUDA when available; ``cuda`` without a usable GPU is a :class:`ConfigError` (every command
+    that takes ``--device`` asks here before it loads a model)."""
     import torch
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from colortrend.errors import ConfigError
+
+        raise ConfigError("device: cuda requested but no CUDA device is available (use auto or cpu)")
     return requested

@@ -112,8 +112,7 @@ class TableBuilder:
         from colortrend.tables import build_tables
 
         batch = _unpack(df)
-        privacy = self.pipeline.cfg.privacy
-        tables = build_tables(batch, self.pipeline.schemas, privacy.salt if privacy.hash_paths else None)
+        tables = build_tables(batch, self.pipeline.schemas, self.pipeline.path_key())
         failures = [(p, path, s, e or "") for p, path, s, e in zip(
             *(tables["photos"][c].to_pylist() for c in ("photo_id", "path", "status", "error")))
             if s not in ("ok", "no_face", "duplicate")]

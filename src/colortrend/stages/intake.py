@@ -1,9 +1,11 @@
 """Intake: read each file once, hash it, decode it to an RGB array the models can use.
 
 Every file gets an honest outcome here: unreadable, unsupported or oversized files become rows with a status and a
-message (never an exception that stops the run). The declared pixel count is checked from the header before any
-pixel is decoded, so a decompression bomb costs nothing. Very large photos are decoded straight to a reduced size
-(JPEG DCT scaling via ``draft``) and analysed there; coordinates are mapped back to the original pixels on output.
+message (never an exception that stops the run). Before any pixel is decoded, the declared pixel count is checked
+from the header and the decoder's memory is estimated from the file's structure (pixel buffers, TIFF strips and tag
+arrays, EXIF arrays, progressive JPEG coefficients), so a decompression or structure bomb costs nothing. A URL is
+opened only when its scheme is allowed. Very large photos are decoded straight to a reduced size (JPEG DCT scaling
+via ``draft``) and analysed there; coordinates are mapped back to the original pixels on output.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ import numpy as np
 import pyarrow as pa
 from PIL import UnidentifiedImageError
 
-from colortrend.io.fs import file_size, read_bytes
+from colortrend.io.fs import file_size, read_bytes, url_schemes
 from colortrend.stages.base import Batch, Stage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 EXIF_IFD = 0x8769
 DATE_TAGS = (36867, 36868, 306)  # DateTimeOriginal, DateTimeDigitized, DateTime
+DEFAULT_DECODE_BYTES = 500_000_000
+#: InputSettings fields added after outputs were written, with their defaults (see ``fingerprint_settings``).
+ADDED_SETTINGS = {"max_decode_bytes": DEFAULT_DECODE_BYTES}
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,31 @@ class InputSettings:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     # Files larger than this many bytes are refused unread.
     max_bytes: int = 200_000_000
+    # URL schemes that manifest rows may name besides local files, the schemes written in `paths` and the
+    # output's store (e.g. [s3]); a row naming another one becomes an error row and nothing is opened for it.
+    allowed_schemes: tuple[str, ...] = ()
+    # Photos whose decoding would need more memory than this (pixel buffers, TIFF strips/tiles and tag arrays,
+    # EXIF, progressive JPEG coefficients), estimated from the file's structure, are refused before decoding.
+    max_decode_bytes: int = DEFAULT_DECODE_BYTES
 
     def __post_init__(self) -> None:
         if not self.paths:
             raise ValueError("paths: at least one folder, glob or manifest is needed")
         if self.max_side < 64:
             raise ValueError("max_side: must be at least 64")
+        if self.max_decode_bytes < 1:
+            raise ValueError("max_decode_bytes: must be positive")
+        if self.allowed_schemes:
+            import difflib
+
+            from fsspec import available_protocols
+
+            known = available_protocols()
+            for i, scheme in enumerate(self.allowed_schemes):
+                if scheme not in known:
+                    close = difflib.get_close_matches(scheme, known, n=3)
+                    hint = f"did you mean {', '.join(close)}?" if close else f"fsspec knows {len(known)} others"
+                    raise ValueError(f"allowed_schemes[{i}]: unknown URL scheme {scheme!r} ({hint})")
 
 
 class IntakeStage(Stage):
@@ -71,13 +95,20 @@ class IntakeStage(Stage):
         ]
     )
 
-    def __init__(self, settings: InputSettings, device: str = "cpu", workers: int = 2):
+    def __init__(self, settings: InputSettings, device: str = "cpu", workers: int = 2, output: str | None = None):
         super().__init__(settings, device)
         self.workers = max(1, workers)
+        self.schemes = input_schemes(settings, output)
 
     def fingerprint_settings(self) -> dict:
         # Which folders are read does not change how a photo is decoded: adding a folder must not redo old shards.
-        return {k: v for k, v in dataclasses.asdict(self.settings).items() if k != "paths"}
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items()
+                    if k not in ("paths", "allowed_schemes")}
+        # Settings added after outputs existed count only when changed, so an upgrade does not restale every shard.
+        for name, default in ADDED_SETTINGS.items():
+            if settings.get(name) == default:
+                del settings[name]
+        return settings
 
     def process(self, batch: Batch) -> Batch:
         paths = batch["path"]
@@ -96,6 +127,11 @@ class IntakeStage(Stage):
                "year_source": None, "content_hash": None, "file_bytes": None, "format": None,
                "analysis_scale": None, "image": None}
         s = self.settings
+        refused = sorted(url_schemes(path) - self.schemes)
+        if refused:  # checked before anything is opened: a manifest row must not choose where we connect
+            allowed = ", ".join(["local files", *sorted(self.schemes)])
+            return {**row, "status": "error", "error": f"URL scheme {refused[0]!r} is not allowed (allowed here: "
+                    f"{allowed}; add others to input.allowed_schemes)"}
         ext = os.path.splitext(path)[1].lower()
         if ext not in s.extensions:
             return {**row, "status": "skipped", "error": f"extension {ext or '(none)'!r} not in input.extensions"}
@@ -113,12 +149,17 @@ class IntakeStage(Stage):
         if not data:
             return {**row, "status": "error", "error": "empty file (0 bytes)"}
         try:
-            decoded = decode_image(data, s.max_pixels, s.max_side)
+            decoded = decode_image(data, s.max_pixels, s.max_side, s.max_decode_bytes)
         except TooLarge as exc:
-            row.update(width=exc.width, height=exc.height)
+            row.update(width=exc.width, height=exc.height, format=exc.format)
             return {**row, "status": "too_large", "error": str(exc)}
         except UnidentifiedImageError:
             return {**row, "status": "error", "error": "not an image in a supported format"}
+        except ValueError as exc:
+            if str(exc).startswith("Decompressed data too large"):  # Pillow's only sign of a zlib bomb in a PNG
+                return {**row, "status": "too_large", "error": "a compressed PNG text or colour-profile chunk expands "
+                        "past Pillow's limit of 1 MB (PngImagePlugin.MAX_TEXT_CHUNK)"}
+            return {**row, "status": "error", "error": f"cannot decode image: {_one_line(exc)}"}
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's outcome, not the run's
             return {**row, "status": "error", "error": f"cannot decode image: {_one_line(exc)}"}
         row.update(decoded)
@@ -129,34 +170,58 @@ class IntakeStage(Stage):
         return row
 
 
+def input_schemes(settings: InputSettings, output: str | None = None) -> frozenset[str]:
+    """URL schemes intake may open besides local files: those the user wrote in ``input.paths`` and
+    ``input.allowed_schemes``, and the output's store's."""
+    return frozenset().union(*(url_schemes(p) for p in (*settings.paths, output or "")), settings.allowed_schemes)
+
+
 class TooLarge(Exception):
-    def __init__(self, width: int, height: int, limit: int):
-        super().__init__(f"{width}x{height} = {width * height} pixels declared, over input.max_pixels={limit}")
-        self.width, self.height = width, height
+    """A photo refused before decoding: over ``max_pixels``, or its decoding would exceed ``max_decode_bytes``."""
+
+    def __init__(self, message: str, width: int | None = None, height: int | None = None, fmt: str | None = None):
+        super().__init__(message)
+        self.width, self.height, self.format = width, height, fmt
 
 
-def decode_image(data: bytes, max_pixels: int, max_side: int) -> dict:
+def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: int = DEFAULT_DECODE_BYTES) -> dict:
     """Decode bytes to an 8-bit RGB array with EXIF orientation applied.
 
     CMYK, greyscale, palette, alpha (composited on white) and 16-bit images all become RGB. Returns the original
     (oriented) size, the decoded array (long side at most ``max_side``), the scale between them, the EXIF year.
+    Raises :class:`TooLarge` before decoding a photo over ``max_pixels`` or one whose decoder would need more than
+    ``max_decode_bytes`` (see :func:`decoder_bytes`).
     """
     from PIL import Image, ImageOps
 
+    # Pillow parses a TIFF's whole first directory when it opens the file (every strip becomes a Python object),
+    # so its structure is measured from the raw bytes before Pillow sees them.
+    structure = tiff_structure_bytes(data) if data[:4] in TIFF_HEADERS else DecodeCost()
+    if structure.total > max_decode_bytes:
+        raise TooLarge(structure.refusal(max_decode_bytes), fmt="TIFF")
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size
-        if width * height > max_pixels:
-            raise TooLarge(width, height, max_pixels)
         fmt = im.format
-        year = exif_year(im)
+        if width * height > max_pixels:
+            raise TooLarge(f"{width}x{height} = {width * height} pixels declared, over input.max_pixels={max_pixels}",
+                           width, height, fmt)
+        exif = im.info.get("exif")
+        if isinstance(exif, bytes) and fmt != "TIFF":  # a TIFF's EXIF is its own first directory, measured above
+            structure = structure + tiff_structure_bytes(exif.removeprefix(b"Exif\0\0"), image=False)
+        if structure.total > max_decode_bytes:  # reading EXIF expands its tag arrays: refuse before that
+            raise TooLarge(structure.refusal(max_decode_bytes), width, height, fmt)
         orientation = im.getexif().get(0x0112, 1)
-        if orientation in (5, 6, 7, 8):
-            width, height = height, width
-        scale = min(1.0, max_side / max(width, height))
+        oriented = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        scale = min(1.0, max_side / max(oriented))
         if scale < 1.0 and fmt == "JPEG":
             im.draft("RGB", (int(im.size[0] * scale) + 1, int(im.size[1] * scale) + 1))
-        im.seek(0)  # animated GIF/WebP: the first frame
+        cost = structure + decoder_bytes(im, width, height)
+        if cost.total > max_decode_bytes:
+            raise TooLarge(cost.refusal(max_decode_bytes), width, height, fmt)
+        year = exif_year(im)
+        width, height = oriented
+        im.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame (later ones are never parsed)
         factor = int(1 / scale)
         if factor > 1 and fmt != "JPEG":
             # Formats without DCT scaling decode in full; box-reduce right away so that the transpose and colour
@@ -172,6 +237,107 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> dict:
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     return {"width": width, "height": height, "taken_year": year, "format": fmt,
             "analysis_scale": rgb.shape[1] / width, "image": np.ascontiguousarray(rgb)}
+
+
+# ---- what decoding will cost, from the file's structure -------------------------------------------------------
+# Measured with Pillow 13 on this machine (peak RSS over a 1-million-part file, scripts/measure_decode_memory.py):
+# each numeric TIFF/EXIF tag value Pillow reads becomes a Python int in a tuple (about 60 bytes; a rational is an
+# IFDRational object, about 300), each strip or tile a tile record on top of its offset and byte count (about 300).
+# Pillow holds 4 bytes per pixel (RGB is stored as RGBX); its WebP decoder about 16 (libwebp's canvas, the
+# previous frame, the frame and Pillow's copy). A progressive JPEG keeps every DCT coefficient of the whole image
+# (2 bytes each) whatever size it is decoded to.
+TIFF_HEADERS = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
+TIFF_VALUE_BYTES = 64
+TIFF_RATIONAL_BYTES = 320
+TIFF_PART_BYTES = 320
+TIFF_RATIONALS = {5, 10}  # RATIONAL, SRATIONAL
+TIFF_NUMBERS = {3, 4, 8, 9, 11, 12, 13, 16, 17, 18}  # SHORT, LONG, SSHORT, SLONG, FLOAT, DOUBLE, IFD, LONG8, ...
+TIFF_PART_TAGS = (273, 324)  # StripOffsets, TileOffsets
+TIFF_POINTERS = (4, 13, 16, 18)  # LONG, IFD, LONG8, IFD8: the types a sub-directory offset comes in
+#: Bytes per value of each TIFF field type (0 and past the end: unknown types, which Pillow skips).
+TIFF_TYPE_BYTES = np.array([0, 1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 0, 0, 8, 8, 8, 0])
+TIFF_ENTRY_BYTES = 200  # Pillow keeps each entry's raw bytes and type in dicts
+PIXEL_BYTES = {"WEBP": 16}
+DEFAULT_PIXEL_BYTES = 4
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """Estimated decoder memory, by what it is spent on (for the refusal message)."""
+
+    parts: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.parts)
+
+    def __add__(self, other: "DecodeCost") -> "DecodeCost":
+        return DecodeCost(self.parts + other.parts)
+
+    def refusal(self, limit: int) -> str:
+        what = max(self.parts, key=lambda p: p[1])[0]
+        return (f"decoding would need about {self.total / 1e6:,.0f} MB (mostly {what}), "
+                f"over input.max_decode_bytes={limit}")
+
+
+def decoder_bytes(im, width: int, height: int) -> DecodeCost:
+    """Memory Pillow and its codecs will take to decode ``im`` (opened, after ``draft``): pixel buffers and, for
+    a progressive JPEG, the coefficients of the whole image (libjpeg buffers every scan before the last)."""
+    w, h = im.size  # the reduced size after a JPEG draft
+    per_pixel = PIXEL_BYTES.get(im.format, DEFAULT_PIXEL_BYTES)
+    parts = [(f"a {w}x{h} pixel buffer", w * h * per_pixel)]
+    if im.format == "JPEG" and im.info.get("progressive"):
+        layers = getattr(im, "layer", None) or [("", 1, 1, 0)] * len(im.getbands())
+        h_max, v_max = max(layer[1] for layer in layers), max(layer[2] for layer in layers)
+        blocks = sum(-(-width * layer[1] // (8 * h_max)) * -(-height * layer[2] // (8 * v_max)) for layer in layers)
+        parts.append(("progressive JPEG coefficients", blocks * 64 * 2))
+    return DecodeCost(tuple(parts))
+
+
+def tiff_structure_bytes(data: bytes, image: bool = True) -> DecodeCost:
+    """What Pillow allocates reading the first directory (and its EXIF directory) of TIFF-structured ``data``: a
+    TIFF file (``image``: its strips or tiles become tile records too) or an EXIF blob. Reads only the entries'
+    headers, never their values; a malformed structure counts what can be read (the decoder then fails on it, as
+    it would have)."""
+    header = TIFF_HEADERS.get(data[:4])
+    if header is None:
+        return DecodeCost()
+    order, big = header
+    count_type, field = (f"{order}u8", f"{order}u8") if big else (f"{order}u2", f"{order}u4")
+    entry = np.dtype([("tag", f"{order}u2"), ("kind", f"{order}u2"), ("count", field), ("value", field)])
+    totals = {"entries": 0, "values": 0, "rationals": 0, "parts": 0}
+    first = _unpack(data, 8 if big else 4, field)
+    directories = [first]
+    for i, offset in enumerate(directories):
+        if offset is None or offset in directories[:i]:
+            continue
+        n = _unpack(data, offset, count_type)
+        start = offset + np.dtype(count_type).itemsize
+        n = min(n or 0, max(0, (len(data) - start) // entry.itemsize))  # entries past the end cannot be read
+        entries = np.frombuffer(data, entry, count=n, offset=start) if n else np.zeros(0, entry)
+        # A count whose values the file cannot hold is not read by Pillow either; float: no wrap-around.
+        sizes = TIFF_TYPE_BYTES[np.minimum(entries["kind"], len(TIFF_TYPE_BYTES) - 1)]
+        counts = np.minimum(entries["count"].astype(np.float64), len(data) / np.maximum(sizes, 1))
+        totals["entries"] += n
+        totals["values"] += counts[np.isin(entries["kind"], list(TIFF_NUMBERS))].sum()
+        totals["rationals"] += counts[np.isin(entries["kind"], list(TIFF_RATIONALS))].sum()
+        totals["parts"] += counts[np.isin(entries["tag"], TIFF_PART_TAGS)].sum() if image and i == 0 else 0
+        exif = entries[(entries["tag"] == EXIF_IFD) & np.isin(entries["kind"], TIFF_POINTERS)]
+        if i == 0 and len(exif):  # the date is read from the first directory's EXIF directory
+            directories.append(int(exif["value"][-1]))
+    cost = [(f"{int(totals['parts']):,} TIFF strips or tiles", totals["parts"] * TIFF_PART_BYTES),
+            (f"{int(totals['values']):,} TIFF tag values", totals["values"] * TIFF_VALUE_BYTES),
+            (f"{int(totals['rationals']):,} TIFF rational values", totals["rationals"] * TIFF_RATIONAL_BYTES),
+            (f"{totals['entries']:,} TIFF directory entries", totals["entries"] * TIFF_ENTRY_BYTES)]
+    return DecodeCost(tuple((what, int(n)) for what, n in cost if n))
+
+
+def _unpack(data: bytes, offset: int, dtype: str) -> int | None:
+    """The unsigned integer of ``dtype`` at ``offset``, None where ``data`` does not hold one."""
+    size = np.dtype(dtype).itemsize
+    if not 0 < offset <= len(data) - size:
+        return None
+    return int(np.frombuffer(data, dtype, count=1, offset=offset)[0])
 
 
 def _reduce(im, factor: int):
@@ -204,11 +370,12 @@ def exif_year(im) -> int | None:
     """Year from EXIF DateTimeOriginal (then DateTimeDigitized, DateTime); None if absent or implausible."""
     try:
         exif = im.getexif()
-        tags = {**exif, **exif.get_ifd(EXIF_IFD)}
+        sub = exif.get_ifd(EXIF_IFD)
+        # Only the date tags: Pillow expands a tag's values when it is read, and the others may be large arrays.
+        values = [sub.get(tag, exif.get(tag)) for tag in DATE_TAGS]
     except Exception:  # noqa: BLE001 - corrupt EXIF is common and must not fail the photo
         return None
-    for tag in DATE_TAGS:
-        value = tags.get(tag)
+    for value in values:
         if isinstance(value, bytes):
             value = value.decode("ascii", "replace")
         if isinstance(value, str) and len(value) >= 4 and value[:4].isdigit():

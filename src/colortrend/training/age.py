@@ -336,6 +336,7 @@ def train_age(
     per-epoch training loss and per-folder validation MAE, and the selected epoch.
     """
     out_dir = Path(out_dir)
+    all_labels = [read_labels(csv) for csv in label_csvs]  # every file checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     # OpenCV's own thread pool is off: workers fork from this process, and a pool inherited through fork deadlocks.
@@ -343,8 +344,7 @@ def train_age(
     torch.manual_seed(config.seed)
 
     train_parts, val_sets = [], {}
-    for csv in label_csvs:
-        labels = read_labels(csv)
+    for csv, labels in zip(label_csvs, all_labels):
         if max_photos is not None:
             labels = labels.iloc[:max_photos].reset_index(drop=True)
         landmarks = detect_landmarks(labels, device, config.min_face_px, log)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from colortrend.errors import ConfigError
 from colortrend.evaluate.parsing import is_validation
 from colortrend.models.efficientnet_lite import imagenet_state
 from colortrend.models.parser_net import (
@@ -114,8 +115,13 @@ def labelled_face(faces: list, labels: np.ndarray) -> np.ndarray | None:
 def load_ccp(ccp_dir: Path, log: Callable[[str], None] = print) -> list[Example]:
     """All CCP photos with mapped labels and their labelled person's face (None when MTCNN did not find it)."""
     lut = ccp_lookup()
-    with open(ccp_dir / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(ccp_dir / "labels.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{ccp_dir}: needs labels.csv with image and mask columns ({exc})") from None
+    if rows and not {"image", "mask"} <= set(rows[0]):
+        raise ConfigError(f"{ccp_dir / 'labels.csv'}: expected image and mask columns, got {', '.join(rows[0])}")
     paths = [ccp_dir / r["image"] for r in rows]
     faces = detect_faces_cached(paths, CACHE_DIR / "ccp_faces.json", log)
     examples = []
