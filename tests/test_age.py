@@ -167,10 +167,11 @@ def test_band_loss_rewards_probability_inside_the_band():
 
 @needs_age_data
 def test_age_stage_batches_faces_of_several_photos(tmp_path):
-    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
+    from colortrend.evaluate.age import detection_batch
+    from colortrend.labelled import load_rgb, read_age_labels
     from colortrend.stages.align import AlignStage
 
-    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
+    labels = read_age_labels(few_faces_csv(tmp_path, per_set=2))
     batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
     batch["status"][0] = "error"  # a failed photo is skipped
     out = AgeStage(AgeSettings(weights="dlib"))(batch)
@@ -182,11 +183,12 @@ def test_age_stage_batches_faces_of_several_photos(tmp_path):
 
 @needs_age_data
 def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
-    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
+    from colortrend.evaluate.age import detection_batch
+    from colortrend.labelled import load_rgb, read_age_labels
     from colortrend.stages.age import FINETUNED_WEIGHTS
     from colortrend.stages.align import TEMPLATE_SCALE, AlignStage, chip_template, cut_chips
 
-    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
+    labels = read_age_labels(few_faces_csv(tmp_path, per_set=2))
     batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
     for image, landmarks, chips in zip(batch["image"], batch["landmarks"], batch["chips"]):  # scale 1 = align's chip
         same = cut_chips(image, np.asarray(landmarks).reshape(-1, 5, 2), template=chip_template(scale=TEMPLATE_SCALE))

@@ -124,15 +124,16 @@ def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
     """The chip `train age` learns from is the chip the age stage feeds each network, bit for bit, at the chip
     size and scale stored with its weights."""
     from colortrend.models.age_net import AgeNet, save_age_net
-    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
+    from colortrend.evaluate.age import detection_batch
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels
     from colortrend.stages.age import AgeSettings, AgeStage
     from colortrend.training import age as training
 
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path)
-    labels = read_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
-    landmarks = training.detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log=lambda _: None)
+    labels = read_age_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
+    landmarks = training.detect_landmarks(labels, "cpu", LABELLED_MIN_FACE_PX, log=lambda _: None)
     images = [load_rgb(f) for f in labels["file"]]
-    pipeline = AlignStage()(detection_batch(images, "cpu", EVAL_MIN_FACE_PX))
+    pipeline = AlignStage()(detection_batch(images, "cpu", LABELLED_MIN_FACE_PX))
     odd = tmp_path / "odd.pt"  # a network trained on 80-px chips that show more of the head
     save_age_net(AgeNet(chip_size=80, chip_scale=0.85), odd)
     age = AgeStage(AgeSettings(weights=("default", "dlib", str(odd))))

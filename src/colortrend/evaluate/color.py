@@ -35,13 +35,12 @@ def predict_colors(
     ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``."""
     from PIL import Image
 
-    from colortrend.evaluate.age import load_rgb
-    from colortrend.evaluate.parsing import read_labels
+    from colortrend.labelled import load_rgb, read_mask_labels
     from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
     from colortrend.stages.detect import DetectSettings, DetectStage
     from colortrend.stages.segment import SegmentSettings, SegmentStage
 
-    labels = read_labels(labels_csv, split)  # split "val": the photos the parser never trained on
+    labels = read_mask_labels(labels_csv, split)  # split "val": the photos the parser never trained on
     garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
     settings = ColorSettings(white_balance="none")
     stages = [DetectStage(DetectSettings(), device), SegmentStage(SegmentSettings(), device),

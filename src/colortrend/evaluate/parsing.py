@@ -8,43 +8,17 @@ CCP's ambiguous classes (hat, scarf, tie, gloves, socks, stockings, tights, belt
 
 Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks (and
 any outside scoring of them) would be. A mask that labels nobody (CCP has such a photo) cannot say what the main
-person wears: the photo counts as ``unlabelled`` and is not scored. The validation split (:func:`is_validation`) is
-fixed by photo number: ``colortrend train parsing`` never trains on it.
+person wears: the photo counts as ``unlabelled`` and is not scored. The validation split
+(:func:`colortrend.labelled.is_validation`) is fixed by photo number: ``colortrend train parsing`` never trains on it.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import pandas as pd
 
+from colortrend.labelled import Split, read_mask_labels
 from colortrend.models.parser_net import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
-
-Split = Literal["all", "train", "val"]
-
-
-def photo_number(path: str | Path) -> int:
-    """CCP's numeric photo id from a file name (``0008.jpg``, ``ccp_0008.jpg`` -> 8)."""
-    return int(re.findall(r"\d+", Path(path).stem)[-1])
-
-
-def is_validation(path: str | Path) -> bool:
-    """The fixed validation split: photo numbers divisible by 8."""
-    return photo_number(path) % 8 == 0
-
-
-def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
-    """``image`` and ``mask`` (as in the CSV), ``image_file`` and ``mask_file`` (absolute) of the rows of ``split``."""
-    labels_csv = Path(labels_csv)
-    labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
-    if split != "all":
-        val = np.array([is_validation(p) for p in labels["image"]], bool)
-        labels = labels[val if split == "val" else ~val].reset_index(drop=True)
-    labels["image_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["image"]]
-    labels["mask_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["mask"]]
-    return labels
 
 
 def segment_stages(folder: str | Path, device: str = "cpu") -> list:
@@ -119,7 +93,7 @@ def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir
     """
     import cv2
 
-    labels = read_labels(labels_csv, split)
+    labels = read_mask_labels(labels_csv, split)
     stages = segment_stages(Path(labels_csv).parent, device)
     lut = ccp_lookup()
     if save_masks_dir is not None:

@@ -13,7 +13,7 @@ All-Age-Faces / UTKFace); the size is stored with the weights so the age stage c
 chip scale (the framing: below 1 the chip shows more hair, ears and neck, above 1 the inner face closer up).
 Networks trained on different sizes and framings err differently, and the shipped default averages four of them.
 
-Validation: the photos :func:`colortrend.evaluate.age.validation_mask` holds out (15 % of each folder, by a hash of
+Validation: the photos :func:`colortrend.labelled.validation_mask` holds out (15 % of each folder, by a hash of
 the path) are never trained on; the epoch with the lowest mean of the per-folder validation MAEs is kept.
 
 Architectures (``arch``): ``aresnet10`` fine-tunes dlib's age network; ``lite0`` trains EfficientNet-Lite0 from its
@@ -57,14 +57,8 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from colortrend.evaluate.age import (
-    EVAL_MIN_FACE_PX,
-    detection_batch,
-    load_rgb,
-    make_detector,
-    read_labels,
-    validation_mask,
-)
+from colortrend.evaluate.age import detection_batch, make_detector
+from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels, validation_mask
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeModel, AgeNet, Lite0AgeNet, architecture_of, build_age_net, save_age_net
 from colortrend.models.efficientnet_lite import imagenet_state
@@ -112,7 +106,7 @@ class AgeTrainConfig:
     init_weights: str | None = None  # an age weights file of the same architecture, or "imagenet" for lite0
     threads: int = 1  # torch threads in the training process
     workers: int = 1  # processes decoding photos and cutting chips
-    min_face_px: float = EVAL_MIN_FACE_PX
+    min_face_px: float = LABELLED_MIN_FACE_PX
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURE_DEFAULTS:
@@ -344,7 +338,7 @@ def train_age(
 
     train_parts, val_sets = [], {}
     for csv in label_csvs:
-        labels = read_labels(csv)
+        labels = read_age_labels(csv)
         if max_photos is not None:
             labels = labels.iloc[:max_photos].reset_index(drop=True)
         landmarks = detect_landmarks(labels, device, config.min_face_px, log)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from colortrend.evaluate.parsing import is_validation
+from colortrend.labelled import is_validation
 from colortrend.models.efficientnet_lite import imagenet_state
 from colortrend.models.parser_net import (
     ACCESSORY,
