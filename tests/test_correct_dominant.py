@@ -12,7 +12,7 @@ import pytest
 from colortrend.color.kmeans import palettes
 from colortrend.color.space import delta_e2000, rgb_to_lab
 from colortrend.color.white_balance import apply_cast
-from colortrend.models.parser_net import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
+from colortrend.models.parse_classes import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
 from colortrend.stages.correct import ColorSettings, CorrectStage
 from colortrend.stages.dominant import COLUMNS, DominantStage
 from colortrend.stages.segment import PARSER_WEIGHTS

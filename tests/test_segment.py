@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from colortrend.evaluate.parsing import evaluate_parsing, main_person_labels, run_stages, segment_stages
-from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup, crop_box
+from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
+from colortrend.models.parser_crops import crop_box
 from colortrend.stages.segment import SegmentSettings
 
 HERE = Path(__file__).resolve().parent

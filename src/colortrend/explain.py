@@ -37,7 +37,7 @@ def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from colortrend.models.parser_net import PARSE_CLASSES
+    from colortrend.models.parse_classes import PARSE_CLASSES
 
     batch = analyse_photo(path, cfg)
     out_png = out_png or str(Path(path).with_suffix("").name + ".explain.png")

@@ -36,7 +36,7 @@ def predict_colors(
     from PIL import Image
 
     from colortrend.labelled import load_rgb, read_mask_labels
-    from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+    from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
     from colortrend.stages.detect import DetectSettings, DetectStage
     from colortrend.stages.segment import SegmentSettings, SegmentStage
 

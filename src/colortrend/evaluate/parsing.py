@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from colortrend.labelled import Split, read_mask_labels
-from colortrend.models.parser_net import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
+from colortrend.models.parse_classes import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
 
 
 def segment_stages(folder: str | Path, device: str = "cpu") -> list:

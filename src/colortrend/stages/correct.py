@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from colortrend.color.white_balance import WbMethod, white_balance
+from colortrend.models.parse_classes import GARMENT_CLASSES
 from colortrend.stages.base import Batch, Stage, ok_indices
 
 
@@ -86,7 +87,7 @@ class CorrectStage(Stage):
         for column in ("image_wb", "wb_method", "wb_gain_r", "wb_gain_g", "wb_gain_b"):
             batch[column] = [None] * n_photos
         settings = self.settings
-        garment_ids = _garment_ids() if settings.exclude_garments and settings.white_balance != "none" else ()
+        garment_ids = GARMENT_CLASSES if settings.exclude_garments and settings.white_balance != "none" else ()
         for i in ok_indices(batch):
             image = batch["image"][i]
             exclude = None
@@ -100,10 +101,3 @@ class CorrectStage(Stage):
             batch["wb_gain_r"][i], batch["wb_gain_g"][i], batch["wb_gain_b"][i] = (float(g) for g in result.gains)
         return batch
 
-
-def _garment_ids() -> tuple[int, ...]:
-    # The parser's module imports torch; importing it here keeps `colortrend.config` (which reads ColorSettings)
-    # light. By the time this stage runs, the segment stage has loaded it anyway.
-    from colortrend.models.parser_net import GARMENT_CLASSES
-
-    return tuple(GARMENT_CLASSES)

@@ -1,6 +1,6 @@
 """Training the person/garment parser on Clothing Co-Parsing (``colortrend train parsing``).
 
-Samples are cut the way the pipeline cuts them (``parser_net.crop_box`` around the labelled person's MTCNN face), then
+Samples are cut the way the pipeline cuts them (``parser_crops.crop_box`` around the labelled person's MTCNN face), then
 augmented toward what the pipeline meets beyond CCP's full-body street shots: detector jitter in the anchor, photos
 cut off below the waist or at a side (the missing part is padding, as at inference), mirror images, colour and
 sharpness changes, and a second person standing beside or in front (labelled background: each person is parsed on
@@ -26,23 +26,9 @@ from torch.nn import functional as F
 
 from colortrend.labelled import is_validation
 from colortrend.models.efficientnet_lite import imagenet_state
-from colortrend.models.parser_net import (
-    ACCESSORY,
-    GARMENT_CLASSES,
-    HAIR,
-    IGNORE,
-    PAD_VALUE,
-    SKIN,
-    CropGeometry,
-    ParserNet,
-    ccp_lookup,
-    crop_affine,
-    crop_box,
-    cut_crop,
-    normalize,
-    predict_crops,
-    probs_to_photo,
-)
+from colortrend.models.parse_classes import ACCESSORY, GARMENT_CLASSES, HAIR, IGNORE, SKIN, ccp_lookup
+from colortrend.models.parser_crops import PAD_VALUE, CropGeometry, crop_affine, crop_box, cut_crop, probs_to_photo
+from colortrend.models.parser_net import ParserNet, normalize, predict_crops
 from colortrend.stages.segment import SegmentSettings
 
 CACHE_DIR = Path("/tmp/colortrend-cache")
