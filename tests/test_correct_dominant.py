@@ -113,7 +113,7 @@ def test_real_photo_matches_clustering_its_garment_pixels():
     labels = ccp_lookup()[np.asarray(Image.open(CCP / "masks/0008.png"))]
     labels[labels == 255] = 0  # ambiguous classes: not garment
     batch = {"photo_id": ["0008"], "status": ["ok"], "error": [None], "image": [image],
-             "person_parse": [[(0, 0, labels)]]}
+             "landmarks": [np.zeros((1, 10), np.float32)], "person_parse": [[(0, 0, labels)]]}
     settings = ColorSettings(white_balance="none")
     batch = DominantStage(settings)(CorrectStage(settings)(batch))
     pixels = image[np.isin(labels, (UPPER, LOWER))]

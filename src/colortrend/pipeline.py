@@ -19,6 +19,12 @@ from colortrend.stages.base import Batch, Stage, fail
 from colortrend.tables import build_tables, table_schemas
 
 log = logging.getLogger(__name__)
+#: The columns a chain starts from: what planning knows of each photo.
+INPUT_COLUMNS = ("photo_id", "path")
+
+
+class ChainError(ValueError):
+    """A chain whose stages do not fit together: a stage reads a column no earlier stage adds."""
 
 
 @dataclass
@@ -49,7 +55,7 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
     from colortrend.stages.intake import IntakeStage
     from colortrend.stages.segment import SegmentStage
 
-    return [
+    return check_chain([
         IntakeStage(cfg.input, device, workers=cfg.decode_workers),
         DetectStage(cfg.detect, device),
         AlignStage(cfg.align, device),
@@ -57,7 +63,20 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
         SegmentStage(cfg.segment, device),
         CorrectStage(cfg.color, device),
         DominantStage(cfg.color, device),
-    ]
+    ])
+
+
+def check_chain(stages: list[Stage], given: tuple[str, ...] = INPUT_COLUMNS) -> list[Stage]:
+    """``stages``, once every column each one reads is in ``given`` or added by an earlier stage; else ChainError."""
+    available = set(given)
+    for stage in stages:
+        missing = [column for column in stage.reads if column not in available]
+        if missing:
+            chain = " -> ".join(s.name for s in stages)
+            raise ChainError(f"stage {stage.name} reads {', '.join(missing)}, which no stage before it adds "
+                             f"(chain: {chain})")
+        available.update(stage.provides())
+    return stages
 
 
 class Pipeline:

@@ -124,6 +124,7 @@ class AgeStage(Stage):
     """Reads the align stage's ``chips``; writes ``age`` and ``age_sd`` per face."""
 
     name = "age"
+    reads = ("status", "image", "landmarks", "chips")
     face_fields = pa.schema([("age", pa.float32()), ("age_sd", pa.float32())])
 
     def __init__(self, settings: AgeSettings | None = None, device: str = "cpu"):

@@ -224,6 +224,8 @@ class AlignStage(Stage):
     """Cuts ``chips`` (in memory, for the age stage) and writes the face quality columns."""
 
     name = "align"
+    reads = ("status", "image", "landmarks", "det_score")
+    adds = ("chips",)  # (n, 64, 64, 3) uint8 per photo
     face_fields = pa.schema(
         [
             ("face_px", pa.float32()),

@@ -68,10 +68,12 @@ def garment_mask(shape: tuple[int, int], parses: list, garment_ids: tuple[int, .
 
 
 class CorrectStage(Stage):
-    """Reads ``image``, ``landmarks`` (the ``skin`` method) and ``person_parse`` (``exclude_garments``) when present;
-    writes ``image_wb`` (in memory) and the photo's ``wb_method``, ``wb_gain_r/g/b``."""
+    """White-balances ``image`` into ``image_wb``; ``landmarks`` serve the ``skin`` method, ``person_parse`` the
+    ``exclude_garments`` setting."""
 
     name = "correct"
+    reads = ("status", "image", "landmarks", "person_parse")
+    adds = ("image_wb",)  # the white-balanced photo
     photo_fields = pa.schema([
         ("wb_method", pa.string()),
         ("wb_gain_r", pa.float32()),
@@ -90,11 +92,8 @@ class CorrectStage(Stage):
         garment_ids = GARMENT_CLASSES if settings.exclude_garments and settings.white_balance != "none" else ()
         for i in ok_indices(batch):
             image = batch["image"][i]
-            exclude = None
-            if garment_ids and batch.get("person_parse"):
-                exclude = garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids)
-            landmarks = batch["landmarks"][i] if "landmarks" in batch else None
-            result = white_balance(image, settings.white_balance, landmarks=landmarks, exclude=exclude,
+            exclude = garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids) if garment_ids else None
+            result = white_balance(image, settings.white_balance, landmarks=batch["landmarks"][i], exclude=exclude,
                                    max_gain=settings.max_gain, min_cast_deg=settings.min_cast_deg)
             batch["image_wb"][i] = result.image
             batch["wb_method"][i] = result.method

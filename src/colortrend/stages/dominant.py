@@ -32,6 +32,7 @@ class DominantStage(Stage):
     """Writes each measured person's dominant colour, palette, upper/lower colours and colour name."""
 
     name = "dominant"
+    reads = ("status", "person_parse", "image_wb")
     garment_fields = pa.schema([
         *((f"dominant_{c}", pa.uint8()) for c in _RGB),
         ("dominant_lab_l", pa.float32()),
