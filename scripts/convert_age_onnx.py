@@ -87,16 +87,19 @@ def onnx_probabilities(session: ort.InferenceSession, chips: np.ndarray) -> np.n
 
 def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
     """Chips of the most confident face of ``per_csv`` random photos from each labels.csv, cut by the pipeline."""
-    from colortrend.evaluate.age import detection_batch
-    from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels
-    from colortrend.stages.align import AlignStage
+    from colortrend.config import default_config
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
+    from colortrend.pipeline import build_stages
+
+    stages = build_stages(default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX}), "cpu",
+                          upto="align")
 
     chips = []
     rng = np.random.default_rng(seed)
     for csv in label_csvs:
         labels = read_age_labels(csv)
         files = labels["file"].to_numpy()[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
-        batch = AlignStage()(detection_batch([load_rgb(f) for f in files], "cpu", LABELLED_MIN_FACE_PX))
+        batch = analyse_labelled(stages, files.tolist())
         chips.extend(c[0] for c in batch["chips"] if len(c))
     return np.stack(chips)
 

@@ -124,16 +124,17 @@ def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
     """The chip `train age` learns from is the chip the age stage feeds each network, bit for bit, at the chip
     size and scale stored with its weights."""
     from colortrend.models.age_net import AgeNet, save_age_net
-    from colortrend.evaluate.age import detection_batch
-    from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels
+    from colortrend.config import default_config
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
+    from colortrend.pipeline import build_stages
     from colortrend.stages.age import AgeSettings, AgeStage
     from colortrend.training import age as training
 
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path)
     labels = read_age_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
     landmarks = training.detect_landmarks(labels, "cpu", LABELLED_MIN_FACE_PX, log=lambda _: None)
-    images = [load_rgb(f) for f in labels["file"]]
-    pipeline = AlignStage()(detection_batch(images, "cpu", LABELLED_MIN_FACE_PX))
+    cfg = default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX})
+    pipeline = analyse_labelled(build_stages(cfg, "cpu", upto="align"), labels["file"].tolist())
     odd = tmp_path / "odd.pt"  # a network trained on 80-px chips that show more of the head
     save_age_net(AgeNet(chip_size=80, chip_scale=0.85), odd)
     age = AgeStage(AgeSettings(weights=("default", "dlib", str(odd))))

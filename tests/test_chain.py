@@ -50,3 +50,53 @@ def test_each_stage_reads_and_adds_exactly_what_it_declares(demo_photos):
         assert set(stage.provides()) <= set(out), (stage.name, set(stage.provides()) - set(out))
         batch.update(out)
     assert batch["status"] == ["ok"] and batch["n_faces"][0] >= 1 and batch["dominant_r"][0][0] is not None
+
+
+def test_partial_chains_hold_only_the_stages_their_last_stage_needs():
+    import pytest
+
+    from colortrend.config import default_config
+    from colortrend.pipeline import build_stages
+
+    cfg = default_config(".", device="cpu")
+    names = {upto: [s.name for s in build_stages(cfg, "cpu", upto)]
+             for upto in ("detect", "age", "segment", "dominant")}
+    assert names == {"detect": ["intake", "detect"], "age": ["intake", "detect", "align", "age"],
+                     "segment": ["intake", "detect", "segment"],
+                     "dominant": ["intake", "detect", "segment", "correct", "dominant"]}
+    with pytest.raises(ValueError, match="no stage named 'colour'"):
+        build_stages(cfg, "cpu", "colour")
+
+
+def test_eval_age_scores_the_ages_a_run_writes(demo_photos, tmp_path):
+    """`eval age` runs the run's own chain with the run's settings: on the same photos and config it predicts, for the
+    most confident face, the very age the run stores; and a detect setting applies to it as to a run."""
+    import shutil
+
+    import pandas as pd
+
+    from colortrend import read
+    from colortrend.config import load_from_dict
+    from colortrend.evaluate.age import predict_ages
+    from colortrend.run import run
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in demo_photos[:3]:
+        shutil.copy(p, photos / p.name)
+    raw = {"name": "t", "input": {"paths": [str(photos)], "year": 2016}, "output": str(tmp_path / "out"),
+           "device": "cpu", "detect": {"min_score": 0.9}, "histograms": {"bootstrap": 10}}
+    cfg = load_from_dict(raw)
+    run(cfg, progress=False)
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"path": sorted(f"photos/{p.name}" for p in photos.iterdir()), "age": 30}).to_csv(csv, index=False)
+    predicted = predict_ages(csv, cfg=cfg).set_index("path")["predicted_age"]
+
+    faces, stored = read(str(tmp_path / "out"), "faces"), read(str(tmp_path / "out"), "photos")
+    first = faces[faces["face_idx"] == 0].merge(stored[["photo_id", "path"]], on="photo_id")
+    by_name = {"photos/" + p.rsplit("/", 1)[-1]: a for p, a in zip(first["path"], first["age"])}
+    assert len(by_name) >= 2 and predicted.notna().sum() == len(by_name)
+    for name, age in by_name.items():
+        assert abs(predicted[name] - age) < 1e-4, name
+    none_kept = load_from_dict({**raw, "detect": {"max_faces": 0}})
+    assert predict_ages(csv, cfg=none_kept)["predicted_age"].isna().all()

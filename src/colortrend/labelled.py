@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from colortrend.errors import ConfigError
+from colortrend.stages.base import Batch, Stage
 
 #: Which labelled rows a command uses: all of them, those training learns from, or the held-out ones.
 Split = Literal["all", "train", "val"]
@@ -92,6 +93,18 @@ def read_mask_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFra
     labels["image_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["image"]]
     labels["mask_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["mask"]]
     return labels
+
+
+def analyse_labelled(stages: list[Stage], files: list[str]) -> Batch:
+    """Labelled photos through a chain from :func:`colortrend.pipeline.build_stages` (intake first), as a run
+    analyses them. A photo intake cannot read is a problem of the labels file: a ConfigError naming it."""
+    from colortrend.pipeline import new_batch, run_chain
+
+    batch = run_chain(stages[:1], new_batch(files))
+    for path, status, error in zip(files, batch["status"], batch["error"]):
+        if status != "ok":
+            raise ConfigError(f"{path}: cannot read the labelled photo ({status}: {error})")
+    return run_chain(stages[1:], batch)
 
 
 def load_rgb(path: str) -> np.ndarray:

@@ -45,8 +45,10 @@ class ShardResult:
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # photo_id, path, status, error
 
 
-def build_stages(cfg: Config, device: str) -> list[Stage]:
-    """The chain, in order. Importing a stage module is cheap: models load in ``setup()``."""
+def build_stages(cfg: Config, device: str, upto: str | None = None) -> list[Stage]:
+    """The chain, in order, with ``cfg``'s settings; ``upto`` (a stage name): only the stages that stage needs, itself
+    last, for commands that stop part-way (``eval``, ``train``). Importing a stage module is cheap: models load in
+    ``setup()``."""
     from colortrend.stages.age import AgeStage
     from colortrend.stages.align import AlignStage
     from colortrend.stages.correct import CorrectStage
@@ -55,7 +57,7 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
     from colortrend.stages.intake import IntakeStage
     from colortrend.stages.segment import SegmentStage
 
-    return check_chain([
+    stages: list[Stage] = [
         IntakeStage(cfg.input, device, workers=cfg.decode_workers),
         DetectStage(cfg.detect, device),
         AlignStage(cfg.align, device),
@@ -63,7 +65,36 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
         SegmentStage(cfg.segment, device),
         CorrectStage(cfg.color, device),
         DominantStage(cfg.color, device),
-    ])
+    ]
+    return check_chain(stages if upto is None else needed_by(stages, upto))
+
+
+def needed_by(stages: list[Stage], target: str) -> list[Stage]:
+    """The stages ``target`` needs, in chain order: itself and each earlier stage that adds a column read by
+    ``target`` or by another stage it needs (``segment`` needs ``detect`` and ``intake``, not ``align`` or ``age``)."""
+    names = [s.name for s in stages]
+    if target not in names:
+        raise ValueError(f"no stage named {target!r} (stages: {', '.join(names)})")
+    end = names.index(target)
+    needed, reads = [stages[end]], set(stages[end].reads)
+    for stage in reversed(stages[:end]):
+        if reads & set(stage.provides()):
+            needed.append(stage)
+            reads |= set(stage.reads)
+    return needed[::-1]
+
+
+def new_batch(paths: list[str], photo_ids: list[str] | None = None) -> Batch:
+    """The batch a chain starts from (photo ids default to the paths)."""
+    return {"photo_id": list(paths if photo_ids is None else photo_ids), "path": list(paths)}
+
+
+def run_chain(stages: list[Stage], batch: Batch, seconds: dict[str, float] | None = None) -> Batch:
+    """``batch`` through ``stages`` as a run analyses it, photo errors isolated, outside any run (``eval``,
+    ``train``, ``explain``): no duplicate marking, no tables."""
+    for stage in stages:
+        batch = run_isolated(stage, batch, {} if seconds is None else seconds)
+    return batch
 
 
 def check_chain(stages: list[Stage], given: tuple[str, ...] = INPUT_COLUMNS) -> list[Stage]:

@@ -57,8 +57,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from colortrend.evaluate.age import detection_batch, make_detector
-from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels, validation_mask
+from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, load_rgb, read_age_labels, validation_mask
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeModel, AgeNet, Lite0AgeNet, architecture_of, build_age_net, save_age_net
 from colortrend.models.efficientnet_lite import imagenet_state
@@ -123,15 +122,20 @@ class AgeTrainConfig:
 def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log: Callable[[str], None] = print):
     """Landmarks (n, 5, 2) of the most confident face of each photo in ``labels`` (NaN where none), cached.
 
-    The cache key covers the photo list and the detect stage's and detector's source files and settings: editing
-    either invalidates it.
+    The photos go through the run's chain up to ``detect`` with a run's settings, faces searched down to
+    ``min_face_px``. The cache key covers the photo list and the chain's settings and the detect stage's and
+    detector's source files: editing either invalidates it.
     """
+    from colortrend.config import default_config
     from colortrend.models import mtcnn
+    from colortrend.pipeline import build_stages
 
-    detector = make_detector(device, min_face_px)
-    sources = (inspect.getsourcefile(type(detector)), inspect.getsourcefile(mtcnn))
+    cfg = default_config(".", device=device, detect={"min_face_px": int(min_face_px)})
+    stages = build_stages(cfg, device, upto="detect")
+    sources = (inspect.getsourcefile(type(stages[-1])), inspect.getsourcefile(mtcnn))
     key = hashlib.sha1()
-    for part in (*map(file_checksum, sources), repr(detector.settings), *labels["file"]):
+    settings = repr([(stage.name, stage.fingerprint_settings()) for stage in stages])
+    for part in (*map(file_checksum, sources), settings, *labels["file"]):
         key.update(part.encode())
     path = CACHE_DIR / "age-landmarks" / f"{key.hexdigest()[:20]}.npy"
     if path.exists():
@@ -140,7 +144,7 @@ def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log:
     started = time.time()
     for start in range(0, len(labels), 64):
         files = labels["file"].iloc[start : start + 64]
-        batch = detection_batch([load_rgb(f) for f in files], device, min_face_px, detector)
+        batch = analyse_labelled(stages, files.tolist())
         for k, marks in enumerate(batch["landmarks"]):
             if len(marks):
                 landmarks[start + k] = marks[0].reshape(5, 2)
