@@ -90,6 +90,7 @@ def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
     from colortrend.config import default_config
     from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
     from colortrend.pipeline import build_stages
+    from colortrend.stages.align import cut_chips
 
     stages = build_stages(default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX}), "cpu",
                           upto="align")
@@ -100,7 +101,8 @@ def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
         labels = read_age_labels(csv)
         files = labels["file"].to_numpy()[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
         batch = analyse_labelled(stages, files.tolist())
-        chips.extend(c[0] for c in batch["chips"] if len(c))
+        chips.extend(cut_chips(image, np.asarray(marks[:1]).reshape(-1, 5, 2))[0]  # the most confident face
+                     for image, marks in zip(batch["image"], batch["landmarks"]) if len(marks))
     return np.stack(chips)
 
 

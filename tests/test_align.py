@@ -111,8 +111,7 @@ def test_align_stage_columns_per_photo():
         "det_score": [np.array([0.99, 0.5], np.float32), np.zeros(0), np.zeros(0, np.float32)],
     }
     out = AlignStage()(batch)
-    assert out["chips"][0].shape == (2, CHIP_SIZE, CHIP_SIZE, 3) and out["chips"][0].dtype == np.uint8
-    assert [len(out["chips"][i]) for i in range(3)] == [2, 0, 0]
+    assert "chips" not in out  # the chip is align's own measuring tool: the age stage cuts its networks' chips
     assert out["face_px"][0][0] == pytest.approx(2 * out["face_px"][0][1], rel=1e-4)
     assert out["filter_reason"][0][1] == "low_score"
     for field in AlignStage.face_fields.names:

@@ -60,8 +60,9 @@ def test_partial_chains_hold_only_the_stages_their_last_stage_needs():
 
     cfg = default_config(".", device="cpu")
     names = {upto: [s.name for s in build_stages(cfg, "cpu", upto)]
-             for upto in ("detect", "age", "segment", "dominant")}
-    assert names == {"detect": ["intake", "detect"], "age": ["intake", "detect", "align", "age"],
+             for upto in ("detect", "age", ("align", "age"), "segment", "dominant")}
+    assert names == {"detect": ["intake", "detect"], "age": ["intake", "detect", "age"],
+                     ("align", "age"): ["intake", "detect", "align", "age"],
                      "segment": ["intake", "detect", "segment"],
                      "dominant": ["intake", "detect", "segment", "correct", "dominant"]}
     with pytest.raises(ValueError, match="no stage named 'colour'"):

@@ -139,7 +139,7 @@ def report(config: str):
 
 
 @main.group(context_settings=CONTEXT)
-def eval() -> None:  # noqa: A001 - the command is called `eval`
+def eval() -> None:  # shadows the builtin: the command is called `eval`
     """Measure the models against labelled data."""
 
 

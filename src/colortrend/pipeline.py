@@ -45,9 +45,9 @@ class ShardResult:
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # photo_id, path, status, error
 
 
-def build_stages(cfg: Config, device: str, upto: str | None = None) -> list[Stage]:
-    """The chain, in order, with ``cfg``'s settings; ``upto`` (a stage name): only the stages that stage needs, itself
-    last, for commands that stop part-way (``eval``, ``train``). Importing a stage module is cheap: models load in
+def build_stages(cfg: Config, device: str, upto: str | tuple[str, ...] | None = None) -> list[Stage]:
+    """The chain, in order, with ``cfg``'s settings; ``upto`` (stage names): only those stages and the stages they
+    need, for commands that stop part-way (``eval``, ``train``). Importing a stage module is cheap: models load in
     ``setup()``."""
     from colortrend.stages.age import AgeStage
     from colortrend.stages.align import AlignStage
@@ -66,19 +66,20 @@ def build_stages(cfg: Config, device: str, upto: str | None = None) -> list[Stag
         CorrectStage(cfg.color, device),
         DominantStage(cfg.color, device),
     ]
-    return check_chain(stages if upto is None else needed_by(stages, upto))
+    return check_chain(stages if upto is None else needed_by(stages, (upto,) if isinstance(upto, str) else upto))
 
 
-def needed_by(stages: list[Stage], target: str) -> list[Stage]:
-    """The stages ``target`` needs, in chain order: itself and each earlier stage that adds a column read by
-    ``target`` or by another stage it needs (``segment`` needs ``detect`` and ``intake``, not ``align`` or ``age``)."""
+def needed_by(stages: list[Stage], targets: tuple[str, ...]) -> list[Stage]:
+    """The ``targets`` and the stages they need, in chain order: each earlier stage that adds a column read by a
+    target or by another stage they need (``segment`` needs ``detect`` and ``intake``, not ``align`` or ``age``)."""
     names = [s.name for s in stages]
-    if target not in names:
-        raise ValueError(f"no stage named {target!r} (stages: {', '.join(names)})")
-    end = names.index(target)
-    needed, reads = [stages[end]], set(stages[end].reads)
-    for stage in reversed(stages[:end]):
-        if reads & set(stage.provides()):
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(f"no stage named {unknown[0]!r} (stages: {', '.join(names)})")
+    needed: list[Stage] = []
+    reads: set[str] = set()
+    for stage in reversed(stages):
+        if stage.name in targets or reads & set(stage.provides()):
             needed.append(stage)
             reads |= set(stage.reads)
     return needed[::-1]
@@ -191,7 +192,7 @@ def run_isolated(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch
     """Run a stage on the batch; if it raises, rerun photo by photo so only the culprit fails."""
     try:
         return timed(stage, batch, seconds)
-    except Exception as exc:  # noqa: BLE001 - a stage bug or bad photo must not stop the run
+    except Exception as exc:  # a stage bug or bad photo must not stop the run
         if len(batch["photo_id"]) == 1:
             fail(batch, 0, f"{stage.name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             return batch

@@ -1,9 +1,9 @@
 """``colortrend eval age``: score the project's own detect -> align -> age path against labelled photos.
 
 Each photo listed in a ``labels.csv`` (``path,age`` columns, paths relative to the CSV) goes through the run's own
-chain up to the age stage (intake, detect, align, age: ``pipeline.build_stages(..., upto="age")``) with a run's
-settings; the most confident face is the labelled one. Photos without a detected face count as ``missed`` and are
-not scored.
+chain up to the age stage (intake, detect, align, age: ``pipeline.build_stages(..., upto=("align", "age"))``) with
+a run's settings; the most confident face is the labelled one. Photos without a detected face count as ``missed``
+and are not scored.
 
 The validation split (:func:`colortrend.labelled.validation_mask`) is a fixed 15 % of each labelled folder chosen
 by a hash of the path: ``colortrend train age`` never trains on it, so ``--split val`` gives figures for faces the
@@ -50,7 +50,7 @@ def predict_ages(
         cfg = default_config(str(Path(labels_csv).parent), device=device, detect={"min_face_px": LABELLED_MIN_FACE_PX})
     if weights:
         cfg = dataclasses.replace(cfg, age=dataclasses.replace(cfg.age, weights=weights))
-    stages = build_stages(cfg, device, upto="age")
+    stages = build_stages(cfg, device, upto=("align", "age"))  # align: the face quality columns
     columns = ("age_sd", "det_score", "face_px", "sharpness", "yaw", "quality_ok", "filter_reason")
     rows: list[dict] = []
     for start in range(0, len(labels), batch_size):

@@ -21,9 +21,8 @@ GPU_STAGES = ("detect", "age", "segment")
 
 
 class RayRunner:
-    def __init__(self, address: str | None = None, actors_per_stage: int = 1):
+    def __init__(self, address: str | None = None):
         self.address = address
-        self.actors_per_stage = actors_per_stage
 
     def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
                 progress=None) -> Iterator[ShardResult]:
@@ -52,7 +51,7 @@ class RayRunner:
                 fn_constructor_args=(stage,),
                 batch_size=size,
                 batch_format="pandas",
-                concurrency=self.actors_per_stage,
+                concurrency=1,
                 num_cpus=cpus,
                 num_gpus=1 if gpus and stage.name in GPU_STAGES else 0,
             )

@@ -49,7 +49,7 @@ class Stage(ABC):
         return (*cls.adds, *cls.photo_fields.names, *cls.face_fields.names, *cls.garment_fields.names)
 
     # Models load here, once per worker, not in __init__: stage objects must pickle cheaply for Ray.
-    def setup(self) -> None:  # noqa: B027 - optional hook
+    def setup(self) -> None:  # optional hook: stages without a model need none
         pass
 
     def ensure_setup(self) -> None:
