@@ -213,15 +213,6 @@ def test_a_stopped_run_releases_the_lock_says_what_it_kept_and_resumes(demo, tmp
     assert_same_tables(demo["out"], tmp_path / "stopped")
 
 
-def test_ray_executor_gives_the_same_rows(demo, tmp_path):
-    pytest.importorskip("ray")
-    config = write_config(tmp_path, demo["photos"], tmp_path / "ray")
-    proc = run_cli(config, "--executor", "ray")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert_same_tables(demo["out"], tmp_path / "ray")
-
-
 def test_hashed_paths_keep_no_file_names(demo_photos, tmp_path):
     photos = tmp_path / "private"
     photos.mkdir()

@@ -123,6 +123,7 @@ class AgeStage(Stage):
     """Cuts each network's chips from ``image`` at the ``landmarks``; writes ``age`` and ``age_sd`` per face."""
 
     name = "age"
+    uses_accelerator = True
     reads = ("status", "image", "landmarks")
     face_fields = pa.schema([("age", pa.float32()), ("age_sd", pa.float32())])
 

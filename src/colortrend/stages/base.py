@@ -33,6 +33,8 @@ class Stage(ABC):
     reads: ClassVar[tuple[str, ...]] = ()
     #: In-memory batch columns this stage adds for later stages, besides its table columns; never written.
     adds: ClassVar[tuple[str, ...]] = ()
+    #: Runs a network: on a GPU when there is one (under Ray, an actor pool holding a GPU per actor).
+    uses_accelerator: ClassVar[bool] = False
     #: Columns this stage contributes to each output table (photos / faces / garments).
     photo_fields: ClassVar[pa.Schema] = pa.schema([])
     face_fields: ClassVar[pa.Schema] = pa.schema([])

@@ -48,6 +48,7 @@ class DetectStage(Stage):
     """Adds ``n_faces`` per photo and, per face, box, ``det_score``, ``landmarks`` (n, 10) and ``face_idx``."""
 
     name = "detect"
+    uses_accelerator = True
     reads = ("status", "image")
     photo_fields = pa.schema([pa.field("n_faces", pa.int32())])
     face_fields = pa.schema(

@@ -100,6 +100,7 @@ class SegmentStage(Stage):
     """Reads ``image`` and the face boxes; writes ``person_parse`` and the garment pixel columns per face."""
 
     name = "segment"
+    uses_accelerator = True
     reads = ("status", "image", "n_faces", "box_x1", "box_y1", "box_x2", "box_y2")
     adds = ("person_parse",)  # per face None or (x0, y0, labels): see the module docstring
     garment_fields = pa.schema([
