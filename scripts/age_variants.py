@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, make_detector, read_labels
+from colortrend.config import default_config
+from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
+from colortrend.pipeline import build_stages
 from colortrend.stages.age import FINETUNED_WEIGHTS, AgeSettings, AgeStage
-from colortrend.stages.align import AlignStage
 
 VARIANTS = {
     "default (4 networks), scale 1, mirror": AgeSettings(),
@@ -27,13 +28,13 @@ VARIANTS = {
 
 def aligned_batches(labels_csv: str, split: str, batch_size: int = 32) -> list[tuple[dict, np.ndarray]]:
     """(aligned batch, true ages) pairs covering the listed photos of ``split``."""
-    labels = read_labels(labels_csv, split)
-    detector, align = make_detector("cpu", EVAL_MIN_FACE_PX), AlignStage()
+    labels = read_age_labels(labels_csv, split)
+    cfg = default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX})
+    stages = build_stages(cfg, "cpu", upto="align")  # the run's chain, as `eval age` runs it, before the age stage
     batches = []
     for start in range(0, len(labels), batch_size):
         part = labels.iloc[start : start + batch_size]
-        images = [load_rgb(f) for f in part["file"]]
-        batches.append((align(detection_batch(images, "cpu", EVAL_MIN_FACE_PX, detector)), part["age"].to_numpy()))
+        batches.append((analyse_labelled(stages, part["file"].tolist()), part["age"].to_numpy()))
     return batches
 
 

@@ -67,11 +67,11 @@ def post(module, args, out):
         network[local.owner] = network.get(local.owner, 0.0) + time.perf_counter() - local.t0
 
 task = ShardTask("budget", [photo_id_for(p) for p in paths], paths)
-pipeline.analyse_shard(task, {})  # warm-up: models load, caches fill
+list(pipeline.analyse([task], {}))  # warm-up: models load, caches fill
 torch.nn.modules.module.register_module_forward_pre_hook(pre)
 torch.nn.modules.module.register_module_forward_hook(post)
 network.clear()
-result = pipeline.analyse_shard(task, {})
+result, = pipeline.analyse([task], {})
 print(json.dumps({"photos": len(paths), "stage_s": result.seconds, "network_s": network}))
 """
 

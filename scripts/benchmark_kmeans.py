@@ -26,7 +26,7 @@ CCP = Path(__file__).resolve().parents[1] / "../shared/data/parsing/ccp"
 
 def garment_pixels(n: int, max_pixels: int) -> list[np.ndarray]:
     """Sampled ground-truth garment pixels of ``n`` CCP photos spread over the set."""
-    from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+    from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
 
     garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
     labels = pd.read_csv(CCP / "labels.csv")

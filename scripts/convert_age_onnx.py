@@ -87,30 +87,36 @@ def onnx_probabilities(session: ort.InferenceSession, chips: np.ndarray) -> np.n
 
 def real_chips(label_csvs: list[Path], per_csv: int, seed: int) -> np.ndarray:
     """Chips of the most confident face of ``per_csv`` random photos from each labels.csv, cut by the pipeline."""
-    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
-    from colortrend.stages.align import AlignStage
+    from colortrend.config import default_config
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
+    from colortrend.pipeline import build_stages
+    from colortrend.stages.align import cut_chips
+
+    stages = build_stages(default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX}), "cpu",
+                          upto="align")
 
     chips = []
     rng = np.random.default_rng(seed)
     for csv in label_csvs:
-        labels = read_labels(csv)
+        labels = read_age_labels(csv)
         files = labels["file"].to_numpy()[rng.choice(len(labels), size=min(per_csv, len(labels)), replace=False)]
-        batch = AlignStage()(detection_batch([load_rgb(f) for f in files], "cpu", EVAL_MIN_FACE_PX))
-        chips.extend(c[0] for c in batch["chips"] if len(c))
+        batch = analyse_labelled(stages, files.tolist())
+        chips.extend(cut_chips(image, np.asarray(marks[:1]).reshape(-1, 5, 2))[0]  # the most confident face
+                     for image, marks in zip(batch["image"], batch["landmarks"]) if len(marks))
     return np.stack(chips)
 
 
 def search_template(net: AgeNet, label_csvs: list[Path], per_csv: int, seed: int) -> None:
     """Print the MAE of ``net`` per labels file for each (scale, shift) of the chip template, best last."""
-    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, load_rgb, read_labels, validation_mask
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, load_rgb, read_age_labels, validation_mask
     from colortrend.stages.align import chip_template, cut_chips
     from colortrend.training.age import detect_landmarks
 
     rng = np.random.default_rng(seed)
     sets = []
     for csv in label_csvs:
-        labels = read_labels(csv)  # the whole file, so the training run's landmark cache serves
-        landmarks = detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX)
+        labels = read_age_labels(csv)  # the whole file, so the training run's landmark cache serves
+        landmarks = detect_landmarks(labels, "cpu", LABELLED_MIN_FACE_PX)
         usable = np.flatnonzero(~validation_mask(labels["path"].tolist()) & ~np.isnan(landmarks[:, 0, 0]))
         picked = rng.choice(usable, size=min(per_csv, len(usable)), replace=False)
         images = [load_rgb(f) for f in labels["file"].iloc[picked]]

@@ -80,7 +80,7 @@ CASTS: dict[str, np.ndarray] = {
 
 def load_photos(n: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """``n`` CCP photos evenly spread over the set: (name, RGB image, ground-truth garment mask)."""
-    from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
+    from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
 
     garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
     labels = pd.read_csv(CCP / "labels.csv")

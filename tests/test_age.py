@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
+from colortrend.config import default_config
 from colortrend.errors import ConfigError
 from colortrend.evaluate.age import age_metrics, predict_ages
+from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
 from colortrend.models.age_net import ARCHITECTURES, AgeNet, Lite0AgeNet, load_age_net, padded_add, save_age_net
 from colortrend.stages.age import DLIB_WEIGHTS, AgeSettings, AgeStage, resolve_weights
 
@@ -20,6 +22,13 @@ needs_age_data = pytest.mark.skipif(
     not (AGE_DATA / "aaf" / "labels.csv").exists() or not (AGE_DATA / "utkface" / "labels.csv").exists(),
     reason="../shared/data/age not present",
 )
+
+
+def labelled_stages(upto: str) -> list:
+    """The run's chain up to ``upto`` as `eval age` builds it."""
+    from colortrend.pipeline import build_stages
+
+    return build_stages(default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX}), "cpu", upto)
 
 
 def few_faces_csv(tmp_path: Path, per_set: int = 3) -> Path:
@@ -167,30 +176,27 @@ def test_band_loss_rewards_probability_inside_the_band():
 
 @needs_age_data
 def test_age_stage_batches_faces_of_several_photos(tmp_path):
-    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
-    from colortrend.stages.align import AlignStage
-
-    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
-    batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
+    labels = read_age_labels(few_faces_csv(tmp_path, per_set=2))
+    batch = analyse_labelled(labelled_stages("align"), labels["file"].tolist())
     batch["status"][0] = "error"  # a failed photo is skipped
     out = AgeStage(AgeSettings(weights="dlib"))(batch)
     assert len(out["age"][0]) == 0
     for i in range(1, 4):
-        assert len(out["age"][i]) == len(out["chips"][i]) >= 1
+        assert len(out["age"][i]) == len(out["landmarks"][i]) >= 1
         assert 0 < out["age"][i][0] < 100 and out["age"][i].dtype == np.float32
 
 
 @needs_age_data
 def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
-    from colortrend.evaluate.age import detection_batch, load_rgb, read_labels
     from colortrend.stages.age import FINETUNED_WEIGHTS
-    from colortrend.stages.align import TEMPLATE_SCALE, AlignStage, chip_template, cut_chips
+    from colortrend.stages.align import TEMPLATE_SCALE, chip_template, cut_chips
 
-    labels = read_labels(few_faces_csv(tmp_path, per_set=2))
-    batch = AlignStage()(detection_batch([load_rgb(f) for f in labels["file"]], "cpu", 32))
-    for image, landmarks, chips in zip(batch["image"], batch["landmarks"], batch["chips"]):  # scale 1 = align's chip
-        same = cut_chips(image, np.asarray(landmarks).reshape(-1, 5, 2), template=chip_template(scale=TEMPLATE_SCALE))
-        np.testing.assert_array_equal(same, chips)
+    labels = read_age_labels(few_faces_csv(tmp_path, per_set=2))
+    batch = analyse_labelled(labelled_stages("align"), labels["file"].tolist())
+    photos = [i for i, marks in enumerate(batch["landmarks"]) if len(marks)]
+    aligned = np.concatenate([cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2),
+                                        template=chip_template(scale=TEMPLATE_SCALE)) for i in photos])
+    np.testing.assert_array_equal(AgeStage.chips(batch, photos), aligned)  # 64 px at scale 1: align's chip
     scales = (0.94, 1.0, 1.06)
     views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch)) for w in FINETUNED_WEIGHTS for s in scales]
     averaged = AgeStage(AgeSettings(scales=scales))(dict(batch))
@@ -199,7 +205,7 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     for i in range(len(labels)):
         np.testing.assert_allclose(twice["age"][i], once["age"][i], rtol=1e-6)
     for i in range(len(labels)):
-        if not len(batch["chips"][i]):
+        if not len(batch["landmarks"][i]):
             continue
         ages = np.array([out["age"][i] for out in views])
         # The median of a mixture lies between the medians of its parts (to the float32 rounding of the ages).

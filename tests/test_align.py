@@ -111,8 +111,7 @@ def test_align_stage_columns_per_photo():
         "det_score": [np.array([0.99, 0.5], np.float32), np.zeros(0), np.zeros(0, np.float32)],
     }
     out = AlignStage()(batch)
-    assert out["chips"][0].shape == (2, CHIP_SIZE, CHIP_SIZE, 3) and out["chips"][0].dtype == np.uint8
-    assert [len(out["chips"][i]) for i in range(3)] == [2, 0, 0]
+    assert "chips" not in out  # the chip is align's own measuring tool: the age stage cuts its networks' chips
     assert out["face_px"][0][0] == pytest.approx(2 * out["face_px"][0][1], rel=1e-4)
     assert out["filter_reason"][0][1] == "low_score"
     for field in AlignStage.face_fields.names:
@@ -124,15 +123,17 @@ def test_training_and_inference_cut_the_same_chip(tmp_path, monkeypatch):
     """The chip `train age` learns from is the chip the age stage feeds each network, bit for bit, at the chip
     size and scale stored with its weights."""
     from colortrend.models.age_net import AgeNet, save_age_net
-    from colortrend.evaluate.age import EVAL_MIN_FACE_PX, detection_batch, load_rgb, read_labels
+    from colortrend.config import default_config
+    from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, read_age_labels
+    from colortrend.pipeline import build_stages
     from colortrend.stages.age import AgeSettings, AgeStage
     from colortrend.training import age as training
 
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path)
-    labels = read_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
-    landmarks = training.detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log=lambda _: None)
-    images = [load_rgb(f) for f in labels["file"]]
-    pipeline = AlignStage()(detection_batch(images, "cpu", EVAL_MIN_FACE_PX))
+    labels = read_age_labels(AAF / "labels.csv").iloc[[10, 4000]].reset_index(drop=True)
+    landmarks = training.detect_landmarks(labels, "cpu", LABELLED_MIN_FACE_PX, log=lambda _: None)
+    cfg = default_config(".", device="cpu", detect={"min_face_px": LABELLED_MIN_FACE_PX})
+    pipeline = analyse_labelled(build_stages(cfg, "cpu", upto="align"), labels["file"].tolist())
     odd = tmp_path / "odd.pt"  # a network trained on 80-px chips that show more of the head
     save_age_net(AgeNet(chip_size=80, chip_scale=0.85), odd)
     age = AgeStage(AgeSettings(weights=("default", "dlib", str(odd))))

@@ -12,7 +12,7 @@ import pytest
 from colortrend.color.kmeans import palettes
 from colortrend.color.space import delta_e2000, rgb_to_lab
 from colortrend.color.white_balance import apply_cast
-from colortrend.models.parser_net import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
+from colortrend.models.parse_classes import LOWER, PARSE_CLASSES, UPPER, ccp_lookup
 from colortrend.stages.correct import ColorSettings, CorrectStage
 from colortrend.stages.dominant import COLUMNS, DominantStage
 from colortrend.stages.segment import PARSER_WEIGHTS
@@ -113,7 +113,7 @@ def test_real_photo_matches_clustering_its_garment_pixels():
     labels = ccp_lookup()[np.asarray(Image.open(CCP / "masks/0008.png"))]
     labels[labels == 255] = 0  # ambiguous classes: not garment
     batch = {"photo_id": ["0008"], "status": ["ok"], "error": [None], "image": [image],
-             "person_parse": [[(0, 0, labels)]]}
+             "landmarks": [np.zeros((1, 10), np.float32)], "person_parse": [[(0, 0, labels)]]}
     settings = ColorSettings(white_balance="none")
     batch = DominantStage(settings)(CorrectStage(settings)(batch))
     pixels = image[np.isin(labels, (UPPER, LOWER))]

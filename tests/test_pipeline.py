@@ -213,15 +213,6 @@ def test_a_stopped_run_releases_the_lock_says_what_it_kept_and_resumes(demo, tmp
     assert_same_tables(demo["out"], tmp_path / "stopped")
 
 
-def test_ray_executor_gives_the_same_rows(demo, tmp_path):
-    pytest.importorskip("ray")
-    config = write_config(tmp_path, demo["photos"], tmp_path / "ray")
-    proc = run_cli(config, "--executor", "ray")
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert_same_tables(demo["out"], tmp_path / "ray")
-
-
 def test_hashed_paths_leave_no_input_name_under_the_output_and_key_the_ids(demo_photos, tmp_path):
     """With privacy.hash_paths no file the run writes names an input folder or file (tables, markers, logs,
     _runs records, report), and photo ids are HMACs under a per-output secret (0600, never printed), so a guessed

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from colortrend.evaluate.parsing import evaluate_parsing, main_person_labels, run_stages, segment_stages
-from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup, crop_box
+from colortrend.evaluate.parsing import evaluate_parsing, main_person_labels, parsing_stages
+from colortrend.labelled import analyse_labelled
+from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
+from colortrend.models.parser_crops import crop_box
 from colortrend.stages.segment import SegmentSettings
 
 HERE = Path(__file__).resolve().parent
@@ -22,12 +24,12 @@ LABELLED = ("ccp_0008.jpg", "ccp_0016.jpg", "ccp_0024.jpg")
 
 @pytest.fixture(scope="module")
 def stages():
-    return segment_stages(DEMO)
+    return parsing_stages(DEMO / "labels.csv")
 
 
 @pytest.fixture(scope="module")
 def demo_batch(stages):
-    return run_stages(stages, [str(DEMO / name) for name in LABELLED])
+    return analyse_labelled(stages, [str(DEMO / name) for name in LABELLED])
 
 
 def ccp_mask(photo_name: str) -> np.ndarray:
@@ -76,7 +78,7 @@ def test_half_body_photos_are_parsed(stages, tmp_path):
         cv2.imwrite(str(tmp_path / name), photo[:top])
         paths.append(str(tmp_path / name))
         truths.append(ccp_mask(name)[:top])
-    batch = run_stages(stages, paths)
+    batch = analyse_labelled(stages, paths)
     for i, truth in enumerate(truths):
         assert garment_iou(main_person_labels(batch, i), truth) > 0.85
 
@@ -86,7 +88,7 @@ def test_two_people_in_one_photo_get_separate_masks(stages, tmp_path):
     height = min(left.shape[0], right.shape[0])
     pair = tmp_path / "pair.jpg"
     cv2.imwrite(str(pair), np.concatenate([left[:height], right[:height]], axis=1))
-    batch = run_stages(stages, [str(pair)])
+    batch = analyse_labelled(stages, [str(pair)])
     boxes = np.stack([batch[f"box_{c}"][0] for c in ("x1", "y1", "x2", "y2")], axis=1)
     width = left.shape[1]
     owned = np.zeros((height, 2 * width), np.int32)

@@ -94,6 +94,10 @@ def split_option(trainer: str):
                         help=f"Photos of LABELS to score (val = the split `train {trainer}` holds out).")
 
 
+eval_config_option = click.option("--config", "config", type=click.Path(exists=True, dir_okay=False),
+                                  help="Analyse with this run config's settings (default: a run's defaults).")
+
+
 def load(config: str, **overrides):
     from colortrend.config import load_config
 
@@ -173,17 +177,17 @@ def report(config: str):
 
 
 @main.group(context_settings=CONTEXT)
-def eval() -> None:  # noqa: A001 - the command is called `eval`
+def eval() -> None:  # shadows the builtin: the command is called `eval`
     """Measure the models against labelled data."""
 
 
 def eval_command(name: str, trainer: str):
-    """An ``eval`` subcommand: LABELS, --device, --split (the split ``train TRAINER`` holds out) and --json, with
-    errors as one line; the command's own options are listed under it."""
+    """An ``eval`` subcommand: LABELS, --config, --device, --split (the split ``train TRAINER`` holds out) and
+    --json, with errors as one line; the command's own options are listed under it."""
     labels = click.argument("labels", type=click.Path(exists=True, dir_okay=False))
 
     def register(fn):
-        for option in (json_option, split_option(trainer), device_option, labels):  # click lists them in reverse
+        for option in (json_option, split_option(trainer), device_option, eval_config_option, labels):  # reversed
             fn = option(fn)
         return eval.command(name, context_settings=CONTEXT)(fn)
 
@@ -191,10 +195,11 @@ def eval_command(name: str, trainer: str):
 
 
 @eval_command("age", trainer="age")
-@click.option("--weights", multiple=True, default=["default"], show_default=True,
-              help="default (the shipped four), dlib, or a weights file; repeat to average several networks.")
+@click.option("--weights", multiple=True,
+              help="default (the shipped four), dlib, or a weights file; repeat to average several networks "
+              "[default: the config's age.weights, else default].")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write path,age,predicted_age per photo.")
-def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple[str, ...],
+def eval_age(labels: str, config: str | None, device: str, split: str, as_json: bool, weights: tuple[str, ...],
              save_predictions: str | None):
     """Age error of the pipeline's own detect -> align -> age path on LABELS (`path,age` CSV, or
     `path,age_lo,age_hi` for age bands as FairFace labels them).
@@ -207,7 +212,8 @@ def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple
     from colortrend.models import pick_device
 
     writable("--save-predictions", save_predictions)
-    predictions = predict_ages(labels, pick_device(device), weights, split)
+    cfg = load(config) if config else None
+    predictions = predict_ages(labels, pick_device(device), weights or None, split, cfg=cfg)
     if save_predictions:  # the contract's columns (and the band of band labels); face quality stays in the metrics
         banded = predictions["age"].isna().any()
         columns = ["path", "age", *(["age_lo", "age_hi"] if banded else []), "predicted_age"]
@@ -218,19 +224,20 @@ def eval_age(labels: str, device: str, split: str, as_json: bool, weights: tuple
 
 @eval_command("parsing", trainer="parsing")
 @click.option("--save-masks", type=click.Path(file_okay=False), help="Write <stem>.png garment masks (255/0) here.")
-def eval_parsing(labels: str, device: str, split: str, as_json: bool, save_masks: str | None):
+def eval_parsing(labels: str, config: str | None, device: str, split: str, as_json: bool, save_masks: str | None):
     """Garment IoU, precision and recall of the main person (largest face) on LABELS (`image,mask` CSV, CCP ids)."""
     from colortrend.evaluate.parsing import evaluate_parsing, format_parsing_metrics
     from colortrend.models import pick_device
 
     writable("--save-masks", save_masks, folder=True)
-    metrics = evaluate_parsing(labels, pick_device(device), save_masks, split)
+    metrics = evaluate_parsing(labels, pick_device(device), save_masks, split, cfg=load(config) if config else None)
     click.echo(json.dumps(metrics) if as_json else format_parsing_metrics(metrics))
 
 
 @eval_command("color", trainer="parsing")
 @click.option("--save-predictions", type=click.Path(dir_okay=False), help="Write per-photo colours to this CSV.")
-def eval_color(labels: str, device: str, split: str, as_json: bool, save_predictions: str | None):
+def eval_color(labels: str, config: str | None, device: str, split: str, as_json: bool,
+               save_predictions: str | None):
     """Dominant colour from the pipeline's own mask vs from the true garment pixels (CIEDE2000).
 
     LABELS is a CSV with `image,mask` columns (CCP ids), paths relative to it. White balance is off.
@@ -239,7 +246,7 @@ def eval_color(labels: str, device: str, split: str, as_json: bool, save_predict
     from colortrend.models import pick_device
 
     writable("--save-predictions", save_predictions)
-    predictions = predict_colors(labels, pick_device(device), split=split)
+    predictions = predict_colors(labels, pick_device(device), split=split, cfg=load(config) if config else None)
     if save_predictions:
         predictions.to_csv(save_predictions, index=False)
     metrics = color_metrics(predictions)

@@ -21,14 +21,10 @@ PART_OUTLINES = {"upper": (255, 0, 255), "lower": (0, 255, 255)}
 def analyse_photo(path: str, cfg: Config) -> dict:
     """Run every per-photo stage on one file; returns the batch (one photo) with all columns."""
     from colortrend.models import pick_device
-    from colortrend.pipeline import Pipeline, run_isolated
+    from colortrend.pipeline import build_stages, new_batch, run_chain
 
-    pipeline = Pipeline(cfg, pick_device(cfg.device))
     path = os.path.abspath(path)
-    batch = {"photo_id": [photo_id_for(path)], "path": [path]}
-    for stage in pipeline.stages:
-        batch = run_isolated(stage, batch, {})
-    return batch
+    return run_chain(build_stages(cfg, pick_device(cfg.device)), new_batch([path], [photo_id_for(path)]))
 
 
 def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, list[dict]]:
@@ -38,7 +34,7 @@ def explain(path: str, cfg: Config, out_png: str | None = None) -> tuple[str, li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from colortrend.models.parser_net import PARSE_CLASSES
+    from colortrend.models.parse_classes import PARSE_CLASSES
 
     batch = analyse_photo(path, cfg)
     out_png = out_png or str(Path(path).with_suffix("").name + ".explain.png")

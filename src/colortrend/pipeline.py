@@ -1,7 +1,10 @@
-"""The per-photo chain: which stages run, in what order, and how one shard of photos goes through them.
+"""The per-photo chain: which stages run, in what order, and how shards of photos go through them.
 
-Everything here is shared by every runner: planning (what is new or stale), duplicate detection, per-photo error
-isolation, stage timings and building the shard tables. Runners only decide where ``analyse_shard`` runs.
+Everything here is shared by every runner: the steps each batch goes through (:meth:`Pipeline.steps`: intake,
+duplicate marking, the model stages, with per-photo error isolation and stage timings), building each shard's
+tables and failure list from analysed batches (:meth:`Pipeline.shard_parts`) and putting a shard together from its
+parts (:class:`ShardAssembler`). :meth:`Pipeline.analyse` runs it all in this process (the local runner); the Ray
+runner runs the same steps as Ray Data actor pools. Runners only decide where a step runs.
 """
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import hmac
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -20,6 +25,12 @@ from colortrend.stages.base import Batch, Stage, fail
 from colortrend.tables import build_tables, table_schemas
 
 log = logging.getLogger(__name__)
+#: The columns a chain starts from: what planning knows of each photo.
+INPUT_COLUMNS = ("photo_id", "path")
+
+
+class ChainError(ValueError):
+    """A chain whose stages do not fit together: a stage reads a column no earlier stage adds."""
 
 
 @dataclass
@@ -40,8 +51,10 @@ class ShardResult:
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # photo_id, path, status, error
 
 
-def build_stages(cfg: Config, device: str) -> list[Stage]:
-    """The chain, in order. Importing a stage module is cheap: models load in ``setup()``."""
+def build_stages(cfg: Config, device: str, upto: str | tuple[str, ...] | None = None) -> list[Stage]:
+    """The chain, in order, with ``cfg``'s settings; ``upto`` (stage names): only those stages and the stages they
+    need, for commands that stop part-way (``eval``, ``train``). Importing a stage module is cheap: models load in
+    ``setup()``."""
     from colortrend.stages.age import AgeStage
     from colortrend.stages.align import AlignStage
     from colortrend.stages.correct import CorrectStage
@@ -50,7 +63,7 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
     from colortrend.stages.intake import IntakeStage
     from colortrend.stages.segment import SegmentStage
 
-    return [
+    stages: list[Stage] = [
         IntakeStage(cfg.input, device, workers=cfg.decode_workers, output=cfg.output),
         DetectStage(cfg.detect, device),
         AlignStage(cfg.align, device),
@@ -59,6 +72,49 @@ def build_stages(cfg: Config, device: str) -> list[Stage]:
         CorrectStage(cfg.color, device),
         DominantStage(cfg.color, device),
     ]
+    return check_chain(stages if upto is None else needed_by(stages, (upto,) if isinstance(upto, str) else upto))
+
+
+def needed_by(stages: list[Stage], targets: tuple[str, ...]) -> list[Stage]:
+    """The ``targets`` and the stages they need, in chain order: each earlier stage that adds a column read by a
+    target or by another stage they need (``segment`` needs ``detect`` and ``intake``, not ``align`` or ``age``)."""
+    names = [s.name for s in stages]
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise ValueError(f"no stage named {unknown[0]!r} (stages: {', '.join(names)})")
+    needed: list[Stage] = []
+    reads: set[str] = set()
+    for stage in reversed(stages):
+        if stage.name in targets or reads & set(stage.provides()):
+            needed.append(stage)
+            reads |= set(stage.reads)
+    return needed[::-1]
+
+
+def new_batch(paths: list[str], photo_ids: list[str] | None = None) -> Batch:
+    """The batch a chain starts from (photo ids default to the paths)."""
+    return {"photo_id": list(paths if photo_ids is None else photo_ids), "path": list(paths)}
+
+
+def run_chain(stages: list[Stage], batch: Batch) -> Batch:
+    """``batch`` through ``stages`` as a run analyses it, photo errors isolated, outside any run (``eval``,
+    ``train``, ``explain``): no duplicate marking, no tables."""
+    for stage in stages:
+        batch = run_isolated(stage, batch)
+    return batch
+
+
+def check_chain(stages: list[Stage], given: tuple[str, ...] = INPUT_COLUMNS) -> list[Stage]:
+    """``stages``, once every column each one reads is in ``given`` or added by an earlier stage; else ChainError."""
+    available = set(given)
+    for stage in stages:
+        missing = [column for column in stage.reads if column not in available]
+        if missing:
+            chain = " -> ".join(s.name for s in stages)
+            raise ChainError(f"stage {stage.name} reads {', '.join(missing)}, which no stage before it adds "
+                             f"(chain: {chain})")
+        available.update(stage.provides())
+    return stages
 
 
 class Pipeline:
@@ -99,63 +155,163 @@ class Pipeline:
 
         return {f"{s.name}:{p.rsplit('/', 1)[-1]}": file_checksum(p) for s in self.stages for p in s.model_files()}
 
-    # ---- one shard ----------------------------------------------------------------------------------------------
-    def analyse_shard(self, task: ShardTask, seen: dict[str, str], progress=None) -> ShardResult:
-        """Run every stage over a shard, ``batch_size`` photos at a time, decoding the next batch meanwhile.
+    # ---- analysing shards ---------------------------------------------------------------------------------------
+    def steps(self, seen: dict[str, str]) -> list[Step]:
+        """What every batch goes through, in order: intake, duplicate marking against ``seen`` (content hash ->
+        first photo_id, updated as photos come), each model stage. Runners decide where each step runs; the rows
+        come out of :meth:`shard_parts`."""
+        intake, *models = self.stages
+        return [StageStep(intake, isolate=False), DuplicateStep(seen), *(StageStep(stage) for stage in models)]
 
-        ``seen`` maps content hashes of photos already analysed (committed or earlier in this run) to their
-        photo_id; it is updated, so identical files under several names are analysed once.
-        """
-        intake, models = self.stages[0], self.stages[1:]
+    def batches(self, tasks: list[ShardTask]) -> Iterator[Batch]:
+        """The photos of ``tasks`` in planned order, ``batch_size`` at a time, never two shards in one batch."""
         size = self.cfg.batch_size
-        result = ShardResult(task.shard_id, {})
-        starts = range(0, len(task.paths), size)
-        batches = ({"photo_id": task.photo_ids[s:s + size], "path": task.paths[s:s + size]} for s in starts)
-        parts: list[dict[str, pa.Table]] = []
+        for task in tasks:
+            for s in range(0, len(task.paths), size):
+                batch = new_batch(task.paths[s:s + size], task.photo_ids[s:s + size])
+                batch[SHARD_COLUMN] = [task.shard_id] * len(batch["path"])
+                yield batch
+
+    def shard_parts(self, batch: Batch) -> list[ShardPart]:
+        """The rows of an analysed batch, one part per shard its photos belong to, with the photos that failed (any
+        status but ok, no_face, duplicate) and the stage seconds spent on them."""
+        path_key = self.path_key()
+        groups: dict[str, list[int]] = {}
+        for i, shard_id in enumerate(batch[SHARD_COLUMN]):
+            groups.setdefault(shard_id, []).append(i)
+        parts = []
+        for shard_id, rows in groups.items():
+            whole = len(rows) == len(batch[SHARD_COLUMN])
+            part = batch if whole else {k: [v[i] for i in rows] for k, v in batch.items()}
+            tables = build_tables(part, self.schemas, path_key)
+            photos = tables["photos"]
+            failures = [(pid, path, status, error or "") for pid, path, status, error in
+                        zip(*(photos[c].to_pylist() for c in ("photo_id", "path", "status", "error")))
+                        if status not in ("ok", "no_face", "duplicate")]
+            seconds: dict[str, float] = {}
+            for spent in part[SECONDS_COLUMN]:
+                for name, value in spent.items():
+                    seconds[name] = seconds.get(name, 0.0) + value
+            parts.append(ShardPart(shard_id, tables, len(rows), seconds, failures))
+        return parts
+
+    def analyse(self, tasks: list[ShardTask], seen: dict[str, str], progress=None) -> Iterator[ShardResult]:
+        """Every shard of ``tasks`` in this process, yielded as it completes: batches go through :meth:`steps` one
+        after another while the next batch is decoded."""
+        decode, *rest = self.steps(seen)
+        shards = ShardAssembler(tasks, self.schemas, progress)
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
             pending = None
-            for raw in batches:
-                future = pool.submit(timed, intake, raw, result.seconds)
+            for batch in self.batches(tasks):
+                future = pool.submit(decode, batch)
                 if pending is not None:
-                    parts.append(self._finish(pending.result(), models, seen, result, progress))
+                    yield from self._finish(pending.result(), rest, shards)
                 pending = future
             if pending is not None:
-                parts.append(self._finish(pending.result(), models, seen, result, progress))
-        result.tables = {name: _concat([p[name] for p in parts], schema) for name, schema in self.schemas.items()}
-        return result
+                yield from self._finish(pending.result(), rest, shards)
 
-    def _finish(self, batch: Batch, models: list[Stage], seen: dict[str, str], result: ShardResult,
-                progress) -> dict[str, pa.Table]:
-        mark_duplicates(batch, seen)
-        for stage in models:
-            batch = run_isolated(stage, batch, result.seconds)
-        tables = build_tables(batch, self.schemas, self.path_key())
-        photos = tables["photos"]
-        for pid, path, status, error in zip(*(photos[c].to_pylist() for c in ("photo_id", "path", "status", "error"))):
-            if status not in ("ok", "no_face", "duplicate"):
-                result.failures.append((pid, path, status, error or ""))
-        if progress is not None:
-            progress.update(len(batch["photo_id"]))
-        return tables
+    def _finish(self, batch: Batch, steps: list[Step], shards: ShardAssembler) -> Iterator[ShardResult]:
+        for step in steps:
+            batch = step(batch)
+        for part in self.shard_parts(batch):
+            done = shards.add(part)
+            if done is not None:
+                yield done
 
 
-def timed(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
-    t0 = time.perf_counter()
-    out = stage(batch)
-    seconds[stage.name] = seconds.get(stage.name, 0.0) + time.perf_counter() - t0
-    return out
+#: In-memory bookkeeping columns of a run's batches: the shard of each photo, and the stage seconds spent on it.
+SHARD_COLUMN, SECONDS_COLUMN = "shard_id", "stage_seconds"
 
 
-def run_isolated(stage: Stage, batch: Batch, seconds: dict[str, float]) -> Batch:
+class Step(Protocol):
+    """One step of :meth:`Pipeline.steps`: a picklable batch transform and what a runner needs to place it."""
+
+    name: str
+    uses_accelerator: bool  # runs on a GPU when there is one (its own actor pool under Ray)
+    sees_every_photo: bool  # must see every photo, in planned order, in one place (one worker)
+
+    def __call__(self, batch: Batch) -> Batch: ...
+
+
+class StageStep:
+    """A stage as a step: photo errors isolated (``isolate``), its seconds shared out over the batch's photos."""
+
+    sees_every_photo = False
+
+    def __init__(self, stage: Stage, isolate: bool = True):
+        self.stage, self.isolate = stage, isolate
+        self.name, self.uses_accelerator = stage.name, stage.uses_accelerator
+
+    def __call__(self, batch: Batch) -> Batch:
+        started = time.perf_counter()
+        batch = run_isolated(self.stage, batch) if self.isolate else self.stage(batch)
+        n = len(batch["photo_id"])
+        share = (time.perf_counter() - started) / max(1, n)
+        spent = batch.setdefault(SECONDS_COLUMN, [None] * n)
+        for i in range(n):
+            spent[i] = {**(spent[i] or {}), self.name: share}
+        return batch
+
+
+class DuplicateStep:
+    """:func:`mark_duplicates` as a step; it holds the hashes seen so far, so every photo must pass through it."""
+
+    name, uses_accelerator, sees_every_photo = "duplicates", False, True
+
+    def __init__(self, seen: dict[str, str]):
+        self.seen = seen
+
+    def __call__(self, batch: Batch) -> Batch:
+        mark_duplicates(batch, self.seen)
+        return batch
+
+
+@dataclass
+class ShardPart:
+    """What one batch contributes to one shard: its rows, photo count, stage seconds and failed photos."""
+
+    shard_id: str
+    tables: dict[str, pa.Table]
+    photos: int
+    seconds: dict[str, float]
+    failures: list[tuple[str, str, str, str]]
+
+
+class ShardAssembler:
+    """Collects the parts of every shard, in whatever order they arrive; a shard is finished when all its photos
+    are back (``progress`` counts photos as their part arrives)."""
+
+    def __init__(self, tasks: list[ShardTask], schemas: dict[str, pa.Schema], progress=None):
+        self.missing = {task.shard_id: len(task.photo_ids) for task in tasks}
+        self.parts: dict[str, list[ShardPart]] = {}
+        self.schemas, self.progress = schemas, progress
+
+    def add(self, part: ShardPart) -> ShardResult | None:
+        self.parts.setdefault(part.shard_id, []).append(part)
+        self.missing[part.shard_id] -= part.photos
+        if self.progress is not None:
+            self.progress.update(part.photos)
+        if self.missing[part.shard_id]:
+            return None
+        parts = self.parts.pop(part.shard_id)
+        seconds: dict[str, float] = {}
+        for p in parts:
+            for name, value in p.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + value
+        tables = {name: _concat([p.tables[name] for p in parts], schema) for name, schema in self.schemas.items()}
+        return ShardResult(part.shard_id, tables, seconds, [f for p in parts for f in p.failures])
+
+
+def run_isolated(stage: Stage, batch: Batch) -> Batch:
     """Run a stage on the batch; if it raises, rerun photo by photo so only the culprit fails."""
     try:
-        return timed(stage, batch, seconds)
-    except Exception as exc:  # noqa: BLE001 - a stage bug or bad photo must not stop the run
+        return stage(batch)
+    except Exception as exc:  # a stage bug or bad photo must not stop the run
         if len(batch["photo_id"]) == 1:
             fail(batch, 0, f"{stage.name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             return batch
         log.warning("stage %s failed on a batch (%s); retrying photo by photo", stage.name, exc)
-    return _merge([run_isolated(stage, _slice(batch, i), seconds) for i in range(len(batch["photo_id"]))])
+    return _merge([run_isolated(stage, _slice(batch, i)) for i in range(len(batch["photo_id"]))])
 
 
 def mark_duplicates(batch: Batch, seen: dict[str, str]) -> None:

@@ -127,7 +127,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
     summary = RunSummary()
     try:
         store.prepare()
-    except Exception as exc:  # noqa: BLE001 - OSError locally; remote filesystems raise their own types
+    except Exception as exc:  # OSError locally; remote filesystems raise their own types
         raise ConfigError(f"output: cannot write to {cfg.output} ({getattr(exc, 'strerror', None) or exc})") from None
     with RunLock(cfg.output):
         summary.recovered = store.recover()
@@ -322,7 +322,7 @@ def committed_photos(output: str) -> int:
     """Photos in the committed shards of ``output`` (what a stopped run leaves for the next one to build on)."""
     try:
         return sum(m.get("rows", {}).get("photos", 0) for m in Store(output).markers().values())
-    except Exception:  # noqa: BLE001 - only a message depends on it: an unreadable store counts none
+    except Exception:  # only a message depends on it: an unreadable store counts none
         return 0
 
 

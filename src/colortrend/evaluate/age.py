@@ -1,28 +1,25 @@
 """``colortrend eval age``: score the project's own detect -> align -> age path against labelled photos.
 
-Each photo listed in a ``labels.csv`` (``path,age`` columns, paths relative to the CSV) is decoded as intake decodes
-it, its faces detected by the pipeline's MTCNN, cut into chips by :class:`~colortrend.stages.align.AlignStage`,
-and aged by :class:`~colortrend.stages.age.AgeStage`; the most confident face is the labelled one. Photos without
-a detected face count as ``missed`` and are not scored.
+Each photo listed in a ``labels.csv`` (``path,age`` columns, paths relative to the CSV) goes through the run's own
+chain up to the age stage (intake, detect, align, age: ``pipeline.build_stages(..., upto=("align", "age"))``) with
+a run's settings; the most confident face is the labelled one. Photos without a detected face count as ``missed``
+and are not scored.
 
-The validation split (:func:`validation_mask`) is a fixed 15 % of each labelled folder chosen by a hash of the
-path: ``colortrend train age`` never trains on it, so ``--split val`` gives figures for faces the model has not
-seen.
+The validation split (:func:`colortrend.labelled.validation_mask`) is a fixed 15 % of each labelled folder chosen
+by a hash of the path: ``colortrend train age`` never trains on it, so ``--split val`` gives figures for faces the
+model has not seen.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from colortrend.errors import ConfigError
-from colortrend.stages.align import AlignSettings, AlignStage
-from colortrend.stages.base import Batch
+from colortrend.config import Config, default_config
+from colortrend.labelled import LABELLED_MIN_FACE_PX, Split, analyse_labelled, read_age_labels
+from colortrend.pipeline import build_stages
 
 #: Age bands reported separately (inclusive bounds; None = no upper bound).
 AGE_BANDS: tuple[tuple[int, int | None], ...] = ((0, 12), (13, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, None))
@@ -30,119 +27,40 @@ AGE_BANDS: tuple[tuple[int, int | None], ...] = ((0, 12), (13, 19), (20, 29), (3
 COHORT_WINDOW = (17, 21)
 #: True ages whose mean error is reported on its own: too old an estimate moves them out of their cohort.
 YOUNG = (16, 21)
-#: Share of each labelled folder held out for validation.
-VALIDATION_FRACTION = 0.15
-#: Detection floor for evaluation photos: the labelled sets are face crops, faces are never tiny.
-EVAL_MIN_FACE_PX = 32
-
-Split = Literal["all", "train", "val"]
-
-
-def validation_mask(paths: Sequence[str], fraction: float = VALIDATION_FRACTION) -> np.ndarray:
-    """True for paths in the validation split: a stable hash of the path (as written in labels.csv)."""
-    buckets = [int.from_bytes(hashlib.sha1(p.encode()).digest()[:4], "big") % 10_000 for p in paths]
-    return np.array(buckets) < fraction * 10_000
-
-
-def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
-    """The labelled faces of ``split``: ``path`` (as in the CSV), ``age``, ``age_lo``, ``age_hi``, ``group`` and
-    ``file`` (absolute path).
-
-    A face is labelled with an exact ``age`` (``age_lo`` = ``age_hi`` = ``age``) or with an age band ``age_lo``-
-    ``age_hi``, both ends inclusive (``age`` is then NaN), as FairFace labels them. ``group`` is the optional
-    ``race`` column (None without it), by which band figures are also reported.
-    """
-    labels_csv = Path(labels_csv)
-    try:
-        labels = pd.read_csv(labels_csv)
-    except ValueError as exc:  # not a CSV, not text, empty
-        raise ConfigError(f"{labels_csv}: not a readable CSV ({' '.join(str(exc).split())})") from None
-    columns = set(labels.columns)
-    if "path" not in columns or not ("age" in columns or {"age_lo", "age_hi"} <= columns):
-        raise ConfigError(f"{labels_csv}: expected columns path and age, or path, age_lo and age_hi (an age band)")
-    out = pd.DataFrame({"path": labels["path"].astype(str)})
-    if "age" in labels.columns:
-        out["age"] = pd.to_numeric(labels["age"], errors="coerce")
-        out["age_lo"], out["age_hi"] = out["age"], out["age"]
-    else:
-        out["age"] = np.nan
-        out["age_lo"] = pd.to_numeric(labels["age_lo"], errors="coerce")
-        out["age_hi"] = pd.to_numeric(labels["age_hi"], errors="coerce")
-    if out[["age_lo", "age_hi"]].isna().any().any() or (out["age_lo"] > out["age_hi"]).any():
-        bad = out.index[out["age_lo"].isna() | out["age_hi"].isna() | (out["age_lo"] > out["age_hi"])][0]
-        raise ConfigError(f"{labels_csv}: row {bad + 2} has no valid age or age band")
-    out["group"] = labels["race"].astype(str) if "race" in labels.columns else None
-    if split != "all":
-        val = validation_mask(out["path"].tolist())
-        out = out[val if split == "val" else ~val]
-    out = out.reset_index(drop=True)
-    out["file"] = [str(labels_csv.parent / p) for p in out["path"]]
-    return out
-
-
-def load_rgb(path: str) -> np.ndarray:
-    """Decode a photo exactly as the pipeline's intake does by default (EXIF orientation applied, RGB uint8)."""
-    from colortrend.stages.intake import InputSettings, decode_image
-
-    defaults = {f.name: f.default for f in dataclasses.fields(InputSettings)}
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        return decode_image(data, defaults["max_pixels"], defaults["max_side"])["image"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable labelled photo is a problem of the labels file
-        raise ConfigError(f"{path}: cannot read the labelled photo ({exc})") from exc
-
-
-def detection_batch(images: list[np.ndarray], device: str, min_face_px: float, detector=None) -> Batch:
-    """A pipeline batch after the detect stage: images, landmarks (n, 10) and scores, faces by score descending."""
-    detector = detector or make_detector(device, min_face_px)
-    return detector({"status": ["ok"] * len(images), "error": [None] * len(images), "image": list(images)})
-
-
-def make_detector(device: str, min_face_px: float):
-    """The pipeline's detect stage with its default settings, searching faces down to ``min_face_px``."""
-    from colortrend.stages.detect import DetectSettings, DetectStage
-
-    return DetectStage(DetectSettings(min_face_px=int(min_face_px)), device)
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
 
 
 def predict_ages(
     labels_csv: str | Path,
     device: str = "cpu",
-    weights: str | tuple[str, ...] = "default",
+    weights: str | tuple[str, ...] | None = None,
     split: Split = "all",
     batch_size: int = 32,
-    min_face_px: float = EVAL_MIN_FACE_PX,
+    cfg: Config | None = None,
 ) -> pd.DataFrame:
     """One row per listed photo: ``path``, ``age``, ``predicted_age`` (NaN where no face) and the face's quality.
 
+    The photos go through the run's own chain up to ``age``, with ``cfg``'s settings (default: a run's defaults,
+    faces searched down to :data:`~colortrend.labelled.LABELLED_MIN_FACE_PX`); ``weights`` replaces ``age.weights``.
     Extra columns: ``age_sd``, ``det_score``, ``face_px``, ``sharpness``, ``yaw``, ``quality_ok``,
-    ``filter_reason`` (default :class:`AlignSettings` filters), and the label's ``age_lo``, ``age_hi`` (the band; the
-    age itself for exact labels) and ``group``.
+    ``filter_reason`` (the ``align`` filters), and the label's ``age_lo``, ``age_hi`` (the band; the age itself for
+    exact labels) and ``group``.
     """
-    from colortrend.stages.age import AgeSettings, AgeStage
-
-    labels = read_labels(labels_csv, split)
-    detector = make_detector(device, min_face_px)
-    align = AlignStage(AlignSettings(), device)
-    age = AgeStage(AgeSettings(weights=weights), device)
+    labels = read_age_labels(labels_csv, split)
+    if cfg is None:
+        cfg = default_config(str(Path(labels_csv).parent), device=device, detect={"min_face_px": LABELLED_MIN_FACE_PX})
+    if weights:
+        cfg = dataclasses.replace(cfg, age=dataclasses.replace(cfg.age, weights=weights))
+    stages = build_stages(cfg, device, upto=("align", "age"))  # align: the face quality columns
     columns = ("age_sd", "det_score", "face_px", "sharpness", "yaw", "quality_ok", "filter_reason")
     rows: list[dict] = []
-    for part in _chunks(len(labels), batch_size):
-        images = [load_rgb(f) for f in labels["file"][part]]
-        batch = age(align(detection_batch(images, device, min_face_px, detector)))
-        for i in range(len(images)):
-            found = len(batch["age"][i]) > 0
-            row = {"predicted_age": float(batch["age"][i][0]) if found else np.nan}
-            for key in columns:
-                row[key] = batch[key][i][0] if found else None
+    for start in range(0, len(labels), batch_size):
+        batch = analyse_labelled(stages, labels["file"].iloc[start:start + batch_size].tolist())
+        for ages, *faces in zip(batch["age"], *(batch[key] for key in columns)):
+            found = len(ages) > 0  # the labelled face: the most confident one, first
+            row = {"predicted_age": float(ages[0]) if found else np.nan}
+            row.update({key: values[0] if found else None for key, values in zip(columns, faces)})
             rows.append(row)
-    predictions = pd.DataFrame(rows, index=labels.index)
+    predictions = pd.DataFrame(rows, index=labels.index, columns=["predicted_age", *columns])
     out = pd.concat([labels[["path", "age"]], predictions, labels[["age_lo", "age_hi", "group"]]], axis=1)
     return out
 

@@ -1,18 +1,20 @@
 """``colortrend eval color``: how far segmentation moves the measured garment colour.
 
 For each photo of a parsing-style ``labels.csv`` (``image,mask`` columns, paths relative to the CSV; masks hold CCP
-class ids), the dominant colour of the main person is measured twice, both with white balance off and the pipeline's
-clustering (``ColorSettings`` defaults): from the ground-truth garment pixels (CCP garment classes, as the parser
-is trained to see them) and as the pipeline measures it, i.e. detect -> segment -> dominant on the photo. CCP
-labels only the photo's main person, taken to be the one with the largest detected face (as in ``eval parsing``).
+class ids), the dominant colour of the main person is measured twice, both with white balance off and the run's
+clustering settings: from the ground-truth garment pixels (CCP garment classes, as the parser is trained to see them)
+and as the pipeline measures it, through the run's chain up to the dominant stage (intake, detect, segment, correct,
+dominant). CCP labels only the photo's main person, taken to be the one with the largest detected face (as in ``eval
+parsing``).
 
-Scores are CIEDE2000 between the two colours: median, 90th percentile and mean over the photos scored (``n``);
-photos where the pipeline found no face, or did not parse the main person, count as ``missed``. The same figures
-are given for the photos where one colour clearly dominates the ground truth (its cluster holds at least
-``clear_share`` of the garment pixels), where "the dominant colour" is well defined.
+Scores are CIEDE2000 between the two colours: median, 90th percentile and mean over the photos scored (``n``); photos
+where the pipeline found no face, or did not parse the main person, count as ``missed``. The same figures are given for
+the photos where one colour clearly dominates the ground truth (its cluster holds at least ``clear_share`` of the
+garment pixels), where "the dominant colour" is well defined.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,45 +22,42 @@ import pandas as pd
 
 from colortrend.color.kmeans import palettes
 from colortrend.color.space import delta_e2000
+from colortrend.config import Config, default_config
+from colortrend.pipeline import build_stages
 from colortrend.stages.base import Batch
-from colortrend.stages.correct import ColorSettings, CorrectStage
-from colortrend.stages.dominant import DominantStage
 
 #: Ground-truth dominant share from which one colour "clearly dominates" a person's garments.
 CLEAR_SHARE = 0.6
 
 
 def predict_colors(
-    labels_csv: str | Path, device: str = "cpu", batch_size: int = 8, split: str = "all"
+    labels_csv: str | Path, device: str = "cpu", batch_size: int = 8, split: str = "all", cfg: Config | None = None
 ) -> pd.DataFrame:
     """One row per listed photo: ``image``, the ground-truth dominant colour (``gt_r/g/b``, ``gt_lab_l/a/b``,
-    ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``."""
+    ``gt_share``), the pipeline's (``pred_*``, NaN where missed) and their CIEDE2000 ``delta_e``.
+
+    The photos go through the run's chain up to ``dominant`` with ``cfg``'s settings (default: a run's), white
+    balance off either way: the ground truth is measured on the photo as it is."""
     from PIL import Image
 
-    from colortrend.evaluate.age import load_rgb
-    from colortrend.evaluate.parsing import read_labels
-    from colortrend.models.parser_net import GARMENT_CLASSES, ccp_lookup
-    from colortrend.stages.detect import DetectSettings, DetectStage
-    from colortrend.stages.segment import SegmentSettings, SegmentStage
+    from colortrend.labelled import analyse_labelled, read_mask_labels
+    from colortrend.models.parse_classes import GARMENT_CLASSES, ccp_lookup
 
-    labels = read_labels(labels_csv, split)  # split "val": the photos the parser never trained on
+    labels = read_mask_labels(labels_csv, split)  # split "val": the photos the parser never trained on
     garment_ids = np.flatnonzero(np.isin(ccp_lookup(), GARMENT_CLASSES))
-    settings = ColorSettings(white_balance="none")
-    stages = [DetectStage(DetectSettings(), device), SegmentStage(SegmentSettings(), device),
-              CorrectStage(settings, device), DominantStage(settings, device)]
+    cfg = cfg or default_config(str(Path(labels_csv).parent), device=device)
+    cfg = dataclasses.replace(cfg, color=dataclasses.replace(cfg.color, white_balance="none"))
+    stages = build_stages(cfg, device, upto="dominant")
+    settings = cfg.color
 
     rows = []
     for start in range(0, len(labels), batch_size):
         part = labels.iloc[start:start + batch_size]
-        images = [load_rgb(p) for p in part["image_file"]]
+        batch = analyse_labelled(stages, part["image_file"].tolist())
         masks = [np.asarray(Image.open(p)) for p in part["mask_file"]]
-        gt = palettes([image[np.isin(mask, garment_ids)] for image, mask in zip(images, masks)],
+        gt = palettes([image[np.isin(mask, garment_ids)] for image, mask in zip(batch["image"], masks)],
                       k=settings.k, max_pixels=settings.max_pixels, merge_delta_e=settings.merge_delta_e,
                       seed=settings.seed)
-        batch: Batch = {"photo_id": list(part["image"]), "status": ["ok"] * len(images),
-                        "error": [None] * len(images), "image": images}
-        for stage in stages:
-            batch = stage(batch)
         for i, (image_path, palette) in enumerate(zip(part["image"], gt)):
             rows.append({"image": image_path, **_gt_columns(palette), **_main_person_columns(batch, i)})
     table = pd.DataFrame(rows)

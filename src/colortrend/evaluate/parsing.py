@@ -1,76 +1,36 @@
 """``colortrend eval parsing``: score the pipeline's garment masks against Clothing Co-Parsing style labels.
 
-Each photo listed in a ``labels.csv`` (``image,mask`` columns, paths relative to the CSV; masks hold CCP label ids)
-goes through the pipeline's own intake -> detect -> segment stages, with their default settings. CCP labels only
-the photo's main person (passers-by are background), so the person scored is the one with the largest detected
-face; their garment pixels (upper and lower classes) are compared with CCP's garment classes over the whole photo.
-CCP's ambiguous classes (hat, scarf, tie, gloves, socks, stockings, tights, belt, accessories) are not scored.
+Each photo listed in a ``labels.csv`` (``image,mask`` columns, paths relative to the CSV; masks hold CCP label ids) goes
+through the run's own chain up to the segment stage (intake, detect, segment), with a run's settings. CCP labels only
+the photo's main person (passers-by are background), so the person scored is the one with the largest detected face;
+their garment pixels (upper and lower classes) are compared with CCP's garment classes over the whole photo. CCP's
+ambiguous classes (hat, scarf, tie, gloves, socks, stockings, tights, belt, accessories) are not scored.
 
-Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks (and
-any outside scoring of them) would be. A mask that labels nobody (CCP has such a photo) cannot say what the main
-person wears: the photo counts as ``unlabelled`` and is not scored. The validation split (:func:`is_validation`) is
-fixed by photo number: ``colortrend train parsing`` never trains on it.
+Photos where no face is found count as ``missed`` and are scored as an empty prediction, as the saved masks (and any
+outside scoring of them) would be. A mask that labels nobody (CCP has such a photo) cannot say what the main person
+wears: the photo counts as ``unlabelled`` and is not scored. The validation split
+(:func:`colortrend.labelled.is_validation`) is fixed by photo number: ``colortrend train parsing`` never trains on it.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-import pandas as pd
 
-from colortrend.errors import ConfigError
-from colortrend.models.parser_net import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
-
-Split = Literal["all", "train", "val"]
-
-
-def photo_number(path: str | Path) -> int:
-    """CCP's numeric photo id from a file name (``0008.jpg``, ``ccp_0008.jpg`` -> 8)."""
-    return int(re.findall(r"\d+", Path(path).stem)[-1])
+from colortrend.config import Config, default_config
+from colortrend.labelled import Split, analyse_labelled, read_mask_labels
+from colortrend.models.parse_classes import GARMENT_CLASSES, IGNORE, PARSE_CLASSES, ccp_lookup
+from colortrend.pipeline import build_stages
+from colortrend.stages.base import Batch, Stage
 
 
-def is_validation(path: str | Path) -> bool:
-    """The fixed validation split: photo numbers divisible by 8."""
-    return photo_number(path) % 8 == 0
+def parsing_stages(labels_csv: str | Path, device: str = "cpu", cfg: Config | None = None) -> list[Stage]:
+    """The run's chain up to ``segment`` (intake, detect, segment) with ``cfg``'s settings (default: a run's)."""
+    cfg = cfg or default_config(str(Path(labels_csv).parent), device=device)
+    return build_stages(cfg, device, upto="segment")
 
 
-def read_labels(labels_csv: str | Path, split: Split = "all") -> pd.DataFrame:
-    """``image`` and ``mask`` (as in the CSV), ``image_file`` and ``mask_file`` (absolute) of the rows of ``split``."""
-    labels_csv = Path(labels_csv)
-    try:
-        labels = pd.read_csv(labels_csv, usecols=["image", "mask"])
-    except ValueError as exc:  # missing columns, not a CSV, not text
-        raise ConfigError(f"{labels_csv}: expected a CSV with image and mask columns ({' '.join(str(exc).split())})"
-                          ) from None
-    if split != "all":
-        val = np.array([is_validation(p) for p in labels["image"]], bool)
-        labels = labels[val if split == "val" else ~val].reset_index(drop=True)
-    labels["image_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["image"]]
-    labels["mask_file"] = [str((labels_csv.parent / p).resolve()) for p in labels["mask"]]
-    return labels
-
-
-def segment_stages(folder: str | Path, device: str = "cpu") -> list:
-    """The pipeline's intake, detect and segment stages with default settings, for photos under ``folder``."""
-    from colortrend.stages.detect import DetectSettings, DetectStage
-    from colortrend.stages.intake import InputSettings, IntakeStage
-    from colortrend.stages.segment import SegmentSettings, SegmentStage
-
-    return [IntakeStage(InputSettings(paths=(str(folder),))), DetectStage(DetectSettings(), device),
-            SegmentStage(SegmentSettings(), device)]
-
-
-def run_stages(stages: list, paths: list[str]) -> dict:
-    """One pipeline batch of ``paths`` (photo ids = paths) after ``stages``."""
-    batch: dict = {"photo_id": list(paths), "path": list(paths)}
-    for stage in stages:
-        batch = stage(batch)
-    return batch
-
-
-def main_person_labels(batch: dict, i: int) -> np.ndarray | None:
+def main_person_labels(batch: Batch, i: int) -> np.ndarray | None:
     """Photo ``i``'s class map (analysed-image size) of the person with the largest face; None if no face was found."""
     if batch["status"][i] != "ok" or not batch["n_faces"][i]:
         return None
@@ -114,7 +74,7 @@ def _ratios(inter: int, pred: int, true: int) -> tuple[float, float, float]:
 
 
 def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir: str | Path | None = None,
-                     split: Split = "all", batch_size: int = 16) -> dict:
+                     split: Split = "all", batch_size: int = 16, cfg: Config | None = None) -> dict:
     """Garment-vs-rest IoU, precision and recall of the main person's mask, pooled over pixels and averaged per
     photo, per-class IoU (``iou_by_class``), ``n`` (photos scored), ``missed`` (photos without a detected face, scored
     as empty) and ``unlabelled`` (photos whose mask labels nobody, not scored).
@@ -124,15 +84,15 @@ def evaluate_parsing(labels_csv: str | Path, device: str = "cpu", save_masks_dir
     """
     import cv2
 
-    labels = read_labels(labels_csv, split)
-    stages = segment_stages(Path(labels_csv).parent, device)
+    labels = read_mask_labels(labels_csv, split)
+    stages = parsing_stages(labels_csv, device, cfg)
     lut = ccp_lookup()
     if save_masks_dir is not None:
         Path(save_masks_dir).mkdir(parents=True, exist_ok=True)
     tally, missed, unlabelled = _Tally(), 0, 0
     for start in range(0, len(labels), batch_size):
         part = labels.iloc[start:start + batch_size]
-        batch = run_stages(stages, list(part["image_file"]))
+        batch = analyse_labelled(stages, part["image_file"].tolist())
         for i, (image, mask_file) in enumerate(zip(part["image"], part["mask_file"])):
             truth = lut[cv2.imread(mask_file, cv2.IMREAD_UNCHANGED)]
             pred = main_person_labels(batch, i)

@@ -97,5 +97,5 @@ def _remote(path: str, operation):
         return operation(fs, inner)
     except OSError:
         raise
-    except Exception as exc:  # noqa: BLE001 - botocore & co. raise their own types; callers handle OSError
+    except Exception as exc:  # botocore & co. raise their own types; callers handle OSError
         raise OSError(f"{type(exc).__name__}: {exc}") from exc

@@ -9,5 +9,4 @@ from colortrend.pipeline import Pipeline, ShardResult, ShardTask
 class LocalRunner:
     def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
                 progress=None) -> Iterator[ShardResult]:
-        for task in tasks:
-            yield pipeline.analyse_shard(task, seen, progress)
+        return pipeline.analyse(tasks, seen, progress)

@@ -1,125 +1,116 @@
-"""Ray Data runner: the same stage objects, one actor pool per model stage, on a local or remote Ray cluster.
+"""Ray Data runner: the pipeline's own steps, each a ``map_batches`` actor pool, on a local or remote Ray cluster.
 
-Photos flow as rows; each stage is a ``map_batches`` step whose actors call ``setup()`` once (CUDA stages get a
-GPU each when the cluster has GPUs). Duplicate detection needs a global order: the dataset preserves the planned
-order, and one ``DuplicateMarker`` actor right after intake applies the local runner's rule (the first copy in
-planned order wins) to the hashes intake computed, so each file is read once and both runners write identical
-tables. Shards are committed on the driver as soon as all their photos are back.
+The steps, their order and the shard tables are the pipeline's (:meth:`Pipeline.steps`, :meth:`Pipeline.shard_parts`,
+:class:`ShardAssembler`): this module only places them. A step that must see every photo in planned order
+(duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` takes
+a GPU per actor, one actor per GPU, when the cluster has GPUs and the run's device is CUDA. Shards are committed on
+the driver as soon as all their photos are back.
+
+Without ``--address`` the runner starts a Ray instance of its own for the run: every Ray server listens on
+127.0.0.1 only, no dashboard, and it is shut down when the run ends. Ray starts its processes bound to the
+driver's life (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves none behind either.
 """
 from __future__ import annotations
 
 import logging
+import os
 import pickle
-from collections import defaultdict
 from typing import Iterator
 
-from colortrend.pipeline import Pipeline, ShardResult, ShardTask, mark_duplicates, run_isolated
-from colortrend.stages.base import Batch, Stage
+from colortrend.pipeline import Pipeline, ShardAssembler, ShardResult, ShardTask, Step
+from colortrend.stages.base import Batch
 
 log = logging.getLogger(__name__)
-GPU_STAGES = ("detect", "age", "segment")
+#: Ray's own switch for a single-machine instance: its servers bind the loopback address, not every interface.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 class RayRunner:
-    def __init__(self, address: str | None = None, actors_per_stage: int = 1):
+    def __init__(self, address: str | None = None):
         self.address = address
-        self.actors_per_stage = actors_per_stage
 
     def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
                 progress=None) -> Iterator[ShardResult]:
+        ray, started = self._connect()
+        try:
+            yield from self._execute(ray, pipeline, tasks, seen, progress)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _connect(self):
+        """Ray, connected to ``address`` or to a new local instance on 127.0.0.1, and whether this run started it
+        (a process already connected stays as it is)."""
+        if self.address is None:
+            os.environ.update(LOOPBACK_ONLY)  # before Ray is imported: it reads the switch once, at import
         import ray
 
-        if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True, configure_logging=False)
+        if ray.is_initialized():
+            return ray, False
+        options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if self.address is not None:
+            ray.init(address=self.address, **options)
+            return ray, False
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # the same switch, where Ray was imported before this run
+        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+        return ray, True
+
+    def _execute(self, ray, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+                 progress) -> Iterator[ShardResult]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # the duplicate rule needs the planned order
-        shard_of = {pid: t.shard_id for t in tasks for pid in t.photo_ids}
-        payloads = [{"payload": _pack({"photo_id": pid, "path": path})}
-                    for t in tasks for pid, path in zip(t.photo_ids, t.paths)]
-
+        records = [_pack({k: v[i] for k, v in batch.items()})
+                   for batch in pipeline.batches(tasks) for i in range(len(batch["path"]))]
         resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0) > 0 and pipeline.stages[1].device == "cuda"
-        # Every stage holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
+        gpus = int(resources.get("GPU", 0)) if pipeline.stages[0].device == "cuda" else 0
+        steps = pipeline.steps(seen)
+        # Every step holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
-        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(pipeline.stages) + 2)))
+        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(steps) + 2)))
         size = pipeline.cfg.batch_size
-        ds = ray.data.from_items(payloads, override_num_blocks=max(1, len(payloads) // size))
-        for stage in pipeline.stages:
-            ds = ds.map_batches(
-                StageActor,
-                fn_constructor_args=(stage,),
-                batch_size=size,
-                batch_format="pandas",
-                concurrency=self.actors_per_stage,
-                num_cpus=cpus,
-                num_gpus=1 if gpus and stage.name in GPU_STAGES else 0,
-            )
-            if stage.name == "intake":  # one actor sees every photo, in planned order
-                ds = ds.map_batches(DuplicateMarker, fn_constructor_args=(seen,), batch_size=size,
-                                    batch_format="pandas", concurrency=1, num_cpus=cpus)
-        ds = ds.map_batches(TableBuilder, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
+        ds = ray.data.from_items([{"payload": r} for r in records], override_num_blocks=max(1, len(records) // size))
+        for step in steps:
+            on_gpu = gpus > 0 and step.uses_accelerator
+            ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
+                                concurrency=gpus if on_gpu and not step.sees_every_photo else 1,
+                                num_cpus=cpus, num_gpus=1 if on_gpu else 0)
+        ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
-
-        expected = defaultdict(int)
-        for pid, sid in shard_of.items():
-            expected[sid] += 1
-        pending: dict[str, list] = defaultdict(list)
-        for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
-            for payload in batch["tables"]:
-                tables, seconds, failures = payload
-                for shard_id, part in _split_by_shard(tables, shard_of).items():
-                    pending[shard_id].append((part, seconds, failures))
-                    expected[shard_id] -= part["photos"].num_rows
-                    if progress is not None:
-                        progress.update(part["photos"].num_rows)
-                    if expected[shard_id] == 0:
-                        yield _shard_result(shard_id, pending.pop(shard_id), pipeline, shard_of)
+        shards = ShardAssembler(tasks, pipeline.schemas, progress)
+        for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
+            for blob in frame["part"]:
+                done = shards.add(pickle.loads(blob))
+                if done is not None:
+                    yield done
 
 
-class StageActor:
-    """Holds one stage per Ray worker; its model loads once, on the first batch."""
+class StepActor:
+    """Holds one step per Ray worker (a stage's model loads once, on its first batch)."""
 
-    def __init__(self, stage: Stage):
-        self.stage = stage
+    def __init__(self, step: Step):
+        self.step = step
 
     def __call__(self, df):
-        batch = _unpack(df)
-        batch = self.stage(batch) if self.stage.name == "intake" else run_isolated(self.stage, batch, {})
-        return _frame(batch)
+        return _frame(self.step(_unpack(df)))
 
 
-class DuplicateMarker:
-    """The content hashes seen so far (committed ones first): later copies become ``duplicate`` rows."""
+class PartsActor:
+    """The pipeline's shard parts of each analysed batch, pickled for the driver."""
 
-    def __init__(self, seen: dict[str, str]):
-        self.seen = dict(seen)
-
-    def __call__(self, df):
-        batch = _unpack(df)
-        mark_duplicates(batch, self.seen)
-        return _frame(batch)
-
-
-class TableBuilder:
     def __init__(self, pipeline: Pipeline):
         self.pipeline = pipeline
 
     def __call__(self, df):
         import pandas as pd
 
-        from colortrend.tables import build_tables
-
-        batch = _unpack(df)
-        tables = build_tables(batch, self.pipeline.schemas, self.pipeline.path_key())
-        failures = [(p, path, s, e or "") for p, path, s, e in zip(
-            *(tables["photos"][c].to_pylist() for c in ("photo_id", "path", "status", "error")))
-            if s not in ("ok", "no_face", "duplicate")]
-        return pd.DataFrame({"tables": [(tables, {}, failures)]})
+        parts = self.pipeline.shard_parts(_unpack(df))
+        return pd.DataFrame({"part": [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in parts]})
 
 
-# Between stages each photo travels as one pickled record: images, ragged per-face arrays and nulls pass through
+# Between steps each photo travels as one pickled record: images, ragged per-face arrays and nulls pass through
 # Ray's Arrow blocks untouched (pandas/Arrow conversion would turn None into NaN and ragged arrays into errors).
 def _pack(record: dict) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
@@ -136,26 +127,3 @@ def _frame(batch: Batch):
 
     n = len(batch["photo_id"])
     return pd.DataFrame({"payload": [_pack({k: v[i] for k, v in batch.items()}) for i in range(n)]})
-
-
-def _split_by_shard(tables, shard_of):
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    parts = {}
-    for name, table in tables.items():
-        shard = pa.array([shard_of[p] for p in table["photo_id"].to_pylist()], pa.string())
-        for sid in set(shard.to_pylist()) if len(shard) else ():
-            parts.setdefault(sid, {})[name] = table.filter(pc.equal(shard, sid))
-    for sid in parts:
-        for name, table in tables.items():
-            parts[sid].setdefault(name, table.slice(0, 0))
-    return parts
-
-
-def _shard_result(shard_id, pieces, pipeline: Pipeline, shard_of) -> ShardResult:
-    import pyarrow as pa
-
-    tables = {name: pa.concat_tables([p[0][name] for p in pieces]) for name in pipeline.schemas}
-    failures = [f for p in pieces for f in p[2] if shard_of.get(f[0]) == shard_id]
-    return ShardResult(shard_id, tables, {}, failures)

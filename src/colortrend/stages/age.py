@@ -9,9 +9,8 @@ that differ in what they see, and in what they started from, err differently, so
 (validation MAE on All-Age-Faces: 5.16-5.57 alone, 4.71 together). With such different views, test-time chip
 scales (``scales``) add nothing, so the default is the trained framing only.
 
-Each network's chips are cut at the side and framing it was trained on (both stored with its weights): the
-aligner's 64-px chips are reused where they match, other chips are cut again from the photo with the same
-template.
+Each network's chips are cut from the photo at the side and framing it was trained on (both stored with its
+weights), with the aligner's template; networks of the same geometry share their chips.
 
 Writes ``age`` (the median of the mixture, in years: the estimate with the least expected absolute error, and
 lower validation MAE than the mixture's mean) and ``age_sd`` (its standard deviation, a per-face uncertainty) for
@@ -121,9 +120,11 @@ def median_and_sd(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class AgeStage(Stage):
-    """Reads the align stage's ``chips``; writes ``age`` and ``age_sd`` per face."""
+    """Cuts each network's chips from ``image`` at the ``landmarks``; writes ``age`` and ``age_sd`` per face."""
 
     name = "age"
+    uses_accelerator = True
+    reads = ("status", "image", "landmarks")
     face_fields = pa.schema([("age", pa.float32()), ("age_sd", pa.float32())])
 
     def __init__(self, settings: AgeSettings | None = None, device: str = "cpu"):
@@ -147,23 +148,20 @@ class AgeStage(Stage):
         n_photos = len(batch["status"])
         batch["age"] = [np.zeros(0, np.float32) for _ in range(n_photos)]
         batch["age_sd"] = [np.zeros(0, np.float32) for _ in range(n_photos)]
-        photos = [i for i in ok_indices(batch) if len(batch["chips"][i])]
+        photos = [i for i in ok_indices(batch) if len(batch["landmarks"][i])]
         if not photos:
             return batch
         ages, sds = self._estimate(batch, photos)
         start = 0
         for i in photos:
-            n = len(batch["chips"][i])
+            n = len(batch["landmarks"][i])
             batch["age"][i], batch["age_sd"][i] = ages[start : start + n], sds[start : start + n]
             start += n
         return batch
 
     @staticmethod
     def chips(batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0) -> np.ndarray:
-        """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1 = the aligner's
-        chips)."""
-        if scale == 1.0 and size == CHIP_SIZE:
-            return np.concatenate([batch["chips"][i] for i in photos])
+        """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1: the aligner's)."""
         return np.concatenate([
             cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2), size, scale=scale)
             for i in photos

@@ -1,7 +1,7 @@
-"""Face alignment: cut each detected face into a 64x64 chip, measure face quality on it, and pass it to the age stage.
+"""Face alignment: cut each detected face into a 64x64 chip and measure face quality on it.
 
-The age stage reads these chips directly for networks trained on 64-px chips and cuts chips of other sizes with
-the same template (:func:`chip_template` scales with the chip).
+The chip serves the quality measures only: the age stage cuts each network's chips itself, at the side and framing
+the network was trained on, with the same template (:func:`chip_template` scales with the chip).
 
 The chip geometry lives in two pure functions, :func:`chip_transform` and :func:`cut_chips`, used identically by the
 pipeline stage, ``colortrend eval age`` and ``colortrend train age``: a model only sees chips cut the way it was
@@ -221,9 +221,10 @@ def filter_reasons(
 
 
 class AlignStage(Stage):
-    """Cuts ``chips`` (in memory, for the age stage) and writes the face quality columns."""
+    """Writes the face quality columns, measured on each face's 64-px chip."""
 
     name = "align"
+    reads = ("status", "image", "landmarks", "det_score")
     face_fields = pa.schema(
         [
             ("face_px", pa.float32()),
@@ -251,7 +252,6 @@ class AlignStage(Stage):
             yaw = yaw_proxy(landmarks)
             score = np.asarray(batch["det_score"][i], dtype=np.float32)
             reasons = filter_reasons(self.settings, face_px, sharp, yaw, score)
-            out["chips"][i] = chips
             out["face_px"][i] = face_px.astype(np.float32)
             out["sharpness"][i] = sharp.astype(np.float32)
             out["yaw"][i] = yaw.astype(np.float32)
@@ -263,7 +263,6 @@ class AlignStage(Stage):
     @staticmethod
     def _empty_columns() -> dict[str, np.ndarray]:
         return {
-            "chips": np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), dtype=np.uint8),
             "face_px": np.zeros(0, dtype=np.float32),
             "sharpness": np.zeros(0, dtype=np.float32),
             "yaw": np.zeros(0, dtype=np.float32),

@@ -8,7 +8,10 @@ A *batch* is one shard's worth of photos held column-wise: ``dict[str, list]`` w
   (``face_box``: (n, 4), ``age``: (n,) ...). A photo whose status is not ``ok`` has n = 0.
 
 Stages add columns and never drop rows: a photo that fails inside a stage gets ``status="error"`` and a message in
-``error`` instead of raising. Tables on disk are built from the columns named in each stage's declared schemas.
+``error`` instead of raising. Each stage declares its data flow: the columns it ``reads``, the in-memory columns it
+``adds`` for later stages (``image``, ``person_parse``, ...: never written), and the columns it contributes to each
+output table (its ``*_fields`` schemas, from which the tables on disk are built). The pipeline checks, when it
+builds a chain, that every column a stage reads is added by an earlier stage.
 """
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ class Stage(ABC):
     """One step of the per-photo chain: declared outputs, lazy model loading, a batch transform."""
 
     name: ClassVar[str]
+    #: Batch columns this stage reads; each must be added by an earlier stage of the chain.
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: In-memory batch columns this stage adds for later stages, besides its table columns; never written.
+    adds: ClassVar[tuple[str, ...]] = ()
+    #: Runs a network: on a GPU when there is one (under Ray, an actor pool holding a GPU per actor).
+    uses_accelerator: ClassVar[bool] = False
     #: Columns this stage contributes to each output table (photos / faces / garments).
     photo_fields: ClassVar[pa.Schema] = pa.schema([])
     face_fields: ClassVar[pa.Schema] = pa.schema([])
@@ -36,8 +45,13 @@ class Stage(ABC):
         self.device = device
         self._ready = False
 
+    @classmethod
+    def provides(cls) -> tuple[str, ...]:
+        """Every column this stage puts in the batch: its in-memory ``adds`` and its table columns."""
+        return (*cls.adds, *cls.photo_fields.names, *cls.face_fields.names, *cls.garment_fields.names)
+
     # Models load here, once per worker, not in __init__: stage objects must pickle cheaply for Ray.
-    def setup(self) -> None:  # noqa: B027 - optional hook
+    def setup(self) -> None:  # optional hook: stages without a model need none
         pass
 
     def ensure_setup(self) -> None:

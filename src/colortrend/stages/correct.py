@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from colortrend.color.white_balance import WbMethod, white_balance
+from colortrend.models.parse_classes import GARMENT_CLASSES
 from colortrend.stages.base import Batch, Stage, ok_indices
 
 
@@ -67,10 +68,12 @@ def garment_mask(shape: tuple[int, int], parses: list, garment_ids: tuple[int, .
 
 
 class CorrectStage(Stage):
-    """Reads ``image``, ``landmarks`` (the ``skin`` method) and ``person_parse`` (``exclude_garments``) when present;
-    writes ``image_wb`` (in memory) and the photo's ``wb_method``, ``wb_gain_r/g/b``."""
+    """White-balances ``image`` into ``image_wb``; ``landmarks`` serve the ``skin`` method, ``person_parse`` the
+    ``exclude_garments`` setting."""
 
     name = "correct"
+    reads = ("status", "image", "landmarks", "person_parse")
+    adds = ("image_wb",)  # the white-balanced photo
     photo_fields = pa.schema([
         ("wb_method", pa.string()),
         ("wb_gain_r", pa.float32()),
@@ -86,24 +89,14 @@ class CorrectStage(Stage):
         for column in ("image_wb", "wb_method", "wb_gain_r", "wb_gain_g", "wb_gain_b"):
             batch[column] = [None] * n_photos
         settings = self.settings
-        garment_ids = _garment_ids() if settings.exclude_garments and settings.white_balance != "none" else ()
+        garment_ids = GARMENT_CLASSES if settings.exclude_garments and settings.white_balance != "none" else ()
         for i in ok_indices(batch):
             image = batch["image"][i]
-            exclude = None
-            if garment_ids and batch.get("person_parse"):
-                exclude = garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids)
-            landmarks = batch["landmarks"][i] if "landmarks" in batch else None
-            result = white_balance(image, settings.white_balance, landmarks=landmarks, exclude=exclude,
+            exclude = garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids) if garment_ids else None
+            result = white_balance(image, settings.white_balance, landmarks=batch["landmarks"][i], exclude=exclude,
                                    max_gain=settings.max_gain, min_cast_deg=settings.min_cast_deg)
             batch["image_wb"][i] = result.image
             batch["wb_method"][i] = result.method
             batch["wb_gain_r"][i], batch["wb_gain_g"][i], batch["wb_gain_b"][i] = (float(g) for g in result.gains)
         return batch
 
-
-def _garment_ids() -> tuple[int, ...]:
-    # The parser's module imports torch; importing it here keeps `colortrend.config` (which reads ColorSettings)
-    # light. By the time this stage runs, the segment stage has loaded it anyway.
-    from colortrend.models.parser_net import GARMENT_CLASSES
-
-    return tuple(GARMENT_CLASSES)

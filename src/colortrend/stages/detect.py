@@ -48,6 +48,8 @@ class DetectStage(Stage):
     """Adds ``n_faces`` per photo and, per face, box, ``det_score``, ``landmarks`` (n, 10) and ``face_idx``."""
 
     name = "detect"
+    uses_accelerator = True
+    reads = ("status", "image")
     photo_fields = pa.schema([pa.field("n_faces", pa.int32())])
     face_fields = pa.schema(
         [
@@ -122,12 +124,12 @@ class DetectStage(Stage):
         """Detections per image; if the batched call fails, each image alone, an exception standing for a failure."""
         try:
             return self._model.detect(images)
-        except Exception:  # noqa: BLE001 - one bad photo must not fail the batch: find it by retrying one by one
+        except Exception:  # one bad photo must not fail the batch: find it by retrying one by one
             results: list[Detections | Exception] = []
             for image in images:
                 try:
                     results.extend(self._model.detect([image]))
-                except Exception as exc:  # noqa: BLE001 - recorded on the photo
+                except Exception as exc:  # recorded on the photo
                     results.append(exc)
             return results
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from colortrend.color.kmeans import Palette, palettes, sample_pixels
 from colortrend.color.names import nearest_name
+from colortrend.models.parse_classes import GARMENT_CLASSES, LOWER, UPPER
 from colortrend.stages.base import Batch, Stage, ok_indices
 from colortrend.stages.correct import ColorSettings
 
@@ -31,6 +32,7 @@ class DominantStage(Stage):
     """Writes each measured person's dominant colour, palette, upper/lower colours and colour name."""
 
     name = "dominant"
+    reads = ("status", "person_parse", "image_wb")
     garment_fields = pa.schema([
         *((f"dominant_{c}", pa.uint8()) for c in _RGB),
         ("dominant_lab_l", pa.float32()),
@@ -48,9 +50,6 @@ class DominantStage(Stage):
         super().__init__(settings or ColorSettings(), device)
 
     def process(self, batch: Batch) -> Batch:
-        # The parser's class ids live with its network, whose module imports torch: import at run time only.
-        from colortrend.models.parser_net import GARMENT_CLASSES, LOWER, UPPER
-
         s = self.settings
         n_photos = len(batch["status"])
         parses = batch["person_parse"]

@@ -77,6 +77,8 @@ class InputSettings:
 
 class IntakeStage(Stage):
     name = "intake"
+    reads = ("path",)
+    adds = ("image",)  # decoded RGB, long side at most max_side
     photo_fields = pa.schema(
         [
             pa.field("photo_id", pa.string(), nullable=False),

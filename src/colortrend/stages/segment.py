@@ -1,7 +1,7 @@
 """Segment: each detected person's clothes, from a parser run on a crop anchored on their face.
 
 For every face wide enough to show clothing, a crop is cut around where that person's body should be (the face at
-the top centre, down to the feet; ``parser_net.crop_box``), so one model serves full-body shots, half-body selfies
+the top centre, down to the feet; ``parser_crops.crop_box``), so one model serves full-body shots, half-body selfies
 (the crop runs past the photo's edge and is padded there, as in training) and group photos alike. All crops of all
 photos in the batch go through the parser in one batched forward pass (fp16 on CUDA).
 
@@ -17,16 +17,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from colortrend.models import WEIGHTS_DIR
+from colortrend.models.parse_classes import LOWER, UPPER
+from colortrend.models.parser_crops import CropGeometry, crop_box, cut_crop, probs_to_photo
 from colortrend.stages.base import Batch, Stage, ok_indices
-
-if TYPE_CHECKING:
-    from colortrend.models.parser_net import CropGeometry
 
 #: The parser trained by ``colortrend train parsing`` (CCP), shipped with the package.
 PARSER_WEIGHTS = WEIGHTS_DIR / "parser_lite0.pt"
@@ -55,8 +53,6 @@ class SegmentSettings:
 
     @property
     def geometry(self) -> CropGeometry:
-        from colortrend.models.parser_net import CropGeometry
-
         return CropGeometry(self.crop_width, self.crop_above, self.crop_height, self.input_h, self.input_w)
 
 
@@ -104,6 +100,9 @@ class SegmentStage(Stage):
     """Reads ``image`` and the face boxes; writes ``person_parse`` and the garment pixel columns per face."""
 
     name = "segment"
+    uses_accelerator = True
+    reads = ("status", "image", "n_faces", "box_x1", "box_y1", "box_x2", "box_y2")
+    adds = ("person_parse",)  # per face None or (x0, y0, labels): see the module docstring
     garment_fields = pa.schema([
         ("person_x1", pa.int32()), ("person_y1", pa.int32()), ("person_x2", pa.int32()), ("person_y2", pa.int32()),
         ("clothing_px", pa.int32()), ("upper_px", pa.int32()), ("lower_px", pa.int32()),
@@ -123,7 +122,7 @@ class SegmentStage(Stage):
         self._model = load_parser(resolve_weights(self.settings.weights), self.device)
 
     def process(self, batch: Batch) -> Batch:
-        from colortrend.models.parser_net import crop_box, cut_crop, predict_crops, probs_to_photo
+        from colortrend.models.parser_net import predict_crops  # imports torch: loaded by setup() anyway
 
         s, geom = self.settings, self.settings.geometry
         n_photos = len(batch["status"])
@@ -155,8 +154,6 @@ class SegmentStage(Stage):
         return batch
 
     def _measure(self, batch: Batch, i: int, j: int, parse: Parse) -> None:
-        from colortrend.models.parser_net import LOWER, UPPER
-
         x0, y0, labels = parse
         counts = np.bincount(labels.ravel(), minlength=max(UPPER, LOWER) + 1)
         upper, lower = int(counts[UPPER]), int(counts[LOWER])

