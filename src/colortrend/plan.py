@@ -204,7 +204,7 @@ def _read_columns(store: "Store", shard_id: str, marker: dict) -> "pa.Table":
             names = parquet.schema_arrow.names
             wanted = ["photo_id", *(c for c in (*INPUT_COLUMNS, "file_bytes") if c in names)]
             return parquet.read(columns=wanted)
-    except Exception as exc:  # noqa: BLE001 - OSError, ArrowException, a photos file without photo_id...
+    except Exception as exc:  # OSError, ArrowException, a photos file without photo_id...
         raise OutputError(f"output: {store.uri(rel)} is damaged ({' '.join(str(exc).split())[:200]})") from None
 
 

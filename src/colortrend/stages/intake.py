@@ -162,7 +162,7 @@ class IntakeStage(Stage):
                 return {**row, "status": "too_large", "error": "a compressed PNG text or colour-profile chunk expands "
                         "past Pillow's limit of 1 MB (PngImagePlugin.MAX_TEXT_CHUNK)"}
             return {**row, "status": "error", "error": f"cannot decode image: {_one_line(exc)}"}
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's outcome, not the run's
+        except Exception as exc:  # any decoder failure is this file's outcome, not the run's
             return {**row, "status": "error", "error": f"cannot decode image: {_one_line(exc)}"}
         row.update(decoded)
         if row["taken_year"] is not None:
@@ -375,7 +375,7 @@ def exif_year(im) -> int | None:
         sub = exif.get_ifd(EXIF_IFD)
         # Only the date tags: Pillow expands a tag's values when it is read, and the others may be large arrays.
         values = [sub.get(tag, exif.get(tag)) for tag in DATE_TAGS]
-    except Exception:  # noqa: BLE001 - corrupt EXIF is common and must not fail the photo
+    except Exception:  # corrupt EXIF is common and must not fail the photo
         return None
     for value in values:
         if isinstance(value, bytes):
