@@ -52,8 +52,25 @@ def test_modes_become_8bit_rgb(image):
 def test_bomb_refused_from_header_without_decoding():
     from colortrend.stages.intake import TooLarge
 
-    with pytest.raises(TooLarge, match="40000x40000"):
+    with pytest.raises(TooLarge, match="1600000000 pixels declared, over input.max_pixels=60000000"):
         decode_image(png_bomb(), 60_000_000, 2048)
+    with pytest.raises(TooLarge, match="8000x5000 = 40000000 pixels declared, over input.max_pixels=10000000"):
+        decode_image(png_bomb(8000, 5000), 10_000_000, 2048)
+
+
+def test_pillows_own_bomb_guard_stays_on_for_the_rest_of_the_process():
+    """Importing colortrend must not switch off Pillow's guard for other code in the process; a larger
+    input.max_pixels raises it only that far."""
+    from colortrend.stages.intake import TooLarge
+
+    default = Image.MAX_IMAGE_PIXELS
+    assert default is not None
+    decode_image(encoded(rgb_image(64, 48), "PNG"), 60_000_000, 2048)
+    assert Image.MAX_IMAGE_PIXELS == default
+    with pytest.raises(TooLarge):
+        decode_image(png_bomb(), 500_000_000, 2048)
+    assert Image.MAX_IMAGE_PIXELS == 500_000_000
+    Image.MAX_IMAGE_PIXELS = default
 
 
 def test_large_photo_is_analysed_reduced_but_reports_original_size():

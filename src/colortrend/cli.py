@@ -5,7 +5,6 @@ Exit codes: 0 done (photos that could not be analysed are rows with a status, no
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import sys
 import click
 
 from colortrend import __version__
-from colortrend.errors import ColortrendError, ConfigError
+from colortrend.errors import ENVIRONMENT_ERRORS, ColortrendError, ConfigError, environment_problem
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -31,12 +30,6 @@ class Stopped(BaseException):
 
 def _raise_stopped(signum, _frame) -> None:
     raise Stopped(signum)
-
-
-#: What the environment refuses (full disk, read-only or forbidden folder): the user's to fix, not a bug.
-ENVIRONMENT_ERRORS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only "
-                      "filesystem", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                      errno.EFBIG: "file too large"}
 
 
 class Commands(click.Group):
@@ -58,15 +51,6 @@ class Commands(click.Group):
                 raise
             click.echo(f"Error: {environment_problem(exc)}", err=True)
             ctx.exit(2)
-
-
-def environment_problem(exc: OSError) -> str:
-    """``disk full writing in out/report (No space left on device); ...``: what, where, and that it is safe to retry."""
-    where = str(exc.filename or "")
-    # A file being created (often under a temporary name): its folder is what the user must look at.
-    place = f" at {where}" if where and os.path.exists(where) else f" in {os.path.dirname(where)}" if where else ""
-    return (f"{ENVIRONMENT_ERRORS[exc.errno]}{place} ({exc.strerror or exc}); nothing committed was lost, "
-            "run again once it is fixed")
 
 
 def writable(option: str, path: str | None, folder: bool = False) -> None:

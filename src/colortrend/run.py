@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from colortrend import __version__
 from colortrend.config import Config, recorded, to_dict
-from colortrend.errors import ConfigError, OutputError
+from colortrend.errors import ConfigError, OutputError, environment_problem
 from colortrend.io.discover import check_inputs
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
@@ -146,7 +146,7 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
             summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks or the_plan.damaged) or full,
                                                   models=pipeline.model_checksums())
         except OSError as exc:  # the report's own files (disk full, read-only): one line, like the shards' writes
-            raise OutputError(f"output: cannot write the report in {store.url}: {exc.strerror or exc}") from None
+            raise OutputError(f"output: {environment_problem(exc, store.uri('report'))}") from None
         summary.elapsed = time.perf_counter() - t0
         _record(cfg, pipeline, store, the_plan, summary)
     return summary

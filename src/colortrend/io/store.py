@@ -36,7 +36,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from colortrend.errors import OutputError
+from colortrend.errors import OutputError, environment_problem
 from colortrend.io.fs import display, filesystem, is_local
 
 SHARD_TABLES = ("photos", "faces", "garments")
@@ -112,7 +112,7 @@ class Store:
         try:
             yield
         except OSError as exc:
-            raise OutputError(f"output: cannot write {self.uri(rel)}: {exc.strerror or exc}") from None
+            raise OutputError(f"output: {environment_problem(exc, self.uri(rel))}") from None
 
     def write_json(self, rel: str, obj: dict) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode("utf-8"))

@@ -201,8 +201,18 @@ def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: 
     structure = tiff_structure_bytes(data) if data[:4] in TIFF_HEADERS else DecodeCost()
     if structure.total > max_decode_bytes:
         raise TooLarge(structure.refusal(max_decode_bytes), fmt="TIFF")
-    Image.MAX_IMAGE_PIXELS = None  # our own limit below, checked before decoding
-    with Image.open(io.BytesIO(data)) as im:
+    # Pillow refuses (at twice its MAX_IMAGE_PIXELS) in open(), before our own limit below is checked: it is
+    # raised as far as max_pixels when that is larger, never switched off (it guards every Pillow user in the
+    # process), and its refusal is ours.
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # "Image size (N pixels) exceeds limit of ..."
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise TooLarge(f"{declared[1] if declared else 'too many'} pixels declared, over input.max_pixels="
+                       f"{max_pixels}", fmt=None) from None
+    with opened as im:
         width, height = im.size
         fmt = im.format
         if width * height > max_pixels:
