@@ -24,12 +24,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from colortrend.aggregate.histograms import HistogramSettings
+
+if TYPE_CHECKING:
+    from colortrend.aggregate.partials import SampleCounts
 
 #: Fonts tried for Chinese labels in the PNG charts before the shipped subset.
 CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "PingFang SC",
@@ -57,16 +60,15 @@ class ReportSettings:
 def write_report(
     out_dir: Path,
     histograms: pd.DataFrame,
-    garments: pd.DataFrame,
-    photos: pd.DataFrame,
-    faces: pd.DataFrame | None,
+    samples: SampleCounts,
     run_info: dict[str, Any],
     settings: ReportSettings | None = None,
 ) -> Path:
     """Write ``out_dir/report/index.html`` and its PNG charts; return the path of ``index.html``.
 
-    ``histograms``: the ``histograms/`` table; ``garments``, ``photos``, ``faces`` (optional): the run's tables, for
-    the sample counts; ``run_info``: the run's record, all of it shown (``name``, ``version``, ``models``, and
+    ``histograms``: the ``histograms/`` table; ``samples``: the sample counts of the committed shards (merged from
+    their partials, or ``SampleCounts.of_tables`` of a run's tables); ``run_info``: the run's record, all of it
+    shown (``name``, ``version``, ``models``, and
     ``config``, whose ``histograms`` section also feeds the method notes). Each file is written under a temporary
     name and renamed, the page last, so a reader never sees a half-written file.
     """
@@ -87,7 +89,7 @@ def write_report(
     page = _page(
         cohorts=cohorts,
         buckets=buckets,
-        counts=_sample_counts(photos, garments, faces, histograms),
+        counts=_sample_counts(samples, histograms),
         run_info=run_info,
         settings=settings,
         stats=stats,
@@ -131,26 +133,16 @@ def _groups(histograms: pd.DataFrame, group_type: str, corrected: bool = False) 
     return out
 
 
-def _sample_counts(photos: pd.DataFrame, garments: pd.DataFrame, faces: pd.DataFrame | None,
-                   histograms: pd.DataFrame) -> dict[str, Any]:
-    by_status = photos["status"].fillna("unknown").value_counts() if "status" in photos else pd.Series(dtype=int)
-    if faces is not None:
-        n_faces = len(faces)
-    elif "n_faces" in photos:
-        n_faces = int(pd.to_numeric(photos["n_faces"], errors="coerce").fillna(0).sum())
-    else:
-        n_faces = None
-    quality = faces if faces is not None and "quality_ok" in faces else None
-    years = sorted({int(y) for y in pd.to_numeric(photos.get("taken_year", pd.Series(dtype=float))).dropna()})
+def _sample_counts(samples: SampleCounts, histograms: pd.DataFrame) -> dict[str, Any]:
     buckets = histograms[histograms["group_type"] == "age_bucket"].drop_duplicates("group")
     cohorts = histograms[histograms["group_type"] == "cohort"].drop_duplicates("group")
     return {
-        "photos": len(photos),
-        "years": [str(y) for y in years],
-        "by_status": [(str(s), int(n)) for s, n in by_status.items()],
-        "faces": n_faces,
-        "faces_ok": int(quality["quality_ok"].fillna(False).astype(bool).sum()) if quality is not None else None,
-        "measured": len(garments),
+        "photos": samples.photos,
+        "years": [str(y) for y in sorted(samples.years)],
+        "by_status": sorted(samples.by_status.items(), key=lambda kv: (-kv[1], kv[0])),
+        "faces": samples.faces,
+        "faces_ok": samples.faces_ok,
+        "measured": samples.measured,
         # Age buckets hold every counted person (they span the youngest to the oldest estimate).
         "counted": int(buckets["group_persons"].sum()),
         "in_cohorts": int(cohorts["group_persons"].sum()),

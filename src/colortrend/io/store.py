@@ -9,6 +9,7 @@ Layout under the config's ``output`` (a folder, or an fsspec URL such as ``s3://
     _staging/                  files being written (a reader globbing *.parquet never sees them)
     _runs/<time>.json          resolved config, versions, model checksums and summary of each run
     _logs/<id>.tsv             per-shard list of photos that failed, with their status and error
+    _partials/<id>.<key>.parquet   what aggregation needs of shard <id> under histogram settings <key> (a cache)
 
 A shard commits in three steps: write every table's file under ``_staging/``, write the marker (the commit point),
 move the files into their table folders. ``recover()`` finishes the moves of a shard whose marker exists and deletes
@@ -22,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -32,8 +34,17 @@ from colortrend.io.fs import display, filesystem, is_local
 SHARD_TABLES = ("photos", "faces", "garments")
 MARKERS = "_markers"
 STAGING = "_staging"
+#: Per-shard partial tables of the aggregation (``colortrend.aggregate.partials``), named ``<shard>.<key>.parquet``.
+PARTIALS = "_partials"
+_PARTIAL_NAME = re.compile(r"^(?P<shard>.+)\.[0-9a-f]{16}\.parquet$")
 #: The folders every output starts with (``prepare``); aggregates add ``histograms/`` and ``report/``.
-FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs")
+FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs", PARTIALS)
+
+
+def partial_shard(name: str) -> str | None:
+    """The shard of a file in ``_partials/`` named like a partial; None for any other name (not ours)."""
+    match = _PARTIAL_NAME.match(name)
+    return match.group("shard") if match else None
 
 
 class Store:
@@ -168,6 +179,11 @@ class Store:
                 if name.startswith("part-") and f"{table}/{name}" not in committed:
                     self.delete(f"{table}/{name}")  # a shard dropped half-way: its marker is already gone
                     actions.append(f"removed uncommitted {table}/{name}")
+        for name in self.list(PARTIALS, ".parquet"):
+            shard = partial_shard(name)
+            if shard is not None and shard not in markers:
+                self.delete(f"{PARTIALS}/{name}")
+                actions.append(f"removed partial of uncommitted shard {shard}")
         return actions
 
     # ---- read ---------------------------------------------------------------------------------------------------
