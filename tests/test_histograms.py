@@ -420,3 +420,93 @@ def test_sketched_median_is_within_half_a_step_of_the_exact_one():
         got = np.full(exact.shape, np.nan)
         got[np.searchsorted(exact.index.to_numpy(), at["bin_key"][bucket]), at["channel"][bucket]] = median[bucket]
         assert np.abs(got - exact.to_numpy()).max() <= LAB_STEP / 2 + 1e-9, n
+
+
+# ---------------------------------------------------------------------------------- aggregation of committed shards
+def commit(store, shard_id: str, rows: pd.DataFrame, schemas: dict, status=None) -> None:
+    """Commit one shard whose photos each hold one measured person, through the store's own commit."""
+    status = status if status is not None else ["ok"] * len(rows)
+    base = {"photo_id": rows["photo_id"], "path": rows["photo_id"], "status": status, "face_idx": rows["face_idx"],
+            "content_hash": rows["content_hash"], "taken_year": rows["taken_year"], "quality_ok": rows["quality_ok"]}
+    columns = {**base, **{c: rows[c] for c in rows.columns}}
+    tables = {name: pa.table({f.name: pa.array(columns[f.name], f.type) if f.name in columns else
+                              pa.nulls(len(rows), f.type) for f in schema}, schema=schema)
+              for name, schema in schemas.items()}
+    store.commit_shard(shard_id, tables, {"photo_ids": list(rows["photo_id"]), "created": shard_id})
+
+
+@pytest.fixture()
+def committed(tmp_path):
+    from colortrend.config import load_from_dict
+    from colortrend.io.store import Store
+    from colortrend.pipeline import Pipeline
+
+    def cfg(**histograms):
+        return load_from_dict({"name": "agg", "input": {"paths": ["x"]}, "output": str(tmp_path / "out"),
+                               "histograms": {"bootstrap": 20, "min_persons": 3, **histograms}})
+
+    store = Store(tmp_path / "out")
+    store.prepare()
+    df = real_population(600, seed=5).drop_duplicates("content_hash").assign(taken_year=2016)
+    schemas = Pipeline(cfg()).schemas
+    for s, part in enumerate(np.array_split(np.arange(len(df)), 3)):
+        commit(store, f"s{s}", df.iloc[part], schemas)
+    return {"store": store, "cfg": cfg, "df": df, "schemas": schemas, "out": tmp_path / "out"}
+
+
+def partial_files(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "_partials").glob("*.parquet")}
+
+
+def test_committed_shards_aggregate_to_the_table_of_all_their_rows(committed):
+    from colortrend.run import build_aggregates, read
+
+    out, cfg = committed["out"], committed["cfg"]
+    assert build_aggregates(cfg(), committed["store"], force=True) == "rebuilt"
+    table = read(str(out), "histograms")
+    assert table.equals(build_histograms(committed["df"], cfg().histograms).to_pandas())
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert f'persons measured (garments)</td><td class="num">{len(committed["df"]):,}' in page
+    assert len(partial_files(out)) == 3  # one per shard
+
+
+def test_cached_partials_are_reused_and_rebuilt_only_for_what_shapes_them(committed):
+    from colortrend.io.store import Store
+    from colortrend.run import build_aggregates, read
+
+    out, cfg, store = committed["out"], committed["cfg"], committed["store"]
+    build_aggregates(cfg(), store, force=True)
+    first = partial_files(out)
+    build_aggregates(cfg(min_persons=5, bootstrap=30), store, force=True)  # not in a partial: all reused
+    assert partial_files(out) == first
+    recut = cfg(cohorts=[["young", 1995, 2009], ["old", 1940, 1994]])
+    build_aggregates(recut, store, force=True)  # cohorts shape partials: a new set, the old one kept
+    assert len(partial_files(out)) == 6 and set(first) < set(partial_files(out))
+    assert read(str(out), "histograms").equals(build_histograms(committed["df"], recut.histograms).to_pandas())
+    # A shard re-committed in place (same id, other rows) is rebuilt; a dropped shard's partials are deleted, and
+    # so are those of a shard whose marker is gone (recovery); files not named like a partial stay.
+    (out / "_partials" / "notes.txt").write_text("mine")
+    (out / "_partials" / "mine.parquet").write_bytes(b"not ours")
+    df = committed["df"]
+    fewer = df[df["photo_id"].isin(store.read_marker("s0")["photo_ids"][:50])]
+    commit(store, "s0", fewer, committed["schemas"])
+    store.drop_shard("s1")
+    build_aggregates(cfg(), store, force=True)
+    kept = pd.concat([fewer, df[df["photo_id"].isin(store.read_marker("s2")["photo_ids"])]])
+    assert read(str(out), "histograms").equals(build_histograms(kept, cfg().histograms).to_pandas())
+    names = set(partial_files(out))
+    assert not any(n.startswith("s1.") for n in names)
+    store.delete("_markers/s2.json")
+    assert any("partial of uncommitted shard s2" in a for a in Store(out).recover())
+    assert {n.split(".")[0] for n in partial_files(out)} == {"s0", "mine"}
+    assert (out / "_partials" / "notes.txt").read_text() == "mine"
+
+
+def test_a_photo_marked_duplicate_counts_no_person_in_any_shard(committed):
+    from colortrend.run import build_aggregates, read
+
+    out, cfg, store, df = committed["out"], committed["cfg"], committed["store"], committed["df"]
+    copy = df.iloc[:40].assign(photo_id=lambda d: "copy-" + d["photo_id"])  # the same bytes, another name
+    commit(store, "s9", copy, committed["schemas"], status=["duplicate"] * len(copy))
+    build_aggregates(cfg(), store, force=True)
+    assert read(str(out), "histograms").equals(build_histograms(df, cfg().histograms).to_pandas())
