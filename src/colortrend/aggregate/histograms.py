@@ -1,7 +1,9 @@
 """Cohort and age-bucket colour histograms: the statistics behind "what colour do the 95后 wear most?".
 
-Runs once after all photos, on the ``garments`` table; the result is the ``histograms/`` table (``HISTOGRAM_SCHEMA``),
-one row per (group, colour bin).
+Runs after the photos; the result is the ``histograms/`` table (``HISTOGRAM_SCHEMA``), one row per (group, colour
+bin). It is computed from a :class:`Partial` ("Partial tables" below), never from all rows: ``build_histograms``
+makes the one partial of a garments DataFrame, aggregation merges the cached partials of the committed shards
+(:mod:`colortrend.aggregate.partials`), and ``histograms_from_partial`` finishes either.
 
 Who is counted
     Each measured person whose face passed the quality filters (``quality_ok``) and who has an age. A photo stored
@@ -16,7 +18,18 @@ Colour bins
     ``palette``: the nearest colour of the curated named palette by CIEDE2000 (bins read "black", "camel", ...);
     ``grid``: a cell of a regular CIELAB grid. A cell's representative colour is the median L*, a*, b* of its
     persons (robust to the odd mis-measured garment) converted to sRGB; cells that are suppressed or empty show the
-    median of the whole bin instead (or the bin's nominal colour when no photographed person falls in it).
+    median of the whole bin instead (or the bin's nominal colour when no photographed person falls in it). The
+    medians come from a sketch: each channel's values rounded to ``LAB_STEP`` (0.1 CIELAB units), so a median is
+    within 0.05 units per channel of the exact one (ΔE76 under 0.09) and a representative 8-bit sRGB colour within
+    1 of the exact median's (tested against the per-person medians).
+
+Partial tables
+    Everything above needs only counts: persons per (photo year, whole-year age, colour bin) give every group's cell
+    counts, the bucket range, the bootstrap (multinomial draws on the counts) and the age-error correction (counts
+    by year, bin and estimated age; its calibration bootstrap needs nothing per person); purity comes from the
+    fit. The medians need per (group, bin, channel) the count of each sketch value. Both are integer codes with
+    counts (:class:`Partial`), summed when partials merge, so a merged partial is exactly the partial of all its
+    persons and its size stops growing once every (year, age, bin) and sketch value has been seen.
 
 Shares and intervals
     share = persons in the cell / persons in the group; ``rank`` orders the published cells of a group by share.
