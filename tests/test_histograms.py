@@ -1,19 +1,29 @@
 """Cohort / age-bucket histograms on synthetic garments tables whose right answers are known."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from colortrend.color.names import NAMED_COLORS
+from colortrend.aggregate import histograms as h
+from colortrend.aggregate.age_error import default_age_calibration
 from colortrend.aggregate.histograms import (
     HISTOGRAM_SCHEMA,
+    LAB_STEP,
     AgeCalibration,
     HistogramSettings,
+    Partial,
     build_histograms,
+    histograms_from_partial,
     load_sales,
+    select_persons,
+    whole_years,
 )
+from colortrend.color.names import NAMED_COLORS
+from colortrend.color.space import lab_to_rgb, rgb_to_lab, to_uint8
 
 RGB = {c.en: c.rgb for c in NAMED_COLORS}
 NEAR_BLACK = (22, 20, 24)
@@ -277,3 +287,226 @@ def test_bad_sales_and_settings_fail_with_the_reason():
 def test_no_persons_gives_an_empty_table_with_the_schema():
     table = build_histograms(garments([], []), HistogramSettings())
     assert table.num_rows == 0 and table.schema.equals(HISTOGRAM_SCHEMA)
+
+
+# ------------------------------------------------------------------------ partials against the row-based statistics
+def rowwise_histograms(garments_df: pd.DataFrame, settings: HistogramSettings, sales=None, age_calibration=None,
+                       group_types=("cohort", "age_bucket")) -> pd.DataFrame:
+    """The row-based build of the table before partials (kept here as the reference): every person's row binned,
+    grouped and median-ed with pandas, then the same cell statistics."""
+    if age_calibration is None:
+        age_calibration = default_age_calibration()
+    persons = select_persons(garments_df, settings)
+    lab = persons[["l", "a", "b"]].to_numpy(np.float64)
+    keys = h._bin_keys(lab, settings)
+    sales_cells = h._sales_cells(sales, settings) if sales is not None else None
+    bins = h._make_bins(np.concatenate([keys, sales_cells[1] if sales_cells else []]).astype(np.int64), settings)
+    k = np.searchsorted(bins.keys, keys)
+    bin_lab = bins.nominal_lab.astype(np.float64).copy()
+    if len(lab):
+        medians = pd.DataFrame(lab).groupby(k).median()
+        bin_lab[medians.index.to_numpy()] = medians.to_numpy()
+    names = h._bin_names(bins, bin_lab, settings)
+    taken = persons["taken_year"].to_numpy(np.int64)
+    age_years = whole_years(persons["age"].to_numpy(np.float64))
+    estimated = np.clip(age_years, 0, 110)
+    by_year = {int(t): np.zeros((len(bins.keys), 111)) for t in np.unique(taken)}
+    for t, counts in by_year.items():
+        np.add.at(counts, (k[taken == t], estimated[taken == t]), 1)
+    frames = []
+    for kind in group_types:
+        groups = h._cohort_groups(settings) if kind == "cohort" else h._bucket_groups(age_years, settings)
+        hard = groups.index(taken, age_years)
+        inside = hard >= 0
+        counts = np.zeros((len(groups.labels), len(bins.keys)), dtype=np.int64)
+        np.add.at(counts, (hard[inside], k[inside]), 1)
+        cell_lab = np.full((len(groups.labels), len(bins.keys), 3), np.nan)
+        if inside.any():
+            medians = pd.DataFrame(lab[inside]).groupby([hard[inside], k[inside]]).median()
+            cell_lab[medians.index.get_level_values(0), medians.index.get_level_values(1)] = medians.to_numpy()
+        correction = h._correction(groups, by_year, age_calibration, settings)
+        frame = h._group_frame(groups, counts, cell_lab, correction, bins, bin_lab, names, settings)
+        frames.append(h._blend(frame, sales_cells, bins, settings) if kind == "cohort" else frame)
+    return pd.concat(frames, ignore_index=True)[HISTOGRAM_SCHEMA.names]
+
+
+REP = ["rep_r", "rep_g", "rep_b"]
+
+
+def assert_same_statistics(table: pd.DataFrame, reference: pd.DataFrame) -> None:
+    """Equal in every column; representative colours (sketched medians) within 1 unit of 8-bit sRGB."""
+    table = table.reset_index(drop=True)
+    reference = pa.Table.from_pandas(reference, schema=HISTOGRAM_SCHEMA, preserve_index=False).to_pandas()
+    assert len(table) == len(reference) and len(table)
+    pd.testing.assert_frame_equal(table.drop(columns=REP), reference.drop(columns=REP), check_dtype=False)
+    assert np.abs(table[REP].astype(int).to_numpy() - reference[REP].astype(int).to_numpy()).max() <= 1
+
+
+def real_population(n: int, seed: int) -> pd.DataFrame:
+    """Ages the shipped age model gave real faces (its calibration CSV), garment colours of real photo pixels
+    (data/demo), three photo years, some rejected faces and some repeated photos."""
+    from PIL import Image
+
+    from colortrend.aggregate.age_error import DEFAULT_CALIBRATION
+
+    rng = np.random.default_rng(seed)
+    ages = pd.read_csv(DEFAULT_CALIBRATION)["predicted_age"].dropna().to_numpy()
+    photos = sorted((ROOT / "data" / "demo").glob("*.jpg"))[:6]
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB").reduce(8)).reshape(-1, 3) for p in photos])
+    rgb = pixels[rng.integers(0, len(pixels), n)]
+    df = garments(rng.choice(ages, n), [tuple(c) for c in rgb], year=2016)
+    df["taken_year"] = rng.choice([2015, 2016, 2017], n)
+    df["quality_ok"] = rng.random(n) > 0.1
+    repeated = rng.choice(n, n // 20, replace=False)  # the same bytes under another name: counted once
+    df.loc[repeated, "content_hash"] = df["content_hash"].iloc[(repeated + 1) % n].to_numpy()
+    return df
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("bins", ["palette", "grid"])
+def test_partial_statistics_equal_the_row_based_ones_on_real_ages_and_colours(bins):
+    df = real_population(1500, seed=1)
+    settings = HistogramSettings(bins=bins, grid_step=20.0, min_persons=5, bootstrap=20)
+    sales = pd.DataFrame({"birth_year": [1996, 1990, 1980], "color_name": ["black", "white", "navy"],
+                          "quantity": [5, 3, 2]})
+    table = build_histograms(df, settings, sales=sales).to_pandas()
+    assert_same_statistics(table, rowwise_histograms(df, settings, sales=sales))
+    assert table["share_soft"].notna().any() and table["suppressed"].any() and table["sales_share"].notna().any()
+
+
+def test_partial_statistics_equal_the_row_based_ones_on_generated_ages_outside_every_group():
+    # Negative, very old and fractional ages, a measured calibration, upper-garment colours with stored CIELAB.
+    rng = np.random.default_rng(2)
+    n = 2500
+    df = garments(np.r_[rng.uniform(-3, 95, n - 2), [-0.6, 104.4]], rng.choice(list(RGB)[:12], n))
+    df = df.rename(columns={f"dominant_{c}": f"upper_{c}" for c in "rgb"})
+    lab = rgb_to_lab(df[[f"upper_{c}" for c in "rgb"]].to_numpy(np.float64)) + rng.normal(0, 0.4, (n, 3))
+    for i, c in enumerate("lab"):
+        df[f"upper_lab_{c}"] = lab[:, i]
+    calibration = measured(lambda age, rng: rng.normal(1.0, 2.5, len(age)))
+    for settings in (HistogramSettings(colour="upper", min_persons=3, bootstrap=20, age_bucket_years=7),
+                     HistogramSettings(colour="upper", bins="grid", grid_step=6.0, bootstrap=20)):
+        table = build_histograms(df, settings, age_calibration=calibration).to_pandas()
+        assert_same_statistics(table, rowwise_histograms(df, settings, age_calibration=calibration))
+
+
+def test_partials_merge_to_the_partial_of_all_persons():
+    df = real_population(1000, seed=3).drop_duplicates("content_hash")  # shards never share a person
+    settings = HistogramSettings(min_persons=3, bootstrap=20)
+    whole = Partial.of_garments(df, settings)
+    shards = np.random.default_rng(0).integers(0, 7, len(df))
+    merged = Partial.merge(Partial.of_garments(df[shards == s], settings) for s in range(7))
+    for field in ("cell_codes", "cell_persons", "colour_codes", "colour_persons"):
+        assert np.array_equal(getattr(merged, field), getattr(whole, field)), field
+    assert merged.persons == df["quality_ok"].sum()
+    assert histograms_from_partial(merged, settings).equals(build_histograms(df, settings))
+
+
+def test_sketched_median_is_within_half_a_step_of_the_exact_one():
+    rng = np.random.default_rng(4)
+    settings = HistogramSettings(min_persons=1)
+    for n in (1, 2, 3, 10, 501, 4000):
+        lab = np.c_[rng.uniform(0, 100, n), rng.normal(0, 30, n), rng.normal(0, 30, n)]
+        rgb = to_uint8(lab_to_rgb(lab))
+        df = garments([20.0] * n, [tuple(c) for c in rgb])
+        persons = select_persons(df, settings)
+        lab = persons[["l", "a", "b"]].to_numpy()
+        exact = pd.DataFrame(lab).groupby(h._bin_keys(lab, settings)).median()
+        partial = Partial.of_garments(df, settings)
+        at, median = h._sketch_medians(partial.colour_codes, partial.colour_persons)
+        bucket = at["group_type"] == h._BUCKET  # everyone is 20: one bucket holds every person
+        got = np.full(exact.shape, np.nan)
+        got[np.searchsorted(exact.index.to_numpy(), at["bin_key"][bucket]), at["channel"][bucket]] = median[bucket]
+        assert np.abs(got - exact.to_numpy()).max() <= LAB_STEP / 2 + 1e-9, n
+
+
+# ---------------------------------------------------------------------------------- aggregation of committed shards
+def commit(store, shard_id: str, rows: pd.DataFrame, schemas: dict, status=None) -> None:
+    """Commit one shard whose photos each hold one measured person, through the store's own commit."""
+    status = status if status is not None else ["ok"] * len(rows)
+    base = {"photo_id": rows["photo_id"], "path": rows["photo_id"], "status": status, "face_idx": rows["face_idx"],
+            "content_hash": rows["content_hash"], "taken_year": rows["taken_year"], "quality_ok": rows["quality_ok"]}
+    columns = {**base, **{c: rows[c] for c in rows.columns}}
+    tables = {name: pa.table({f.name: pa.array(columns[f.name], f.type) if f.name in columns else
+                              pa.nulls(len(rows), f.type) for f in schema}, schema=schema)
+              for name, schema in schemas.items()}
+    store.commit_shard(shard_id, tables, {"photo_ids": list(rows["photo_id"]), "created": shard_id})
+
+
+@pytest.fixture()
+def committed(tmp_path):
+    from colortrend.config import load_from_dict
+    from colortrend.io.store import Store
+    from colortrend.pipeline import Pipeline
+
+    def cfg(**histograms):
+        return load_from_dict({"name": "agg", "input": {"paths": ["x"]}, "output": str(tmp_path / "out"),
+                               "histograms": {"bootstrap": 20, "min_persons": 3, **histograms}})
+
+    store = Store(tmp_path / "out")
+    store.prepare()
+    df = real_population(600, seed=5).drop_duplicates("content_hash").assign(taken_year=2016)
+    schemas = Pipeline(cfg()).schemas
+    for s, part in enumerate(np.array_split(np.arange(len(df)), 3)):
+        commit(store, f"s{s}", df.iloc[part], schemas)
+    return {"store": store, "cfg": cfg, "df": df, "schemas": schemas, "out": tmp_path / "out"}
+
+
+def partial_files(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "_partials").glob("*.parquet")}
+
+
+def test_committed_shards_aggregate_to_the_table_of_all_their_rows(committed):
+    from colortrend.run import build_aggregates, read
+
+    out, cfg = committed["out"], committed["cfg"]
+    assert build_aggregates(cfg(), committed["store"], force=True) == "rebuilt"
+    table = read(str(out), "histograms")
+    assert table.equals(build_histograms(committed["df"], cfg().histograms).to_pandas())
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert f'persons measured (garments)</td><td class="num">{len(committed["df"]):,}' in page
+    assert len(partial_files(out)) == 3  # one per shard
+
+
+def test_cached_partials_are_reused_and_rebuilt_only_for_what_shapes_them(committed):
+    from colortrend.io.store import Store
+    from colortrend.run import build_aggregates, read
+
+    out, cfg, store = committed["out"], committed["cfg"], committed["store"]
+    build_aggregates(cfg(), store, force=True)
+    first = partial_files(out)
+    build_aggregates(cfg(min_persons=5, bootstrap=30), store, force=True)  # not in a partial: all reused
+    assert partial_files(out) == first
+    recut = cfg(cohorts=[["young", 1995, 2009], ["old", 1940, 1994]])
+    build_aggregates(recut, store, force=True)  # cohorts shape partials: a new set, the old one kept
+    assert len(partial_files(out)) == 6 and set(first) < set(partial_files(out))
+    assert read(str(out), "histograms").equals(build_histograms(committed["df"], recut.histograms).to_pandas())
+    # A shard re-committed in place (same id, other rows) is rebuilt; a dropped shard's partials are deleted, and
+    # so are those of a shard whose marker is gone (recovery); files not named like a partial stay.
+    (out / "_partials" / "notes.txt").write_text("mine")
+    (out / "_partials" / "mine.parquet").write_bytes(b"not ours")
+    df = committed["df"]
+    fewer = df[df["photo_id"].isin(store.read_marker("s0")["photo_ids"][:50])]
+    commit(store, "s0", fewer, committed["schemas"])
+    store.drop_shard("s1")
+    build_aggregates(cfg(), store, force=True)
+    kept = pd.concat([fewer, df[df["photo_id"].isin(store.read_marker("s2")["photo_ids"])]])
+    assert read(str(out), "histograms").equals(build_histograms(kept, cfg().histograms).to_pandas())
+    names = set(partial_files(out))
+    assert not any(n.startswith("s1.") for n in names)
+    store.delete("_markers/s2.json")
+    assert any("partial of uncommitted shard s2" in a for a in Store(out).recover())
+    assert {n.split(".")[0] for n in partial_files(out)} == {"s0", "mine"}
+    assert (out / "_partials" / "notes.txt").read_text() == "mine"
+
+
+def test_a_photo_marked_duplicate_counts_no_person_in_any_shard(committed):
+    from colortrend.run import build_aggregates, read
+
+    out, cfg, store, df = committed["out"], committed["cfg"], committed["store"], committed["df"]
+    copy = df.iloc[:40].assign(photo_id=lambda d: "copy-" + d["photo_id"])  # the same bytes, another name
+    commit(store, "s9", copy, committed["schemas"], status=["duplicate"] * len(copy))
+    build_aggregates(cfg(), store, force=True)
+    assert read(str(out), "histograms").equals(build_histograms(df, cfg().histograms).to_pandas())

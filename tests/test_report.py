@@ -9,6 +9,7 @@ import pytest
 
 from colortrend.color.names import NAMED_COLORS
 from colortrend.aggregate.histograms import HistogramSettings, build_histograms
+from colortrend.aggregate.partials import SampleCounts
 from colortrend.aggregate.report import ReportSettings, write_report
 
 RGB = {c.en: c.rgb for c in NAMED_COLORS}
@@ -38,9 +39,10 @@ def run(tmp_path_factory):
         "config": {"name": "demo", "histograms": {"cohorts": [list(c) for c in settings.cohorts], "min_persons": 10}},
     }
     out = tmp_path_factory.mktemp("out")
-    index = write_report(out, histograms, garments, photos, faces, run_info, ReportSettings(top_colours=20))
+    index = write_report(out, histograms, SampleCounts.of_tables(photos, garments, faces), run_info,
+                         ReportSettings(top_colours=20))
     return {"index": index, "html": index.read_text(encoding="utf-8"), "histograms": histograms, "out": out,
-            "garments": garments, "photos": photos, "faces": faces, "run_info": run_info}
+            "garments": garments, "samples": SampleCounts.of_tables(photos, garments, None), "run_info": run_info}
 
 
 def cohort_section(page: str, label: str) -> str:
@@ -58,6 +60,26 @@ def test_report_is_written_beside_its_charts(run):
     for png in pngs:
         assert (index.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(index.parent.glob("*.tmp")) and not list(index.parent.glob(".index.html.*"))
+
+
+def test_a_rewrite_keeps_what_it_did_not_draw_and_honours_the_umask(run, tmp_path):
+    """Charts a report no longer draws are removed, a file a user put beside the page is not; files get the
+    umask's permissions (analysts sharing a group can read them), as open() would create them."""
+    import os
+
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "ranking_99.png").write_bytes(b"an old chart")
+    (report / "team-logo.png").write_bytes(b"not ours")
+    old = os.umask(0o002)
+    try:
+        index = write_report(tmp_path, run["histograms"], run["samples"], run["run_info"])
+    finally:
+        os.umask(old)
+    assert not (report / "ranking_99.png").exists()
+    assert (report / "team-logo.png").read_bytes() == b"not ours"
+    for path in [index, *report.glob("*_shares.png")]:
+        assert path.stat().st_mode & 0o777 == 0o664, path
 
 
 def test_page_is_self_contained(run):
@@ -132,10 +154,10 @@ def test_sample_counts_and_run_record_are_shown(run):
 
 def test_rewriting_drops_charts_of_cohorts_that_are_gone(run, tmp_path):
     table = run["histograms"]
-    first = write_report(tmp_path, table, run["garments"], run["photos"], None, run["run_info"])
+    first = write_report(tmp_path, table, run["samples"], run["run_info"])
     before = {p.name for p in first.parent.glob("ranking_*.png")}
     fewer = table[~table["group"].isin(["00后", "95后"])]
-    write_report(tmp_path, fewer, run["garments"], run["photos"], None, run["run_info"])
+    write_report(tmp_path, fewer, run["samples"], run["run_info"])
     after = {p.name for p in first.parent.glob("ranking_*.png")}
     assert len(after) == len(before) - 2
 
@@ -149,7 +171,7 @@ def test_with_a_measured_calibration_the_page_ranks_by_the_corrected_share(run, 
     settings = HistogramSettings(age_calibration_path=str(calibration))
     table = build_histograms(run["garments"], settings).to_pandas()
     run_info = {**run["run_info"], "config": {"histograms": {"age_calibration_path": str(calibration)}}}
-    page = write_report(tmp_path, table, run["garments"], run["photos"], None, run_info).read_text(encoding="utf-8")
+    page = write_report(tmp_path, table, run["samples"], run_info).read_text(encoding="utf-8")
     assert "corrected for age error" in page and "calibration.csv" in page
     cohorts = table[table["group_type"] == "cohort"]
     for label, rows in cohorts.groupby("group", sort=False):
@@ -180,7 +202,8 @@ def test_a_tie_or_an_unclear_lead_is_said_not_crowned(tmp_path):
                              "dominant_b": rgb[:, 2]})
     photos = pd.DataFrame({"photo_id": garments["photo_id"], "taken_year": 2016, "status": "ok"})
     table = build_histograms(garments, HistogramSettings(bootstrap=200)).to_pandas()
-    page = write_report(tmp_path, table, garments, photos, None, {"name": "ties"}).read_text(encoding="utf-8")
+    samples = SampleCounts.of_tables(photos, garments, None)
+    page = write_report(tmp_path, table, samples, {"name": "ties"}).read_text(encoding="utf-8")
     assert "95后 · 黑色 black = 炭灰 charcoal</div>" in page and "a tie" in page
     lead = table[(table["group"] == "95后") & (table["group_type"] == "cohort")]
     assert lead["share"].max() < 0.35  # and white (14 of 44) sits inside the leaders' intervals

@@ -217,11 +217,15 @@ def committed_hashes(store: Store, exclude: set[str]) -> dict[str, str]:
 
 
 def build_aggregates(cfg: Config, store: Store, force: bool = False, models: dict | None = None) -> str:
-    """Histograms and report from all committed rows; skipped when neither the rows nor their settings changed."""
-    markers = store.markers()
-    key = hashlib.sha256(json.dumps(
-        [sorted((k, m.get("created")) for k, m in markers.items()), to_dict(cfg.histograms), to_dict(cfg.report),
-         __version__], default=str).encode()).hexdigest()[:16]
+    """Histograms and report from all committed shards; skipped when neither the shards nor their settings changed.
+    Markers are read one at a time: nothing here grows with the number of photos."""
+    from colortrend.aggregate.partials import committed_shards
+
+    digest = hashlib.sha256()
+    for shard_id, marker in committed_shards(store):
+        digest.update(json.dumps([shard_id, marker.get("created")]).encode())
+    digest.update(json.dumps([to_dict(cfg.histograms), to_dict(cfg.report), __version__], default=str).encode())
+    key = digest.hexdigest()[:16]
     state = store.read_json(AGGREGATES_STATE) or {}
     if not force and state.get("key") == key and store.exists("report/index.html"):
         return "up to date"
@@ -231,16 +235,16 @@ def build_aggregates(cfg: Config, store: Store, force: bool = False, models: dic
 
 
 def write_aggregates(cfg: Config, store: Store, models: dict | None = None) -> None:
-    from colortrend.aggregate.histograms import build_histograms
+    """The ``histograms/`` table and the report, from the merged per-shard partials (never from all rows)."""
+    from colortrend.aggregate.histograms import histograms_from_partial
+    from colortrend.aggregate.partials import merged_partial
     from colortrend.aggregate.report import write_report
 
-    # With nothing committed (an empty input folder on a cron night) the tables are empty but keep their columns.
-    schemas = Pipeline(cfg).schemas
-    garments, photos, faces = (store.read_table(name, schema=schemas[name]).to_pandas()
-                               for name in ("garments", "photos", "faces"))
-    histograms = build_histograms(garments, cfg.histograms)
+    # With nothing committed (an empty input folder on a cron night) the table is empty but keeps its columns.
+    merged = merged_partial(store, cfg.histograms)
+    histograms = histograms_from_partial(merged.histogram, cfg.histograms)
     store.write_table("histograms", histograms)
-    args = (histograms.to_pandas(), garments, photos, faces, run_info(cfg, store, models), cfg.report)
+    args = (histograms.to_pandas(), merged.samples, run_info(cfg, store, models), cfg.report)
     if store.local:
         write_report(store.root, *args)
         return

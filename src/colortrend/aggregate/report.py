@@ -15,21 +15,25 @@ import contextlib
 import dataclasses
 import functools
 import html
+import io
 import json
 import logging
 import math
-import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from colortrend.aggregate.histograms import HistogramSettings
+from colortrend.io.store import atomic_write
+
+if TYPE_CHECKING:
+    from colortrend.aggregate.partials import SampleCounts
 
 #: Fonts tried for Chinese labels in the PNG charts before the shipped subset.
 CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei", "PingFang SC",
@@ -38,6 +42,8 @@ CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "Wen
 #: (``scripts/make_cjk_subset.py``): Chinese renders on a machine with no Chinese font, in the page and the charts.
 CJK_SUBSET = Path(__file__).resolve().parent.parent / "report_assets" / "cjk-subset.otf"
 SUPPRESSED_GREY = "#d4d4d8"
+#: The charts this module draws beside the page (and so may delete when a report no longer draws one).
+CHART_NAME = re.compile(r"(cohort_shares|age_shares|ranking_\d+)\.png")
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,15 @@ class ReportSettings:
 def write_report(
     out_dir: Path,
     histograms: pd.DataFrame,
-    garments: pd.DataFrame,
-    photos: pd.DataFrame,
-    faces: pd.DataFrame | None,
+    samples: SampleCounts,
     run_info: dict[str, Any],
     settings: ReportSettings | None = None,
 ) -> Path:
     """Write ``out_dir/report/index.html`` and its PNG charts; return the path of ``index.html``.
 
-    ``histograms``: the ``histograms/`` table; ``garments``, ``photos``, ``faces`` (optional): the run's tables, for
-    the sample counts; ``run_info``: the run's record, all of it shown (``name``, ``version``, ``models``, and
+    ``histograms``: the ``histograms/`` table; ``samples``: the sample counts of the committed shards (merged from
+    their partials, or ``SampleCounts.of_tables`` of a run's tables); ``run_info``: the run's record, all of it
+    shown (``name``, ``version``, ``models``, and
     ``config``, whose ``histograms`` section also feeds the method notes). Each file is written under a temporary
     name and renamed, the page last, so a reader never sees a half-written file.
     """
@@ -87,14 +92,14 @@ def write_report(
     page = _page(
         cohorts=cohorts,
         buckets=buckets,
-        counts=_sample_counts(photos, garments, faces, histograms),
+        counts=_sample_counts(samples, histograms),
         run_info=run_info,
         settings=settings,
         stats=stats,
         charts={"cohorts": stacked_cohorts, "ages": stacked_ages, "rankings": rankings},
     )
     index = report_dir / "index.html"
-    _write_atomic(index, page.encode("utf-8"))
+    atomic_write(index, page.encode("utf-8"))
     return index
 
 
@@ -131,26 +136,16 @@ def _groups(histograms: pd.DataFrame, group_type: str, corrected: bool = False) 
     return out
 
 
-def _sample_counts(photos: pd.DataFrame, garments: pd.DataFrame, faces: pd.DataFrame | None,
-                   histograms: pd.DataFrame) -> dict[str, Any]:
-    by_status = photos["status"].fillna("unknown").value_counts() if "status" in photos else pd.Series(dtype=int)
-    if faces is not None:
-        n_faces = len(faces)
-    elif "n_faces" in photos:
-        n_faces = int(pd.to_numeric(photos["n_faces"], errors="coerce").fillna(0).sum())
-    else:
-        n_faces = None
-    quality = faces if faces is not None and "quality_ok" in faces else None
-    years = sorted({int(y) for y in pd.to_numeric(photos.get("taken_year", pd.Series(dtype=float))).dropna()})
+def _sample_counts(samples: SampleCounts, histograms: pd.DataFrame) -> dict[str, Any]:
     buckets = histograms[histograms["group_type"] == "age_bucket"].drop_duplicates("group")
     cohorts = histograms[histograms["group_type"] == "cohort"].drop_duplicates("group")
     return {
-        "photos": len(photos),
-        "years": [str(y) for y in years],
-        "by_status": [(str(s), int(n)) for s, n in by_status.items()],
-        "faces": n_faces,
-        "faces_ok": int(quality["quality_ok"].fillna(False).astype(bool).sum()) if quality is not None else None,
-        "measured": len(garments),
+        "photos": samples.photos,
+        "years": [str(y) for y in sorted(samples.years)],
+        "by_status": sorted(samples.by_status.items(), key=lambda kv: (-kv[1], kv[0])),
+        "faces": samples.faces,
+        "faces_ok": samples.faces_ok,
+        "measured": samples.measured,
         # Age buckets hold every counted person (they span the youngest to the oldest estimate).
         "counted": int(buckets["group_persons"].sum()),
         "in_cohorts": int(cohorts["group_persons"].sum()),
@@ -194,10 +189,10 @@ class _Charts:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         FigureCanvasAgg(fig)
-        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".png.tmp", delete=False) as tmp:
-            # No "Software" stamp: the same run draws byte-identical charts.
-            fig.savefig(tmp, format="png", metadata={"Software": None}, facecolor="white")
-        _publish(Path(tmp.name), self.folder / name)
+        buffer = io.BytesIO()
+        # No "Software" stamp: the same run draws byte-identical charts.
+        fig.savefig(buffer, format="png", metadata={"Software": None}, facecolor="white")
+        atomic_write(self.folder / name, buffer.getvalue())
         self.written.add(name)
         return name
 
@@ -266,12 +261,11 @@ class _Charts:
             return self._save(fig, name)
 
     def remove_stale(self) -> None:
-        """Delete charts of an earlier report that this one no longer draws (e.g. a cohort was removed)."""
+        """Delete charts of an earlier report that this one no longer draws (e.g. a cohort was removed): files named
+        as this module names its charts, nothing else a user may have put beside the page."""
         for path in self.folder.glob("*.png"):
-            if path.name not in self.written:
+            if CHART_NAME.fullmatch(path.name) and path.name not in self.written:
                 path.unlink()
-        for path in self.folder.glob("*.png.tmp"):
-            path.unlink()
 
 
 @functools.cache
@@ -638,13 +632,3 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (list, tuple)) else value)]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(data)
-    _publish(Path(tmp.name), path)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    """Rename a finished temporary file into place, world-readable like a served page (mkstemp makes it 0600)."""
-    tmp.chmod(0o644)
-    os.replace(tmp, path)

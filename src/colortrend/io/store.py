@@ -10,6 +10,7 @@ Layout under the config's ``output`` (a folder, or an fsspec URL such as ``s3://
     _staging/                  files being written (a reader globbing *.parquet never sees them)
     _runs/<time>.json          resolved config, versions, model checksums and summary of each run
     _logs/<id>.tsv             per-shard list of photos that failed, with their status and error
+    _partials/<id>.<key>.parquet   what aggregation needs of shard <id> under histogram settings <key> (a cache)
 
 A shard commits in three steps: write every table's file under ``_staging/``, write the marker (the commit point),
 move the files into their table folders. ``recover()`` finishes the moves of a shard whose marker exists and deletes
@@ -30,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterator
@@ -42,8 +44,17 @@ from colortrend.io.fs import display, filesystem, is_local
 SHARD_TABLES = ("photos", "faces", "garments")
 MARKERS = "_markers"
 STAGING = "_staging"
+#: Per-shard partial tables of the aggregation (``colortrend.aggregate.partials``), named ``<shard>.<key>.parquet``.
+PARTIALS = "_partials"
+_PARTIAL_NAME = re.compile(r"^(?P<shard>.+)\.[0-9a-f]{16}\.parquet$")
 #: The folders every output starts with (``prepare``); aggregates add ``histograms/`` and ``report/``.
-FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs")
+FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs", PARTIALS)
+
+
+def partial_shard(name: str) -> str | None:
+    """The shard of a file in ``_partials/`` named like a partial; None for any other name (not ours)."""
+    match = _PARTIAL_NAME.match(name)
+    return match.group("shard") if match else None
 
 
 class Store:
@@ -202,6 +213,11 @@ class Store:
                 if name.startswith("part-") and f"{table}/{name}" not in committed:
                     self.delete(f"{table}/{name}")  # a shard dropped half-way: its marker is already gone
                     actions.append(f"removed uncommitted {table}/{name}")
+        for name in self.list(PARTIALS, ".parquet"):
+            shard = partial_shard(name)
+            if shard is not None and shard not in markers:
+                self.delete(f"{PARTIALS}/{name}")
+                actions.append(f"removed partial of uncommitted shard {shard}")
         return actions
 
     # ---- read ---------------------------------------------------------------------------------------------------
@@ -307,34 +323,46 @@ class Store:
                    markers: dict[str, dict] | None = None) -> Iterator[tuple[str, pa.Table]]:
         """(shard id, rows) of each committed file of a shard table, one file at a time (of ``markers``, default
         all). A file read whole has its sha256 checked; a damaged file is an ``OutputError`` naming it."""
+        for shard_id, marker in (self.markers() if markers is None else markers).items():
+            rows = self.read_shard(shard_id, marker, table, columns, schema)
+            if rows is not None:
+                yield shard_id, rows
+
+    def read_shard(self, shard_id: str, marker: dict, table: str, columns: list[str] | None = None,
+                   schema: pa.Schema | None = None, present_only: bool = False) -> pa.Table | None:
+        """One committed shard's rows of ``table`` (None when the shard has no such file, or it is being moved
+        into place or was just replaced). ``present_only`` reads those of ``columns`` the file has (older shards
+        may lack some). A file read whole has its sha256 checked; a damaged file is an ``OutputError`` naming it."""
         import pyarrow.parquet as pq
 
-        for shard_id, marker in (self.markers() if markers is None else markers).items():
-            rel = marker["files"].get(table)
-            if rel is None:
-                continue
-            try:
-                if columns is None:  # the whole file is read anyway: check it is the one committed
-                    data = self.fs.cat_file(self.path(rel))
-                    expected = marker.get("sha256", {}).get(table)
-                    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-                        raise OutputError(f"output: {self.uri(rel)} holds other bytes than those committed (its "
-                                          "sha256 differs); `colortrend run` redoes that shard")
-                    source = pa.BufferReader(data)
-                else:
-                    source = self.fs.open(self.path(rel), "rb")
-                with source:
-                    yield shard_id, pq.read_table(source, columns=columns, schema=schema)
-            except FileNotFoundError:
-                if self.exists(_staged(table, shard_id)):
-                    continue  # committed, still being moved into place: its rows are visible once it is
-                if self.exists(self.marker(shard_id)):
-                    raise OutputError(f"output: {self.uri(rel)} is missing; `colortrend run` redoes that "
-                                      "shard") from None
-                continue  # dropped by a concurrent replacement between listing and reading
-            except (OSError, pa.ArrowException) as exc:
-                raise OutputError(f"output: {self.uri(rel)} is damaged ({_reason(exc)}); `colortrend run` redoes "
-                                  "that shard") from None
+        rel = marker["files"].get(table)
+        if rel is None:
+            return None
+        try:
+            if columns is None:  # the whole file is read anyway: check it is the one committed
+                data = self.fs.cat_file(self.path(rel))
+                expected = marker.get("sha256", {}).get(table)
+                if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                    raise OutputError(f"output: {self.uri(rel)} holds other bytes than those committed (its "
+                                      "sha256 differs); `colortrend run` redoes that shard")
+                source = pa.BufferReader(data)
+            else:
+                source = self.fs.open(self.path(rel), "rb")
+            with source:
+                if present_only and columns is not None:
+                    parquet = pq.ParquetFile(source)
+                    return parquet.read(columns=[c for c in columns if c in parquet.schema_arrow.names])
+                return pq.read_table(source, columns=columns, schema=schema)
+        except FileNotFoundError:
+            if self.exists(_staged(table, shard_id)):
+                return None  # committed, still being moved into place: its rows are visible once it is
+            if self.exists(self.marker(shard_id)):
+                raise OutputError(f"output: {self.uri(rel)} is missing; `colortrend run` redoes that "
+                                  "shard") from None
+            return None  # dropped by a concurrent replacement between listing and reading
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"output: {self.uri(rel)} is damaged ({_reason(exc)}); `colortrend run` redoes "
+                              "that shard") from None
 
     def read_table(self, table: str, schema: pa.Schema | None = None, columns: list[str] | None = None,
                    markers: dict[str, dict] | None = None) -> pa.Table:
