@@ -67,6 +67,16 @@ def test_known_ages_land_in_the_right_cohort_and_bucket():
     assert cell(cohort, "95后", "black")["group_first"] == 1995
 
 
+def test_the_stored_cielab_centre_bins_a_person_before_its_8_bit_rgb():
+    """The k-means centre in CIELAB (dominant_lab_l/a/b) is the precise colour; its 8-bit RGB only stands in
+    where it is missing. A centre stored as red bins as red even though its RGB columns say black."""
+    red = rgb_to_lab(np.array([RGB["red"]], float))[0]
+    df = garments([30, 30], ["black", "black"], dominant_lab_l=[red[0], np.nan], dominant_lab_a=[red[1], np.nan],
+                  dominant_lab_b=[red[2], np.nan])
+    cohort = cells(build_histograms(df, HistogramSettings(min_persons=1)))
+    assert cell(cohort, "85后", "red")["persons"] == 1 and cell(cohort, "85后", "black")["persons"] == 1
+
+
 def population(n=600, seed=0):
     rng = np.random.default_rng(seed)
     ages = rng.uniform(8, 45, n)

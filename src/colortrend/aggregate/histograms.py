@@ -211,7 +211,7 @@ def select_persons(garments: pd.DataFrame, settings: HistogramSettings) -> pd.Da
     df = df.drop_duplicates(["_key", "face_idx"])
 
     lab = rgb_to_lab(df[rgb_cols].to_numpy(np.float64))
-    lab_cols = [f"{settings.colour}_{c}" for c in "lab"]
+    lab_cols = [f"{settings.colour}_lab_{c}" for c in "lab"]  # dominant_lab_l/a/b (dominant_b is blue)
     if all(c in df.columns for c in lab_cols):  # k-means centres: more precise than their 8-bit rounding
         stored = df[lab_cols].to_numpy(np.float64, na_value=np.nan)
         lab = np.where(np.isnan(stored), lab, stored)
