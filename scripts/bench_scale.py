@@ -1,4 +1,5 @@
-"""Aggregation at scale: time and peak memory of building histograms and report over N committed persons.
+"""The coordinator at scale: time and peak memory of planning and of building histograms and report over N
+committed persons.
 
     python scripts/bench_scale.py --persons 1000000 --json [--baseline-src /path/to/other/src]
 
@@ -11,8 +12,10 @@ reused by later runs with the same ``--persons`` and ``--shard-size``.
 Then ``build_aggregates(force=True)`` runs in a fresh subprocess (so its peak RSS is its own): ``cold`` with no cached
 partials (every shard read once), ``warm`` with them. ``--baseline-src`` runs the same measurement on another source
 tree (e.g. ``git archive`` of an older commit) over the same output, for a side-by-side figure.
+Planning (``colortrend.plan.plan``, what every run and ``status`` do first) runs the same way over the committed
+output with one new photo to list: it reads the committed photos' ids and input columns, never the rows.
 Prints one JSON object on the last line: ``aggregate_s``, ``aggregate_peak_mb`` (cold), ``aggregate_warm_s``,
-``aggregate_warm_peak_mb``, and ``baseline_aggregate_s``/``baseline_aggregate_peak_mb`` when asked.
+``aggregate_warm_peak_mb``, ``plan_s``, ``plan_peak_mb``, and the ``baseline_`` figures when asked.
 """
 from __future__ import annotations
 
@@ -41,10 +44,36 @@ build_aggregates(cfg, Store(cfg.output), force=True)
 print(json.dumps({"s": time.perf_counter() - t,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
+MEASURE_PLAN = """
+import json, resource, sys, time
+from colortrend.config import load_from_dict
+from colortrend.io.store import Store
+from colortrend.pipeline import Pipeline
+from colortrend.run import plan
+cfg = load_from_dict(json.loads(sys.argv[1]))
+pipeline = Pipeline(cfg)
+t = time.perf_counter()
+the_plan = plan(cfg, pipeline, Store(cfg.output))
+print(json.dumps({"s": time.perf_counter() - t, "tasks": len(the_plan.tasks),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+#: Bumped when the fabricated output's layout changes, so an older one is made again.
+FORMAT = 2
 
 
 def config(out: Path) -> dict:
-    return {"name": "bench_scale", "input": {"paths": [str(out / "none")]}, "output": str(out)}
+    return {"name": "bench_scale", "input": {"paths": [str(out.parent / f"{out.name}-inputs")]}, "output": str(out)}
+
+
+def one_new_photo(out: Path) -> None:
+    """The input folder planning lists: one small photo, not yet analysed."""
+    import cv2
+
+    folder = out.parent / f"{out.name}-inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / "new.png"), np.full((8, 8, 3), 128, np.uint8))
 
 
 def fabricate(out: Path, persons: int, shard_size: int, seed: int = 0) -> float:
@@ -83,20 +112,20 @@ def fabricate(out: Path, persons: int, shard_size: int, seed: int = 0) -> float:
         tables = {name: pa.table({f.name: pa.array(known[f.name], f.type) if f.name in known else
                                   pa.nulls(n, f.type) for f in schema}, schema=schema)
                   for name, schema in schemas.items()}
-        marker = {"photo_ids": ids.tolist(), "fingerprint": fingerprints[pipeline.stages[-1].name],
+        marker = {"fingerprint": fingerprints[pipeline.stages[-1].name],  # ids live in the photos file, as a run's
                   "stages": fingerprints, "seconds": {}, "replaces": [],
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         store.commit_shard(f"bench{s:06d}", tables, marker)
-    (out / "_bench.json").write_text(json.dumps({"persons": persons, "shard_size": shard_size}))
+    (out / "_bench.json").write_text(json.dumps({"persons": persons, "shard_size": shard_size, "format": FORMAT}))
     return time.perf_counter() - t0
 
 
-def measure(out: Path, src: Path) -> dict:
+def measure(out: Path, src: Path, code: str = MEASURE) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(config(out))], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(config(out))], env=env, capture_output=True,
                           text=True)
     if done.returncode:
-        raise SystemExit(f"aggregation under {src} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"measuring under {src} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -109,20 +138,26 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = args.out or Path(tempfile.gettempdir()) / f"colortrend-bench-scale-{args.persons}-{args.shard_size}"
-    want = {"persons": args.persons, "shard_size": args.shard_size}
+    want = {"persons": args.persons, "shard_size": args.shard_size, "format": FORMAT}
     fabricate_s = None
     if not (out / "_bench.json").exists() or json.loads((out / "_bench.json").read_text()) != want:
         shutil.rmtree(out, ignore_errors=True)
         fabricate_s = fabricate(out, args.persons, args.shard_size)
+    one_new_photo(out)
     result = {"persons": args.persons, "shards": -(-args.persons // args.shard_size), "shard_size": args.shard_size,
               "fabricate_s": None if fabricate_s is None else round(fabricate_s, 1)}
     if args.baseline_src:
         base = measure(out, args.baseline_src)
         result |= {"baseline_aggregate_s": round(base["s"], 2), "baseline_aggregate_peak_mb": round(base["peak_mb"])}
+        base = measure(out, args.baseline_src, MEASURE_PLAN)
+        result |= {"baseline_plan_s": round(base["s"], 2), "baseline_plan_peak_mb": round(base["peak_mb"])}
     shutil.rmtree(out / "_partials", ignore_errors=True)  # cold: every shard read once
     cold, warm = measure(out, SRC), measure(out, SRC)
     result |= {"aggregate_s": round(cold["s"], 2), "aggregate_peak_mb": round(cold["peak_mb"]),
                "aggregate_warm_s": round(warm["s"], 2), "aggregate_warm_peak_mb": round(warm["peak_mb"])}
+    planned = measure(out, SRC, MEASURE_PLAN)
+    result |= {"plan_s": round(planned["s"], 2), "plan_peak_mb": round(planned["peak_mb"]),
+               "plan_tasks": planned["tasks"]}
     if not args.json:
         for key, value in result.items():
             print(f"{key:28s} {value}")
