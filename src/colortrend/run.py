@@ -341,5 +341,8 @@ def report(cfg: Config) -> str:
     if not store.markers():
         raise ConfigError(f"output: nothing committed in {cfg.output} yet; run `colortrend run` first")
     with RunLock(cfg.output):
+        # Cached partials would still draw a page, but from shards that no longer hold what was committed.
+        for problem in store.damage(store.markers()).values():
+            raise OutputError(f"output: {problem}; `colortrend run` redoes that shard, then the report")
         write_aggregates(cfg, store)
     return store.uri("report", "index.html")
