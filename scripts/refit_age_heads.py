@@ -1,23 +1,26 @@
-"""Refit the final linear layer (``fc``) of each shipped age network on cached features, keeping everything before it.
+"""Refit the final linear layer (``fc``) of each age network on cached features, keeping everything before it.
 
 Step 1, ``features``: every labelled photo goes through the pipeline's own detect -> align path (the training
-code's cached landmarks, :func:`colortrend.training.age.detect_landmarks`, and its chip cutting,
-:func:`colortrend.training.age.validation_chips`: the chips the age stage cuts), and each shipped network's
-penultimate features (the input of its ``fc``) are stored, for validation faces also of the mirror image (the age
-stage averages both), with the labels and the validation mask (:func:`colortrend.evaluate.age.validation_mask`)::
+code's cached landmarks, :func:`colortrend.training.age.detect_landmarks`, and the chips the age stage cuts,
+:func:`colortrend.stages.align.cut_chips` at each network's side and framing), and each network's penultimate
+features (the input of its ``fc``) are stored, for validation faces also of the mirror image (the age stage averages
+both), with the labels and the validation mask (:func:`colortrend.evaluate.age.validation_mask`)::
 
-    OMP_NUM_THREADS=1 python scripts/refit_age_heads.py features /tmp/age-features A/aaf/labels.csv A/utkface/labels.csv
-    OMP_NUM_THREADS=1 python scripts/refit_age_heads.py features /tmp/age-features A/fairface/labels.csv
+    A=../shared/data/age
+    OMP_NUM_THREADS=1 python scripts/refit_age_heads.py features /tmp/age-features $A/aaf/labels.csv \
+        $A/utkface/labels.csv $A/fairface/labels.csv
 
-Step 2, ``refit``: each network's ``fc`` is trained again, from its shipped weights, on the *training* faces'
-features only, with the training loss (:func:`colortrend.training.age.age_loss`: Gaussian label distribution or
+Step 2, ``refit``: each network's ``fc`` is trained again, from its weights, on the *training* faces' features
+only, with the training loss (:func:`colortrend.training.age.age_loss`: Gaussian label distribution or
 interval-censored band likelihood, plus L1) and the training sampler's weights
-(:func:`colortrend.training.age.sampling_weights`). ``--score`` prints the
-validation figures of the mixture (the age stage's median of the four networks' flip-averaged distributions) for
-the shipped heads and the refitted ones; ``--save DIR`` writes the networks with their new heads (shipped format,
-:func:`colortrend.models.age_net.save_age_net`)::
+(:func:`colortrend.training.age.sampling_weights`). It prints the validation figures the targets name (the age
+stage's estimate: the median of the networks' mixture of flip-averaged distributions) for the heads as they are
+and as refitted, then all the refitted figures as JSON; ``--save DIR`` writes the networks with their new heads in
+the shipped format (:func:`colortrend.models.age_net.save_age_net`), for ``colortrend eval age --weights``::
 
-    python scripts/refit_age_heads.py refit /tmp/age-features --young-weight 3 --score --save runs/refit
+    python scripts/refit_age_heads.py refit /tmp/age-features --epochs 3 --young-weight 3 --save runs/refit
+
+The model card (``docs/models.md``, "Head refits") gives the figures of every variant tried.
 """
 from __future__ import annotations
 
