@@ -213,8 +213,9 @@ def build_age_net(state: dict[str, torch.Tensor]) -> AgeModel:
 def load_age_net(path: str | Path, device: str = "cpu") -> AgeModel:
     """The network stored in ``path`` (an fp16 state dict written by :func:`save_age_net`), ready for inference.
 
-    Batch norms are folded into their convolutions and weights stored channels-last. Weights are kept in float32 on CPU (fp16 convolutions are slow
-    there) and cast to half on CUDA; the buffers (class ages, chip geometry) stay as saved.
+    Batch norms are folded into their convolutions and weights stored channels-last. Weights are kept in float32 on
+    CPU (fp16 convolutions are slow there) and cast to half on CUDA; the buffers (class ages, chip geometry) stay as
+    saved.
     """
     net = lite.fuse_batchnorm(build_age_net(torch.load(path, map_location="cpu", weights_only=True)).eval()).to(device)
     net = net.to(memory_format=torch.channels_last)  # measured 15-25 % faster convolutions on CPU, same outputs
