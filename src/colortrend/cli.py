@@ -160,6 +160,17 @@ def report(config: str):
     click.echo(build_report(load(config)))
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("outputs", nargs=-1, required=True)
+def combine(config: str, outputs: tuple[str, ...]):
+    """One cohort table and report from several OUTPUTS (each a colortrend output, run on its own), written to
+    CONFIG's output with CONFIG's histograms and report settings."""
+    from colortrend.combine import combine as combine_outputs
+
+    click.echo(combine_outputs(load(config), outputs).line())
+
+
 @main.group(context_settings=CONTEXT)
 def eval() -> None:  # shadows the builtin: the command is called `eval`
     """Measure the models against labelled data."""

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from colortrend import __version__
+from colortrend.combine import COMBINED
 from colortrend.config import Config, recorded, to_dict
 from colortrend.errors import ConfigError, OutputError, environment_problem
 from colortrend.io.discover import check_inputs
@@ -92,6 +93,8 @@ def _check_own_folder(output: str, out: str) -> None:
     if not os.path.isdir(out):
         return
     entries = set(os.listdir(out))
+    if COMBINED in entries:
+        raise ConfigError(f"output: {output} is the output of `colortrend combine`; a run needs a folder of its own")
     foreign = sorted(entries - OWN_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")

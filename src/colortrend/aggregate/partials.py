@@ -143,8 +143,9 @@ def merged_partial(store: Store, settings: HistogramSettings) -> ShardPartial:
 
 
 def shard_partial(store: Store, shard_id: str, marker: dict, settings: HistogramSettings,
-                  key: str | None = None) -> ShardPartial:
-    """The shard's cached partial when it matches the shard's commit and settings, else built from its files."""
+                  key: str | None = None, cache: bool = True) -> ShardPartial:
+    """The shard's cached partial when it matches the shard's commit and settings, else built from its files (and
+    cached, unless ``cache`` is false: ``colortrend combine`` never writes into the outputs it reads)."""
     rel = f"{PARTIALS}/{shard_id}.{key or settings_key(settings)}.parquet"
     commit = marker_digest(marker)
     cached = _read_partial(store, rel, commit)
@@ -156,7 +157,8 @@ def shard_partial(store: Store, shard_id: str, marker: dict, settings: Histogram
               (("garments", garments_columns), ("photos", ["photo_id", "status", "taken_year"]),
                ("faces", ["quality_ok"]))}
     part = ShardPartial.of_tables(tables["garments"], tables["photos"], tables["faces"], settings)
-    _write_partial(store, rel, part, commit)
+    if cache:
+        _write_partial(store, rel, part, commit)
     return part
 
 
