@@ -22,7 +22,8 @@ The fit
     Maximum likelihood by EM over the persons' (year, colour, estimated whole-year age) counts. The E-step spreads
     each count over the true ages that could have produced it, given its colour; the M-step re-estimates q from
     those expected counts and p_t from their sum, smoothed with the 1-2-1 kernel of EMS (Silverman et al. 1990) so
-    the ill-posed deconvolution does not fit noise. ``persons_soft`` is the expected number of persons of the group
+    the ill-posed deconvolution does not fit noise, and the fit stops early (``EM_TOL``, ``EM_MAX_ITER``) for the
+    same reason. ``persons_soft`` is the expected number of persons of the group
     wearing the colour and ``share_soft`` = q(c | group): that group's share of its corrected total.
 
 The interval
@@ -55,13 +56,14 @@ ERROR_BANDWIDTH = 1.0
 MIN_CALIBRATION_FACES = 30
 #: Width (years) of the blocks of true ages outside every group, each with a colour distribution of its own.
 OUTSIDE_BLOCK_YEARS = 5
-#: EM stops when no share or age probability moves by more than EM_TOL (or after EM_MAX_ITER steps).
-EM_TOL = 1e-6
-EM_MAX_ITER = 2000
+#: EM stops when no share or age probability moves by more than EM_TOL, or after EM_MAX_ITER steps: the estimate
+#: and every bootstrap replicate alike. Stopping early regularises the ill-posed deconvolution (as EMS's smoothing
+#: does); `colortrend eval cohorts` chose it: run to 2,000 steps and 1e-6 the estimate was further from the truth
+#: (mean share error 0.107 against 0.097) and its intervals no better (coverage 0.947 against 0.950).
+EM_TOL = 1e-4
+EM_MAX_ITER = 300
 #: Bootstrap replicates of the corrected shares (each a refit): at most this many, fewer when ``bootstrap`` is.
 SOFT_BOOTSTRAP = 100
-BOOTSTRAP_MAX_ITER = 300
-BOOTSTRAP_TOL = 1e-4
 #: Longest SQUAREM extrapolation, in plain EM steps.
 MAX_STEP = 64.0
 #: Largest age error (years) the fit considers: true ages this far beyond the estimates seen are left out.
@@ -201,9 +203,9 @@ def correct(counts: dict[int, NDArray], group_of: dict[int, NDArray[np.int64]], 
     ]).reshape(replicates, *n.shape).astype(np.float64)
     errors = calibration.resampled_error_matrices(replicates, seed)[:, est][:, :, true]
     start = (np.broadcast_to(q, (replicates, *q.shape)), np.broadcast_to(p, (replicates, *p.shape)))
-    # The replicates stop at BOOTSTRAP_TOL (1e-4), far above float32's rounding: they run in float32, twice as fast.
+    # The replicates stop at EM_TOL (1e-4), far above float32's rounding: they run in float32, twice as fast.
     q_boot = _em(resampled.astype(np.float32), errors.astype(np.float32), block, n_blocks,
-                 tuple(x.astype(np.float32) for x in start), BOOTSTRAP_MAX_ITER, BOOTSTRAP_TOL)[0]
+                 tuple(x.astype(np.float32) for x in start), EM_MAX_ITER)[0]
     alpha = (1.0 - ci) / 2
     low, high = np.quantile(q_boot[:, :, :n_groups], [alpha, 1.0 - alpha], axis=0)
 
