@@ -1,7 +1,7 @@
 """The colour work as batched torch ops, for a stage whose device is a GPU.
 
 The numpy/OpenCV code in ``white_balance`` and ``kmeans`` is the reference and stays the CPU path (it is faster on
-a CPU: ``scripts/gpu_check.py --colour-only --device cpu`` measures both). Here the same arithmetic runs as a few
+a CPU: ``scripts/gpu_check.py --only colour`` measures both). Here the same arithmetic runs as a few
 kernels over many photos or persons at once:
 
 * white balance: photos of one size are stacked; the downscaled linear copy is OpenCV's ``INTER_AREA`` written as
