@@ -11,6 +11,10 @@ that the GPU's tables match the CPU's.
    with nvidia-smi during each.
 3. The demo photos are analysed on the CPU and on ``--device``; the tables must agree: the same faces (boxes within
    IoU 0.9), ages within 0.5 years, dominant colours within CIEDE2000 1.
+4. The colour work and JPEG decode alone (``colour_and_decode``): white balance and k-means palettes by the numpy
+   path and by the torch path on ``--device``, JPEG decode by Pillow and by ``decode_jpegs`` on ``--device``, on
+   the same photos: milliseconds per photo (or per person) of each, and their largest differences (gains,
+   corrected pixels, dominant colours in CIEDE2000, shares, decoded pixels). ``--only colour`` runs just this.
 
 One JSON object goes to stdout and to ``OUT/gpu_check.json``.
 """
@@ -176,6 +180,75 @@ def compare_tables(cpu_out: Path, gpu_out: Path) -> dict:
             "match": unmatched == 0 and extra == 0 and all(d <= 0.5 for d in age_diff) and bool(np.all(delta <= 1))}
 
 
+def colour_and_decode(photos: Path, device: str, repeats: int = 3) -> dict:
+    """The torch colour path and device JPEG decode against the CPU code, on ``photos`` (best of ``repeats``)."""
+    import numpy as np
+
+    from colortrend.color import torch_ops
+    from colortrend.color.kmeans import palettes
+    from colortrend.color.space import delta_e2000
+    from colortrend.color.white_balance import apply_cast, white_balance
+    from colortrend.stages.intake import decode_image, decode_jpegs
+
+    def best(run) -> tuple[float, object]:
+        run()  # warm-up: CUDA context, kernels, caches
+        times, out = [], None
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = run()
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    paths = sorted(photos.glob("*.jpg"))
+    data = [p.read_bytes() for p in paths]
+    t_pil, pil = best(lambda: [decode_image(d, 10**8, 2048)["image"] for d in data])
+
+    def on_device():
+        jobs = [decode_image(d, 10**8, 2048, defer_jpeg=True).pop("jpeg") for d in data]
+        return decode_jpegs(jobs, device)
+
+    t_dev, dev = best(on_device)
+    refused = sum(image is None for image in dev)
+    diffs = [np.abs(a.astype(np.int16) - b) for a, b in zip(pil, dev) if b is not None and a.shape == b.shape]
+    figures: dict = {"decode": {
+        "photos": len(data), "pillow_ms_per_photo": 1e3 * t_pil / len(data),
+        "device_ms_per_photo": 1e3 * t_dev / len(data), "device_refused": refused,
+        "shape_mismatches": sum(b is not None and a.shape != b.shape for a, b in zip(pil, dev)),
+        "max_abs_diff": int(max((d.max() for d in diffs), default=0)),
+        "mean_abs_diff": float(np.mean([d.mean() for d in diffs])) if diffs else None}}
+
+    # Every other photo under a warm cast, so that most photos are corrected; a fifth of each left out.
+    images = [apply_cast(image, (1.0, 0.85, 0.7)) if i % 2 else image for i, image in enumerate(pil)]
+    rng = np.random.default_rng(0)
+    excludes = [rng.random(image.shape[:2]) < 0.2 for image in images]
+    for method in ("shades_of_gray", "gray_edge"):
+        t_np, ref = best(lambda: [white_balance(im, method, exclude=ex) for im, ex in zip(images, excludes)])
+        t_t, ours = best(lambda: torch_ops.white_balance_batch(images, method, device, excludes=excludes))
+        figures[f"white_balance_{method}"] = {
+            "photos": len(images), "numpy_ms_per_photo": 1e3 * t_np / len(images),
+            "torch_ms_per_photo": 1e3 * t_t / len(images),
+            "max_gain_rel_diff": float(max(np.abs(a.gains / b.gains - 1).max() for a, b in zip(ours, ref))),
+            "max_pixel_diff": int(max(np.abs(a.image.astype(np.int16) - b.image).max() for a, b in zip(ours, ref))),
+            "methods_equal": all(a.method == b.method for a, b in zip(ours, ref))}
+
+    # Persons: the central third of each photo, in four horizontal bands (a few thousand pixels each).
+    people = []
+    for image in images:
+        h, w = image.shape[:2]
+        centre = image[h // 3:2 * h // 3, w // 3:2 * w // 3]
+        people.extend(band.reshape(-1, 3) for band in np.array_split(centre, 4))
+    t_np, ref = best(lambda: palettes(people))
+    t_t, ours = best(lambda: torch_ops.palettes(people, device))
+    figures["palettes"] = {
+        "persons": len(people), "numpy_ms_per_person": 1e3 * t_np / len(people),
+        "torch_ms_per_person": 1e3 * t_t / len(people),
+        "max_dominant_delta_e": float(max(delta_e2000(a.dominant_lab, b.dominant_lab) for a, b in zip(ours, ref))),
+        "max_share_diff": float(max(abs(a.dominant_share - b.dominant_share) for a, b in zip(ours, ref))),
+        "identical": sum(np.array_equal(a.lab, b.lab) and np.array_equal(a.share, b.share)
+                         for a, b in zip(ours, ref))}
+    return figures
+
+
 def _iou(a, b) -> float:
     ix = max(0.0, min(a.box_x2, b.box_x2) - max(a.box_x1, b.box_x1))
     iy = max(0.0, min(a.box_y2, b.box_y2) - max(a.box_y1, b.box_y1))
@@ -190,9 +263,11 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=1000, help="distinct photos for the speed runs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
+    ap.add_argument("--only", choices=["colour"], help="run only the colour-and-decode comparison")
+    ap.add_argument("--colour-photos", type=int, default=200, help="photos for the colour-and-decode comparison")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"device": args.device, "photos": args.photos}
+    figures: dict = {"device": args.device, "photos": args.colour_photos if args.only else args.photos}
     if args.device == "cuda":
         import torch
 
@@ -201,8 +276,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        make_photos(args.photos, tmp / "photos")
+        make_photos(args.colour_photos if args.only else args.photos, tmp / "photos")
         figures["make_photos_s"] = time.perf_counter() - t0
+        if args.only == "colour":
+            figures["colour_and_decode"] = colour_and_decode(tmp / "photos", args.device)
+            return _write(figures, args.out)
         figures["colortrend_run"] = colortrend_run(tmp / "photos", tmp / "out-speed", args.device)
         figures["facenet_loop"] = facenet(tmp / "photos", args.device, "loop")
         figures["facenet_batched"] = facenet(tmp / "photos", args.device, "batched")
@@ -214,8 +292,18 @@ def main() -> None:
         colortrend_run(DEMO, tmp / "out-cpu", "cpu")
         colortrend_run(DEMO, tmp / "out-device", args.device)
         figures["tables_cpu_vs_device"] = compare_tables(tmp / "out-cpu", tmp / "out-device")
+        # The first photos of the speed set: demo-sized JPEGs, distinct bytes.
+        subset = tmp / "colour-photos"
+        subset.mkdir()
+        for path in sorted((tmp / "photos").glob("*.jpg"))[:args.colour_photos]:
+            os.link(path, subset / path.name)
+        figures["colour_and_decode"] = colour_and_decode(subset, args.device)
+    _write(figures, args.out)
+
+
+def _write(figures: dict, out: Path) -> None:
     text = json.dumps(figures, indent=1, default=str)
-    (args.out / "gpu_check.json").write_text(text)
+    (out / "gpu_check.json").write_text(text)
     print(text)
 
 

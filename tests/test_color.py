@@ -246,6 +246,107 @@ def test_batched_equals_per_person_on_real_garments():
         assert palette.share.sum() == pytest.approx(1.0) and np.all(np.diff(palette.share) <= 0)
 
 
+# --- the torch path (what a cuda stage runs), on this CPU against the numpy path -----------------------------------
+
+def demo_images(count: int = 8) -> list[np.ndarray]:
+    """``count`` demo photos of different sizes, every other one under a warm cast (so gains are not all 1)."""
+    from PIL import Image
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "data" / "demo").glob("*.jpg"))[:count]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    return [apply_cast(image, CAST) if i % 2 else image for i, image in enumerate(images)]
+
+
+def test_area_resize_is_opencvs_inter_area():
+    import cv2
+    import torch
+
+    from colortrend.color.torch_ops import area_resize
+
+    rng = np.random.default_rng(0)
+    for h, w, side in [(838, 550, 320), (1000, 7, 320), (321, 320, 320), (5, 3, 2), (977, 1301, 301)]:
+        scale = min(1.0, side / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = rng.random((h, w, 3)).astype(np.float32)
+        ours = area_resize(torch.from_numpy(image)[None], size)[0].numpy()
+        assert ours == pytest.approx(cv2.resize(image, size, interpolation=cv2.INTER_AREA), abs=1e-6)
+        # Which output pixels a sparse mask reaches, exactly: the estimate's usable pixels depend on it.
+        mask = (rng.random((h, w)) < 0.002).astype(np.float32)
+        reached = area_resize(torch.from_numpy(mask)[None, ..., None], size)[0, ..., 0].numpy() > 0
+        assert np.array_equal(reached, cv2.resize(mask, size, interpolation=cv2.INTER_AREA) > 0)
+
+
+@pytest.mark.parametrize("method", ["gray_world", "shades_of_gray", "gray_edge", "skin"])
+def test_torch_white_balance_equals_numpy_on_demo_photos(method):
+    from colortrend.color.torch_ops import white_balance_batch
+
+    images = demo_images()
+    rng = np.random.default_rng(1)
+    excludes = [rng.random(image.shape[:2]) < 0.2 if i % 3 == 0 else None for i, image in enumerate(images)]
+    # skin: a face on the first photo only (the others fall back to shades_of_gray, batched on the device)
+    landmarks = [np.array([[200, 200, 260, 200, 230, 240, 205, 270, 255, 270]], np.float32)] + [None] * 7
+    numpy_path = [white_balance(image, method, landmarks=marks, exclude=exclude)
+                  for image, marks, exclude in zip(images, landmarks, excludes)]
+    torch_path = white_balance_batch(images, method, "cpu", landmarks=landmarks, excludes=excludes)
+    assert sum(not np.allclose(r.gains, 1) for r in numpy_path) >= 4  # the cast photos were corrected
+    for ours, reference in zip(torch_path, numpy_path):
+        assert ours.method == reference.method
+        assert ours.gains == pytest.approx(reference.gains, rel=1e-6)
+        assert ours.illuminant == pytest.approx(reference.illuminant, abs=1e-6)
+        assert np.array_equal(ours.image, reference.image)  # the same tables for the same gains
+
+
+def test_torch_white_balance_edge_cases_equal_numpy():
+    from colortrend.color.torch_ops import white_balance_batch
+
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(1, 1), (2, 9), (4, 4), (7, 3)]]
+    images += [np.full((30, 40, 3), 255, np.uint8), np.zeros((30, 40, 3), np.uint8)]  # all clipped; black
+    for method in ("gray_world", "gray_edge", "none"):
+        for ours, image in zip(white_balance_batch(images, method, "cpu"), images):
+            reference = white_balance(image, method)
+            assert ours.method == reference.method
+            assert ours.gains == pytest.approx(reference.gains, rel=1e-6)
+            assert np.array_equal(ours.image, reference.image)
+    with pytest.raises(ValueError, match="gray_world"):
+        white_balance_batch(images, "retinex", "cpu")
+
+
+def assert_palettes_agree(ours, reference) -> None:
+    """The stated tolerance of the torch path: the same dominant colour within CIEDE2000 0.5, shares within 0.01."""
+    assert (ours is None) == (reference is None)
+    if ours is not None:
+        assert float(delta_e2000(ours.dominant_lab, reference.dominant_lab)) <= 0.5
+        assert abs(ours.dominant_share - reference.dominant_share) <= 0.01
+        assert ours.share.sum() == pytest.approx(1.0)
+
+
+def test_torch_palettes_equal_numpy_on_generated_garments():
+    from colortrend.color import torch_ops
+
+    people = [garment([(30, 38, 70), (235, 228, 205), (150, 30, 40)], [0.5, 0.3, 0.2], seed=s) for s in range(6)]
+    people += [garment([(90, 90, 90)], [1.0], n=50), garment([(255, 255, 255)], [1.0]), np.zeros((0, 3), np.uint8),
+               garment([(200, 120, 20), (20, 120, 200)], [0.55, 0.45], n=3)]
+    for seed, k in [(0, 5), (7, 3), (1, 1)]:
+        for ours, reference in zip(torch_ops.palettes(people, "cpu", k=k, seed=seed), palettes(people, k=k, seed=seed)):
+            assert_palettes_agree(ours, reference)
+
+
+@pytest.mark.skipif(not CCP.exists(), reason="needs ../shared/data/parsing/ccp")
+def test_torch_palettes_equal_numpy_on_real_garments():
+    from PIL import Image
+
+    from colortrend.color import torch_ops
+
+    people = []
+    for number in ("0008", "0016", "0024", "0032", "0040", "0048"):
+        image = np.asarray(Image.open(CCP / f"images/{number}.jpg").convert("RGB"))
+        mask = np.asarray(Image.open(CCP / f"masks/{number}.png"))
+        people.append(image[np.isin(mask, (4, 5, 13, 14, 24, 25, 31, 38, 42, 48, 51, 54))])
+    for ours, reference in zip(torch_ops.palettes(people, "cpu", seed=3), palettes(people, seed=3)):
+        assert_palettes_agree(ours, reference)
+
+
 # --- names -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rgb, en, zh", [

@@ -122,6 +122,44 @@ def test_real_photo_matches_clustering_its_garment_pixels():
     assert batch["dominant_share"][0][0] == pytest.approx(expected.dominant_share)
 
 
+@pytest.mark.skipif(not CCP.exists(), reason="needs ../shared/data/parsing/ccp")
+def test_a_cuda_stages_torch_path_writes_the_cpu_rows():
+    """The stages' torch path (what a cuda device runs; here on this CPU) against their numpy path, on two CCP
+    photos under a cast with their ground-truth parses and the synthetic batch: the same rows within the stated
+    tolerances (gains 1e-6 relative, dominant colours CIEDE2000 0.5, shares 0.01)."""
+    from PIL import Image
+
+    batch = synthetic_batch()
+    for number in ("0016", "0024"):
+        image = apply_cast(np.asarray(Image.open(CCP / f"images/{number}.jpg").convert("RGB")), (1.0, 0.85, 0.7))
+        labels = ccp_lookup()[np.asarray(Image.open(CCP / f"masks/{number}.png"))]
+        labels[labels == 255] = 0
+        for key, value in [("photo_id", number), ("status", "ok"), ("error", None), ("image", image),
+                           ("landmarks", np.zeros((0, 10), np.float32)), ("person_parse", [(0, 0, labels)])]:
+            batch[key].append(value)
+    settings = ColorSettings(white_balance="gray_world")
+
+    def analyse(ops_device):
+        correct, dominant = CorrectStage(settings), DominantStage(settings)
+        correct.ops_device = dominant.ops_device = ops_device
+        return dominant(correct({key: list(values) for key, values in batch.items()}))
+
+    reference, ours = analyse(None), analyse("cpu")
+    assert reference["wb_method"] == ours["wb_method"] == ["gray_world", None, "gray_world", "gray_world"]
+    for c in "rgb":
+        assert ours[f"wb_gain_{c}"][2:] == pytest.approx(reference[f"wb_gain_{c}"][2:], rel=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(ours["image_wb"], reference["image_wb"]) if a is not None)
+    for i in (0, 2, 3):
+        for j, measured in enumerate(reference["dominant_share"][i]):
+            if measured is None:
+                assert ours["dominant_share"][i][j] is None
+                continue
+            lab = [np.array([run[f"dominant_lab_{c}"][i][j] for c in "lab"]) for run in (ours, reference)]
+            assert float(delta_e2000(*lab)) <= 0.5
+            assert ours["dominant_share"][i][j] == pytest.approx(measured, abs=0.01)
+            assert ours["color_name"][i][j] == reference["color_name"][i][j]
+
+
 def test_color_metrics_scores_clear_photos_separately():
     from colortrend.evaluate.color import color_metrics, format_color_metrics
 

@@ -247,3 +247,117 @@ def test_an_unknown_allowed_scheme_is_a_config_error():
     message = r"input.allowed_schemes\[1\]: unknown URL scheme 'htps' \(did you mean https"
     with pytest.raises(ConfigError, match=message):
         load_from_dict({"name": "t", "input": {"paths": ["x"], "allowed_schemes": ["s3", "htps"]}, "output": "o"})
+
+
+# --- JPEG decode on a device (nvJPEG on a GPU; here torchvision's CPU decoder runs the same path) ------------------
+
+def asymmetric_jpeg(orientation: int = 1, size: tuple[int, int] = (140, 90), **save) -> bytes:
+    """A JPEG whose every flip and rotation looks different (gradients, an off-centre patch), with an orientation."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    pixels = np.stack([x * 255 // w, y * 255 // h, (x + 2 * y) % 256], -1).astype(np.uint8)
+    pixels[h // 9:h // 3, w // 28:w // 3] = (250, 20, 20)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encoded(Image.fromarray(pixels), "JPEG", quality=90, exif=exif.tobytes(), **save)
+
+
+def device_decode(data: bytes, max_side: int = 2048, **limits) -> dict:
+    from colortrend.stages.intake import decode_jpegs
+
+    out = decode_image(data, 10**8, max_side, defer_jpeg=True, **limits)
+    assert out["image"] is None
+    out["image"] = decode_jpegs([out.pop("jpeg")], "cpu")[0]
+    return out
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_device_decoded_jpeg_is_oriented_as_pillow_does_it(orientation):
+    data = asymmetric_jpeg(orientation)
+    reference, ours = decode_image(data, 10**8, 2048), device_decode(data)
+    assert {k: v for k, v in ours.items() if k != "image"} == {k: v for k, v in reference.items() if k != "image"}
+    assert ours["image"].shape == reference["image"].shape
+    # Two libjpeg-turbo builds here; nvJPEG's IDCT differs by a few codes more (measured by scripts/gpu_check.py).
+    assert np.abs(ours["image"].astype(int) - reference["image"]).max() <= 2
+
+
+def test_a_reduced_jpeg_is_decoded_in_full_and_reduced_to_pillows_size(demo_photos):
+    """Over max_side, the device decodes in full and reduces (INTER_AREA); so does Pillow's path unless the photo is
+    over twice max_side, which it decodes DCT-scaled first: the same size and analysis scale, pixels within 1 code
+    without DCT scaling and, with it (measured 0.2-0.7 codes on average, 99th percentile 2-6), within 1 code on
+    average and 8 at the 99th percentile."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encoded(Image.open(demo_photos[0]).resize((1500, 2300)), "JPEG", quality=92, exif=exif.tobytes())
+    for max_side in (1200, 900, 500):
+        reference, ours = decode_image(data, 10**8, max_side), device_decode(data, max_side)
+        assert ours["image"].shape == reference["image"].shape
+        assert ours["analysis_scale"] == reference["analysis_scale"]
+        diff = np.abs(ours["image"].astype(int) - reference["image"])
+        if max_side * 2 > 2300:
+            assert diff.max() <= 1
+        else:
+            assert diff.mean() <= 1 and np.percentile(diff, 99) <= 8
+
+
+def test_checks_run_before_a_jpeg_is_left_to_the_device():
+    from colortrend.stages.intake import TooLarge
+
+    data = bytearray(asymmetric_jpeg())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (40000).to_bytes(2, "big") * 2  # the header now declares 40000 x 40000 pixels
+    with pytest.raises(TooLarge, match="max_pixels"):
+        decode_image(bytes(data), 10**8, 2048, defer_jpeg=True)
+    big = asymmetric_jpeg(size=(2400, 1600))
+    with pytest.raises(TooLarge, match="max_decode_bytes"):
+        decode_image(big, 10**8, 2048, 1000, defer_jpeg=True)
+    # Decoded in full it would pass max_decode_bytes, DCT-scaled by Pillow it does not: Pillow decodes it.
+    assert decode_image(big, 10**8, 600, 2400 * 1600 * 4 - 1, defer_jpeg=True)["image"].shape == (400, 600, 3)
+    # What nvJPEG would convert differently, and what is not a JPEG, is decoded by Pillow.
+    for other in (encoded(rgb_image().convert("CMYK"), "JPEG"), encoded(rgb_image(), "PNG")):
+        assert decode_image(other, 10**8, 2048, defer_jpeg=True)["image"] is not None
+    grey_progressive = encoded(rgb_image().convert("L"), "JPEG", progressive=True)
+    assert decode_image(grey_progressive, 10**8, 2048, defer_jpeg=True)["image"] is None
+
+
+def test_device_decoding_stage_gives_pillows_rows_and_falls_back_for_what_it_refuses(tmp_path, demo_photos,
+                                                                                     monkeypatch):
+    """Hostile files and demo photos through intake with JPEG decoding on a device: every row is Pillow's; files
+    the device decoder refuses (a truncated JPEG here, and every second file once it refuses those too) are
+    decoded by Pillow, with Pillow's outcome."""
+    import torchvision.io
+
+    make_hostile_corpus(tmp_path / "in", demo_photos[0])
+    paths = discover((str(tmp_path / "in"),)) + [str(p) for p in demo_photos[:6]]
+    (tmp_path / "rotated.jpg").write_bytes(asymmetric_jpeg(8))
+    paths.append(str(tmp_path / "rotated.jpg"))
+
+    def rows(jpeg_device):
+        stage = IntakeStage(InputSettings(paths=("unused",)))
+        stage.jpeg_device = jpeg_device
+        return stage({"photo_id": paths, "path": paths})
+
+    def assert_same(ours, reference):
+        for key in ("status", "error", "width", "height", "taken_year", "format", "analysis_scale",
+                    "content_hash"):
+            assert ours[key] == reference[key], key
+        for a, b in zip(ours["image"], reference["image"]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 2
+
+    reference = rows(None)
+    assert reference["status"].count("ok") >= 15
+    assert_same(rows("cpu"), reference)
+
+    decode_jpeg, calls = torchvision.io.decode_jpeg, []
+
+    def refuse_every_second(tensors, **kw):
+        calls.append(len(tensors))
+        if len(tensors) > 1 or len(calls) % 2:
+            raise RuntimeError("refused")
+        return decode_jpeg(tensors, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse_every_second)
+    assert_same(rows("cpu"), reference)
+    assert calls[0] > 1 and set(calls[1:]) == {1}  # one batch first, then one file at a time

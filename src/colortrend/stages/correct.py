@@ -84,19 +84,36 @@ class CorrectStage(Stage):
     def __init__(self, settings: ColorSettings | None = None, device: str = "cpu"):
         super().__init__(settings or ColorSettings(), device)
 
+    #: Device the white balance runs on as batched torch ops; None: the stage's device when it is a GPU, else the
+    #: numpy/OpenCV code (faster on a CPU). The tests set "cpu" to run the torch path against the numpy one.
+    ops_device: str | None = None
+
+    def torch_device(self) -> str | None:
+        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
+
     def process(self, batch: Batch) -> Batch:
         n_photos = len(batch["status"])
         for column in ("image_wb", "wb_method", "wb_gain_r", "wb_gain_g", "wb_gain_b"):
             batch[column] = [None] * n_photos
         settings = self.settings
         garment_ids = GARMENT_CLASSES if settings.exclude_garments and settings.white_balance != "none" else ()
-        for i in ok_indices(batch):
-            image = batch["image"][i]
-            exclude = garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids) if garment_ids else None
-            result = white_balance(image, settings.white_balance, landmarks=batch["landmarks"][i], exclude=exclude,
-                                   max_gain=settings.max_gain, min_cast_deg=settings.min_cast_deg)
+        todo = ok_indices(batch)
+        images = [batch["image"][i] for i in todo]
+        excludes = [garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids) if garment_ids else None
+                    for i, image in zip(todo, images)]
+        landmarks = [batch["landmarks"][i] for i in todo]
+        options = {"max_gain": settings.max_gain, "min_cast_deg": settings.min_cast_deg}
+        device = self.torch_device()
+        if device is None:
+            results = [white_balance(image, settings.white_balance, landmarks=marks, exclude=exclude, **options)
+                       for image, marks, exclude in zip(images, landmarks, excludes)]
+        else:
+            from colortrend.color.torch_ops import white_balance_batch
+
+            results = white_balance_batch(images, settings.white_balance, device, landmarks=landmarks,
+                                          excludes=excludes, **options)
+        for i, result in zip(todo, results):
             batch["image_wb"][i] = result.image
             batch["wb_method"][i] = result.method
             batch["wb_gain_r"][i], batch["wb_gain_g"][i], batch["wb_gain_b"][i] = (float(g) for g in result.gains)
         return batch
-

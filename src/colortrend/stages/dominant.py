@@ -46,8 +46,15 @@ class DominantStage(Stage):
         ("color_name_zh", pa.string()),
     ])
 
+    #: Device the k-means runs on as batched torch ops; None: the stage's device when it is a GPU, else numpy
+    #: (faster on a CPU). The tests set "cpu" to run the torch path against the numpy one.
+    ops_device: str | None = None
+
     def __init__(self, settings: ColorSettings | None = None, device: str = "cpu"):
         super().__init__(settings or ColorSettings(), device)
+
+    def torch_device(self) -> str | None:
+        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
 
     def process(self, batch: Batch) -> Batch:
         s = self.settings
@@ -79,7 +86,14 @@ class DominantStage(Stage):
                     jobs.append((i, j, part))
                     pixel_sets.append(flat_image[(y0 + rows) * width + x0 + cols])
 
-        results = palettes(pixel_sets, k=s.k, max_pixels=s.max_pixels, merge_delta_e=s.merge_delta_e, seed=s.seed)
+        options = {"k": s.k, "max_pixels": s.max_pixels, "merge_delta_e": s.merge_delta_e, "seed": s.seed}
+        device = self.torch_device()
+        if device is None:
+            results = palettes(pixel_sets, **options)
+        else:
+            from colortrend.color.torch_ops import palettes as device_palettes
+
+            results = device_palettes(pixel_sets, device, **options)
         for (i, j, part), palette in zip(jobs, results):  # no palette is None: every pixel list is non-empty
             if part == "all":
                 self._write_person(batch, i, j, palette)

@@ -75,6 +75,10 @@ class InputSettings:
                     raise ValueError(f"allowed_schemes[{i}]: unknown URL scheme {scheme!r} ({hint})")
 
 
+#: Row keys that decoding fills in.
+DECODED_KEYS = ("width", "height", "taken_year", "year_source", "format", "analysis_scale", "image")
+
+
 class IntakeStage(Stage):
     name = "intake"
     reads = ("path",)
@@ -112,19 +116,39 @@ class IntakeStage(Stage):
                 del settings[name]
         return settings
 
+    #: Device JPEGs are decoded on (batched, torchvision's nvJPEG decoder on a GPU); None: the stage's device when
+    #: it is a GPU, else Pillow on the CPU. The tests set "cpu" to run that path against Pillow.
+    jpeg_device: str | None = None
+
+    def jpeg_decode_device(self) -> str | None:
+        return self.jpeg_device or (self.device if self.device.startswith("cuda") else None)
+
     def process(self, batch: Batch) -> Batch:
         paths = batch["path"]
+        device = self.jpeg_decode_device()
         # PIL and libjpeg release the GIL while decoding, so threads overlap file I/O and decoding.
         with ThreadPoolExecutor(self.workers) as pool:
-            results = list(pool.map(self.read_one, paths))
+            rows = list(pool.map(lambda path: self.read_one(path, defer_jpeg=device is not None), paths))
+            deferred = [i for i, row in enumerate(rows) if "jpeg" in row]
+            jobs = [rows[i].pop("jpeg") for i in deferred]
+            refused = []
+            for i, job, image in zip(deferred, jobs, decode_jpegs(jobs, device) if jobs else []):
+                if image is None:
+                    refused.append((i, job))
+                rows[i]["image"] = image
+            # What the GPU decoder refuses is decoded by Pillow, from the row as it was before decoding began.
+            redo = [({**rows[i], **dict.fromkeys(DECODED_KEYS)}, job.data) for i, job in refused]
+            for (i, _), row in zip(refused, pool.map(lambda item: self.decode_into(*item), redo)):
+                rows[i] = row
         for key in ("status", "error", "width", "height", "taken_year", "year_source", "content_hash",
                     "file_bytes", "format", "analysis_scale", "image"):
-            batch[key] = [r[key] for r in results]
+            batch[key] = [r[key] for r in rows]
         batch["duplicate_of"] = [None] * len(paths)
         return batch
 
-    def read_one(self, path: str) -> dict:
-        """Read, hash and decode one file; never raises."""
+    def read_one(self, path: str, defer_jpeg: bool = False) -> dict:
+        """Read, hash and decode one file; never raises. ``defer_jpeg``: see :func:`decode_image` (a deferred
+        JPEG's row has ``image`` None and its :class:`JpegJob` in ``jpeg``)."""
         row = {"status": "ok", "error": None, "width": None, "height": None, "taken_year": None,
                "year_source": None, "content_hash": None, "file_bytes": None, "format": None,
                "analysis_scale": None, "image": None}
@@ -150,8 +174,13 @@ class IntakeStage(Stage):
         row["content_hash"] = hashlib.sha256(data).hexdigest()
         if not data:
             return {**row, "status": "error", "error": "empty file (0 bytes)"}
+        return self.decode_into(row, data, defer_jpeg)
+
+    def decode_into(self, row: dict, data: bytes, defer_jpeg: bool = False) -> dict:
+        """Decode ``data`` into ``row`` (size, format, year, image, or the refusal); never raises."""
+        s = self.settings
         try:
-            decoded = decode_image(data, s.max_pixels, s.max_side, s.max_decode_bytes)
+            decoded = decode_image(data, s.max_pixels, s.max_side, s.max_decode_bytes, defer_jpeg=defer_jpeg)
         except TooLarge as exc:
             row.update(width=exc.width, height=exc.height, format=exc.format)
             return {**row, "status": "too_large", "error": str(exc)}
@@ -186,13 +215,18 @@ class TooLarge(Exception):
         self.width, self.height, self.format = width, height, fmt
 
 
-def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: int = DEFAULT_DECODE_BYTES) -> dict:
+def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: int = DEFAULT_DECODE_BYTES,
+                 defer_jpeg: bool = False) -> dict:
     """Decode bytes to an 8-bit RGB array with EXIF orientation applied.
 
     CMYK, greyscale, palette, alpha (composited on white) and 16-bit images all become RGB. Returns the original
     (oriented) size, the decoded array (long side at most ``max_side``), the scale between them, the EXIF year.
     Raises :class:`TooLarge` before decoding a photo over ``max_pixels`` or one whose decoder would need more than
     ``max_decode_bytes`` (see :func:`decoder_bytes`).
+
+    ``defer_jpeg``: a JPEG the GPU decoder can take (YCbCr or greyscale, its full-size decode within
+    ``max_decode_bytes``) is not decoded here: after every check, ``image`` is None and ``jpeg`` says how to
+    finish it (:class:`JpegJob`, for :func:`decode_jpegs`).
     """
     from PIL import Image, ImageOps
 
@@ -226,6 +260,9 @@ def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: 
         orientation = im.getexif().get(0x0112, 1)
         oriented = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         scale = min(1.0, max_side / max(oriented))
+        # The GPU decodes at full size (no DCT scaling): its buffer counts in full.
+        deferred = (defer_jpeg and fmt == "JPEG" and im.mode in GPU_JPEG_MODES
+                    and (structure + decoder_bytes(im, width, height)).total <= max_decode_bytes)
         if scale < 1.0 and fmt == "JPEG":
             im.draft("RGB", (int(im.size[0] * scale) + 1, int(im.size[1] * scale) + 1))
         cost = structure + decoder_bytes(im, width, height)
@@ -233,6 +270,14 @@ def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: 
             raise TooLarge(cost.refusal(max_decode_bytes), width, height, fmt)
         year = exif_year(im)
         width, height = oriented
+        if deferred:
+            # The size the CPU path ends at: its draft's size, oriented, then reduced to max_side.
+            drafted = im.size[::-1] if orientation in (5, 6, 7, 8) else im.size
+            f = min(1.0, max_side / max(drafted))
+            size = (max(1, round(drafted[0] * f)), max(1, round(drafted[1] * f)))
+            return {"width": width, "height": height, "taken_year": year, "format": fmt,
+                    "analysis_scale": size[0] / width, "image": None,
+                    "jpeg": JpegJob(data, orientation if orientation in range(1, 9) else 1, size, width * height)}
         im.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame (later ones are never parsed)
         factor = int(1 / scale)
         if factor > 1 and fmt != "JPEG":
@@ -249,6 +294,87 @@ def decode_image(data: bytes, max_pixels: int, max_side: int, max_decode_bytes: 
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
     return {"width": width, "height": height, "taken_year": year, "format": fmt,
             "analysis_scale": rgb.shape[1] / width, "image": np.ascontiguousarray(rgb)}
+
+
+# ---- JPEG decode on the GPU ---------------------------------------------------------------------------------------
+#: JPEG modes nvJPEG decodes to RGB as libjpeg does (CMYK/YCCK stay on the CPU, whose conversion is Pillow's).
+GPU_JPEG_MODES = ("RGB", "L")
+
+
+@dataclass(frozen=True)
+class JpegJob:
+    """A JPEG that passed every check in :func:`decode_image`, left to :func:`decode_jpegs`."""
+
+    data: bytes
+    orientation: int  # EXIF orientation, 1-8
+    size: tuple[int, int]  # (width, height) of the analysed image, as the CPU path would make it
+    pixels: int  # of the stored image, which the GPU decodes in full
+
+
+def decode_jpegs(jobs: list[JpegJob], device: str) -> list[np.ndarray | None]:
+    """RGB arrays of the JPEGs, decoded together on ``device`` (nvJPEG on a GPU), oriented and reduced there;
+    None for each one the decoder refuses (the caller decodes those on the CPU).
+
+    The pixels differ from Pillow's by the decoders' IDCT and chroma upsampling (a few codes; the tests state the
+    tolerance), and a photo over ``max_side`` is reduced from its full size instead of from a DCT-scaled one.
+    """
+    import warnings
+
+    import torch
+
+    from torchvision import io as tvio
+
+    def decode(batch: list[JpegJob]) -> list:
+        tensors = [torch.frombuffer(bytearray(job.data), dtype=torch.uint8) for job in batch]
+        with warnings.catch_warnings():  # torchvision 0.29 announces TorchCodec; its decoder is unchanged
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return tvio.decode_jpeg(tensors, mode=tvio.ImageReadMode.RGB, device=device)
+
+    results: list[np.ndarray | None] = []
+    for chunk in _pixel_chunks(jobs):
+        try:
+            decoded = decode(chunk)
+        except Exception:  # one refused file fails the whole call: find it by decoding one at a time
+            decoded = []
+            for job in chunk:
+                try:
+                    decoded.extend(decode([job]))
+                except Exception:  # the CPU decodes it, or says why it cannot
+                    decoded.append(None)
+        results.extend(None if image is None else _finish_jpeg(image, job) for image, job in zip(decoded, chunk))
+    return results
+
+
+#: Pixels decoded by one call of the GPU decoder (its output and work buffers live on the GPU until finished).
+JPEG_BATCH_PIXELS = 200_000_000
+
+
+def _pixel_chunks(jobs: list[JpegJob]) -> list[list[JpegJob]]:
+    """``jobs`` in order, in runs of at most ``JPEG_BATCH_PIXELS`` declared pixels (at least one job each)."""
+    chunks: list[list[JpegJob]] = [[]]
+    pixels = 0
+    for job in jobs:
+        if chunks[-1] and pixels + job.pixels > JPEG_BATCH_PIXELS:
+            chunks.append([])
+            pixels = 0
+        chunks[-1].append(job)
+        pixels += job.pixels
+    return chunks
+
+
+def _finish_jpeg(image, job: JpegJob) -> np.ndarray:
+    """A decoded (3, h, w) tensor oriented by its EXIF tag, reduced to the job's size, as a numpy array."""
+    import torch
+
+    from colortrend.color.torch_ops import area_resize
+
+    hwc = image.permute(1, 2, 0)
+    hwc = {1: lambda x: x, 2: lambda x: x.flip(1), 3: lambda x: x.flip(0, 1), 4: lambda x: x.flip(0),
+           5: lambda x: x.transpose(0, 1), 6: lambda x: torch.rot90(x, -1), 7: lambda x: x.transpose(0, 1).flip(0, 1),
+           8: lambda x: torch.rot90(x, 1)}[job.orientation](hwc)
+    if (hwc.shape[1], hwc.shape[0]) != job.size:
+        hwc = area_resize(hwc[None].float(), job.size)[0].round_().clamp_(0, 255).to(torch.uint8)
+    return np.ascontiguousarray(hwc.cpu().numpy())
 
 
 # ---- what decoding will cost, from the file's structure -------------------------------------------------------

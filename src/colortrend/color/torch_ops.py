@@ -1,0 +1,307 @@
+"""The colour work as batched torch ops, for a stage whose device is a GPU.
+
+The numpy/OpenCV code in ``white_balance`` and ``kmeans`` is the reference and stays the CPU path (it is faster on
+a CPU: ``scripts/gpu_check.py --only colour`` measures both). Here the same arithmetic runs as a few
+kernels over many photos or persons at once:
+
+* white balance: photos of one size are stacked; the downscaled linear copy is OpenCV's ``INTER_AREA`` written as
+  two matrix products with OpenCV's own weights, so the estimate sees the same pixels; the gains' 8-bit tables are
+  the CPU's (bit-identical corrected photos for the same gains).
+* k-means: greedy k-means++ seeding from the same uniform draws as the CPU path and the same Lloyd iterations, on
+  all persons of the batch in one padded array; the colour histograms and the merging of close clusters are the
+  CPU's code (small arrays). Results agree within float32 rounding of distances (a tie may fall the other way):
+  dominant colours within CIEDE2000 0.5 and shares within 0.01, tested on real garments.
+
+torch is imported by the functions, never by this module's importers: ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from colortrend.color import kmeans as cpu_kmeans
+from colortrend.color import white_balance as cpu_wb
+from colortrend.color.white_balance import Correction
+
+#: Half-width of the grey-edge blur: OpenCV's kernel for a float image is round(sigma * 8 + 1) | 1 taps wide.
+EDGE_RADIUS = (round(cpu_wb.EDGE_SIGMA * 8 + 1) | 1) // 2
+#: Persons clustered in one padded array on the device: large, since padding costs little there.
+DEVICE_CHUNK = 4096
+
+
+def area_weights(source: int, target: int) -> NDArray[np.float32]:
+    """(target, source) matrix of OpenCV's ``INTER_AREA`` weights along one axis for a reduction (target <= source).
+
+    Each output pixel averages the source pixels its footprint covers, by the covered fraction; OpenCV leaves out a
+    partly covered pixel whose share is under 1e-3 (``computeResizeAreaTab``), and so does this.
+    """
+    scale = source / target
+    weights = np.zeros((target, source), np.float64)
+    for d in range(target):
+        start, end = d * scale, d * scale + scale
+        cell = min(scale, source - start)
+        first, last = math.ceil(start), math.floor(end)
+        last = min(last, source - 1)
+        first = min(first, last)
+        if first - start > 1e-3:
+            weights[d, first - 1] = (first - start) / cell
+        weights[d, first:last] = 1.0 / cell
+        if end - last > 1e-3:
+            weights[d, last] = min(min(end - last, 1.0), cell) / cell
+    return weights.astype(np.float32)
+
+
+def area_resize(images, size: tuple[int, int]):
+    """(N, H, W, C) float tensor reduced to ``size`` = (width, height) as ``cv2.resize(..., INTER_AREA)`` does."""
+    import torch
+
+    height, width = images.shape[1:3]
+    if (width, height) == size:
+        return images
+    wy = torch.from_numpy(area_weights(height, size[1])).to(images.device, images.dtype)
+    wx = torch.from_numpy(area_weights(width, size[0])).to(images.device, images.dtype)
+    rows = torch.einsum("yh,nhwc->nywc", wy, images)
+    return torch.einsum("xw,nywc->nyxc", wx, rows)
+
+
+def _to_device(array: NDArray, device: str):
+    """A tensor on ``device`` holding ``array`` (copied when numpy marks it read-only, as decoded photos are)."""
+    import torch
+
+    if not array.flags.writeable:
+        return torch.tensor(array, device=device)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+# ---- white balance ----------------------------------------------------------------------------------------------
+
+def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device: str, *,
+                        landmarks: Sequence[NDArray | None] | None = None,
+                        excludes: Sequence[NDArray[np.bool_] | None] | None = None, max_gain: float = 3.0,
+                        min_cast_deg: float = 2.0) -> list[Correction]:
+    """``white_balance`` of each photo, estimated and applied on ``device``; returns what it would return.
+
+    The ``skin`` method's estimate stays on the CPU (a few small face patches per photo); its fallback and every
+    statistical estimate run batched on ``device``.
+    """
+    if method not in cpu_wb.WB_METHODS:
+        raise ValueError(f"unknown white balance method {method!r}; expected one of {', '.join(cpu_wb.WB_METHODS)}")
+    n = len(images)
+    landmarks = landmarks if landmarks is not None else [None] * n
+    excludes = excludes if excludes is not None else [None] * n
+    methods = [method] * n
+    illuminants: list[NDArray[np.float64] | None] = [None] * n
+    if method == "skin":
+        for i in range(n):
+            illuminants[i] = cpu_wb.skin_illuminant(images[i], landmarks[i])
+            if illuminants[i] is None:
+                methods[i] = "shades_of_gray"
+    statistical = [i for i in range(n) if methods[i] != "none" and illuminants[i] is None]
+    for i, estimate in zip(statistical, estimate_illuminants([images[i] for i in statistical],
+                                                             [methods[i] for i in statistical],
+                                                             [excludes[i] for i in statistical], device)):
+        illuminants[i] = estimate
+    gains: list[NDArray[np.float64] | None] = [None] * n
+    results: list[Correction | None] = [None] * n
+    for i in range(n):
+        if illuminants[i] is None:
+            results[i] = Correction(images[i], np.ones(3), cpu_wb._unit(np.ones(3)), "none")
+        elif cpu_wb.angular_error(illuminants[i], np.ones(3)) < min_cast_deg:
+            results[i] = Correction(images[i], np.ones(3), illuminants[i], methods[i])
+        else:
+            gains[i] = cpu_wb.illuminant_gains(illuminants[i], max_gain)
+    todo = [i for i in range(n) if gains[i] is not None]
+    for i, corrected in zip(todo, apply_gains_batch([images[i] for i in todo], [gains[i] for i in todo], device)):
+        results[i] = Correction(corrected, gains[i], illuminants[i], methods[i])
+    return results
+
+
+def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[str],
+                         excludes: Sequence[NDArray[np.bool_] | None], device: str) -> list[NDArray | None]:
+    """``estimate_illuminant`` of each photo, photos of one size and method as one stack on ``device``."""
+    import torch
+
+    results: list[NDArray | None] = [None] * len(images)
+    lut = torch.from_numpy(cpu_wb._LINEAR_LUT).to(device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (image, method) in enumerate(zip(images, methods)):
+        groups.setdefault((image.shape, method), []).append(i)
+    for (shape, method), members in groups.items():
+        h, w = shape[:2]
+        scale = min(1.0, cpu_wb.ESTIMATE_SIDE / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        if method == "gray_edge" and min(size) <= EDGE_RADIUS:
+            # Too small for the blur's mirrored border (torch mirrors once, OpenCV repeatedly): the CPU's code.
+            for i in members:
+                results[i] = cpu_wb.estimate_illuminant(images[i], method, excludes[i])
+            continue
+        codes = _to_device(np.stack([images[i] for i in members]), device)
+        linear = area_resize(lut[codes.long()], size)
+        bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
+        for row, i in enumerate(members):
+            if excludes[i] is not None:
+                bad[row] |= _to_device(np.asarray(excludes[i], bool), device)
+        # A downscaled pixel is usable only when none of the pixels it averages is bad.
+        usable = area_resize(bad.float()[..., None], size)[..., 0] == 0
+        if method == "gray_world":
+            values, p = linear, 1
+        elif method == "shades_of_gray":
+            values, p = linear, cpu_wb.MINKOWSKI_P
+        elif method == "gray_edge":
+            values, usable, p = _edge_magnitude(linear), _erode(usable), cpu_wb.MINKOWSKI_P
+        else:
+            raise ValueError(f"{method!r} is not a statistical white balance method")
+        weight = usable[..., None].double()
+        count = weight.sum((1, 2))  # (N, 1)
+        norm = ((values.double() ** p * weight).sum((1, 2)) / count.clamp(min=1)) ** (1 / p)
+        for row, i in enumerate(members):
+            estimate = norm[row].cpu().numpy()
+            if count[row, 0] == 0 or not np.isfinite(estimate).all() or estimate.max() <= 0:
+                continue  # nothing usable, or a black or flat photo: it says nothing about the light
+            results[i] = cpu_wb._unit(estimate)
+    return results
+
+
+def _edge_magnitude(linear):
+    """Gradient magnitude after a Gaussian blur, per channel: cv2.GaussianBlur (sigma ``EDGE_SIGMA``, the 9-tap
+    kernel OpenCV picks for float images) then 3x3 Sobel, both with OpenCV's default mirrored border."""
+    import torch
+    import torch.nn.functional as F
+
+    n, h, w, c = linear.shape
+    x = linear.permute(0, 3, 1, 2).reshape(n * c, 1, h, w)
+    taps = np.exp(-((np.arange(-EDGE_RADIUS, EDGE_RADIUS + 1) / cpu_wb.EDGE_SIGMA) ** 2) / 2)
+    gauss = torch.tensor(taps / taps.sum(), dtype=x.dtype, device=x.device)
+
+    def separable(image, column, row):
+        pad_y, pad_x = len(column) // 2, len(row) // 2
+        image = F.pad(image, (pad_x, pad_x, pad_y, pad_y), mode="reflect")  # reflect = OpenCV's REFLECT_101
+        return F.conv2d(image, column.view(1, 1, -1, 1) * row.view(1, 1, 1, -1))
+
+    blurred = separable(x, gauss, gauss)
+    smooth = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    diff = torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device)
+    dx, dy = separable(blurred, smooth, diff), separable(blurred, diff, smooth)
+    return torch.hypot(dx, dy).reshape(n, c, h, w).permute(0, 2, 3, 1)
+
+
+def _erode(usable):
+    """3x3 erosion of a (N, h, w) mask, the border counting as usable (OpenCV's default for erode)."""
+    import torch.nn.functional as F
+
+    bad = F.max_pool2d((~usable).float()[:, None], 3, stride=1, padding=1)[:, 0]
+    return bad == 0
+
+
+def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArray[np.float64]],
+                      device: str) -> list[NDArray[np.uint8]]:
+    """``apply_gains`` of each photo on ``device``: the CPU's 8-bit tables, looked up there."""
+    import torch
+
+    codes = np.arange(256, dtype=np.uint8)
+    out = []
+    for image, g in zip(images, gains):
+        luts = np.stack([cpu_wb.to_uint8(cpu_wb.linear_to_srgb(cpu_wb.srgb_to_linear(codes) * gain)) for gain in g])
+        table = torch.from_numpy(luts.reshape(-1)).to(device)
+        pixels = _to_device(image, device).long()
+        pixels += torch.arange(3, device=device) * 256  # channel c reads its own table
+        out.append(table[pixels].cpu().numpy())
+    return out
+
+
+# ---- k-means ------------------------------------------------------------------------------------------------------
+
+def palettes(pixel_sets: Sequence[NDArray[np.uint8]], device: str, k: int = 5, max_pixels: int = 4000,
+             merge_delta_e: float = 6.0, max_iter: int = 30, seed: int = 0) -> list[cpu_kmeans.Palette | None]:
+    """``kmeans.palettes`` with seeding and Lloyd iterations on ``device``."""
+    import torch
+
+    samples = [cpu_kmeans.drop_highlights(cpu_kmeans.sample_pixels(p, max_pixels)) for p in pixel_sets]
+    results: list[cpu_kmeans.Palette | None] = [None] * len(samples)
+    todo = [i for i, s in enumerate(samples) if len(s)]
+    if not todo:
+        return results
+    bins = dict(zip(todo, cpu_kmeans._colour_bins([samples[i] for i in todo])))
+    todo.sort(key=lambda i: len(bins[i][1]))
+    draws = torch.from_numpy(cpu_kmeans._seed_draws(k, seed)).to(device)
+    for start in range(0, len(todo), DEVICE_CHUNK):
+        chunk = todo[start:start + DEVICE_CHUNK]
+        x, w = (torch.from_numpy(a).to(device) for a in cpu_kmeans._pad([bins[i] for i in chunk]))
+        centres, counts = _lloyd(x, w, _kmeanspp(x, w, k, draws), max_iter)
+        centres, counts = cpu_kmeans._merge_close(centres.cpu().numpy(), counts.cpu().numpy(), merge_delta_e)
+        for row, i in enumerate(chunk):
+            results[i] = cpu_kmeans._palette(centres[row], counts[row])
+    return results
+
+
+def _sq_dist(x, c):
+    """Squared distances (P, N, m) between points (P, N, 3) and per-person points (P, m, 3), computed directly
+    (no expansion, no TF32 matrix product: the same float32 rounding on every device)."""
+    return ((x[:, :, None, :] - c[:, None, :, :]) ** 2).sum(-1)
+
+
+def _kmeanspp(x, w, k: int, draws):
+    """``kmeans._kmeanspp`` in torch: the same candidates from the same draws."""
+    import torch
+
+    p_count = len(w)
+    rows = torch.arange(p_count, device=x.device)
+    last = (w > 0).sum(1) - 1
+    closest = w.double()
+    centres = torch.empty((p_count, k, 3), dtype=torch.float32, device=x.device)
+    for c in range(k):
+        cum = torch.cumsum(closest, 1)
+        targets = draws[c][None, :] * cum[:, -1:]  # (P, trials)
+        # The first point whose cumulative weight exceeds the target (numpy: count of cum <= target).
+        idx = torch.minimum(torch.searchsorted(cum, targets, right=True), last[:, None])
+        candidates = x[rows[:, None], idx]  # (P, trials, 3)
+        trial = _sq_dist(x, candidates) * w[..., None]
+        if c:
+            trial = torch.minimum(closest[:, :, None], trial)
+        best = trial.sum(1).argmin(1)
+        centres[:, c] = candidates[rows, best]
+        closest = trial[rows, :, best]  # float32 from here on, as in numpy
+    return centres
+
+
+def _lloyd(x, w, centres, max_iter: int):
+    """``kmeans._lloyd`` in torch: persons leave the working set once their assignment stops changing."""
+    import torch
+
+    p_count, _, k = *w.shape, centres.shape[1]
+    centres = centres.clone()
+    counts = torch.zeros((p_count, k), dtype=torch.float64, device=x.device)
+    labels = torch.full(w.shape, -1, dtype=torch.long, device=x.device)
+    active = torch.arange(p_count, device=x.device)
+    for _ in range(max_iter):
+        xa, wa = x[active], w[active]
+        new = _sq_dist(xa, centres[active]).argmin(-1)
+        changed = (new != labels[active]).any(1)
+        active, new, xa, wa = active[changed], new[changed], xa[changed], wa[changed]
+        if not len(active):
+            break
+        labels[active] = new
+        counts[active], sums = _cluster_sums(xa, wa, new, k)
+        filled = counts[active] > 0
+        centres[active] = torch.where(filled[..., None], (sums / counts[active].clamp(min=1e-12)[..., None]).float(),
+                                      centres[active])
+    else:
+        final = _sq_dist(x[active], centres[active]).argmin(-1)
+        counts[active], _ = _cluster_sums(x[active], w[active], final, k)
+    return centres.double(), counts
+
+
+def _cluster_sums(x, w, labels, k: int):
+    """Per person and cluster: total weight (P, k) and weighted sum of points (P, k, 3), in float64."""
+    import torch
+
+    p_count = len(w)
+    flat = (labels + (torch.arange(p_count, device=x.device) * k)[:, None]).reshape(-1)
+    weights = w.reshape(-1).double()
+    counts = torch.zeros(p_count * k, dtype=torch.float64, device=x.device).index_add_(0, flat, weights)
+    sums = torch.zeros((p_count * k, 3), dtype=torch.float64, device=x.device)
+    sums.index_add_(0, flat, x.reshape(-1, 3).double() * weights[:, None])
+    return counts.view(p_count, k), sums.view(p_count, k, 3)
