@@ -63,7 +63,7 @@ def load_parser(path: str | Path, device: str = "cpu") -> ParserNet:
     model = ParserNet()
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model = fuse_batchnorm(model.eval()).to(device).to(memory_format=torch.channels_last)
-    return model.half() if device == "cuda" else model
+    return model.half() if str(device).startswith("cuda") else model  # cuda:1 too
 
 
 def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = False,
