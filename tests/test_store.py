@@ -181,3 +181,68 @@ def test_status_sees_a_live_holder_and_not_a_dead_one(tmp_path):
     holder.kill()  # killed: its lock file stays, its flock does not
     holder.join()
     assert (tmp_path / "_lock").exists() and RunLock(tmp_path).live_holder() is None
+
+
+# ---- The content-hash index ---------------------------------------------------------------------------------------
+def analysed(shard_no: int, digests: list[str], statuses: list[str] | None = None) -> dict[str, pa.Table]:
+    """A shard's photos rows as a run commits them: an id, a content hash and a status per photo."""
+    ids = [f"{shard_no:04d}{i:012d}" for i in range(len(digests))]
+    photos = pa.table({"photo_id": ids, "content_hash": digests,
+                       "status": statuses or ["ok"] * len(digests)})
+    return {"photos": photos}
+
+
+def first_copies(store: Store) -> dict[str, str]:
+    """What duplicate marking must find: the first analysed photo of each hash, reading every photos file."""
+    first = {}
+    for _, photos in store.iter_table("photos"):
+        for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
+            if status in ("ok", "no_face"):
+                first.setdefault(digest, pid)
+    return first
+
+
+def test_hash_index_after_compactions_replacements_and_drops_answers_as_the_photos_files(store, monkeypatch):
+    import random
+
+    from colortrend.io import hash_index
+    from colortrend.io.hash_index import HashIndex
+
+    monkeypatch.setattr(hash_index, "DELTA_LIMIT", 3)
+    monkeypatch.setattr(hash_index, "GROUP_ROWS", 40)
+    rng = random.Random(7)
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(300)]  # shards share hashes: copies across shards
+    statuses = ["ok", "no_face", "duplicate", "error"]
+    for s in range(30):
+        shard_id = f"s{s % 24:02d}"  # the last six replace earlier shards under the same id, with other bytes
+        store.commit_shard(shard_id, analysed(s, rng.sample(pool, 20), rng.choices(statuses, k=20)), {})
+        if s % 7 == 6:
+            store.drop_shard(f"s{s - 3:02d}")
+        hash_index.compact(store, hash_index.tokens_of(store.markers()))
+    tokens = hash_index.tokens_of(store.markers())
+    index = HashIndex(store.root if store.local else store.url, tokens)
+    expected = first_copies(store)
+    assert {d: index.setdefault(d, "new") for d in pool} == {d: expected.get(d, "new") for d in pool}
+    assert len(store.list(hash_index.DELTAS)) <= 3
+    folders = [p for p in store.fs.ls(store.path(hash_index.HASHES), detail=False) if not p.endswith("delta")]
+    assert folders and all(len(store.fs.ls(p)) <= 3 * 4 for p in folders)  # a few files a tier, not one a commit
+    assert store.recover() == []  # nothing left over
+
+
+def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
+    from colortrend.io import hash_index
+    from colortrend.io.hash_index import HashIndex
+
+    monkeypatch.setattr(hash_index, "DELTA_LIMIT", 0)  # every entry in its partition
+    digests = [f"{p:02x}" + "0" * 62 for p in range(256)]
+    for s in range(8):
+        store.commit_shard(f"s{s}", analysed(s, digests[s * 32:(s + 1) * 32]), {})
+    tokens = hash_index.tokens_of(store.markers())
+    hash_index.compact(store, tokens)
+    read = []
+    real_read = hash_index._read
+    monkeypatch.setattr(hash_index, "_read", lambda store, rel: read.append(rel) or real_read(store, rel))
+    index = HashIndex(store.root if store.local else store.url, tokens)
+    assert index.setdefault(digests[40], "new") == "0001000000000008"
+    assert index.setdefault("ab" + "1" * 62, "new") == "new" and index.partitions_read == 2
+    assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions

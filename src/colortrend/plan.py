@@ -49,6 +49,7 @@ class Plan:
     damaged: dict[str, str] = field(default_factory=dict)  # shard id -> which file is damaged and how
     changed: int = 0  # listed photos whose file changed since it was analysed
     listed: dict[str, Listed] = field(default_factory=dict)  # photo_id -> how it was listed, for pending photos
+    index_tokens: dict[str, str | None] = field(default_factory=dict)  # healthy shard -> its hash index token
 
 
 def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False) -> Plan:
@@ -108,7 +109,8 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     tasks += _tasks(new, pending, cfg.shard_size)
     stale = sorted(index.shards[s] for s in redone)
     committed = sum(int(index.rows[s]) for s in range(len(index.shards)) if s not in redone)
-    return Plan(inputs, tasks, stale, committed, current, damaged, changed, pending)
+    tokens = {sid: healthy[sid].get("hash_index") for sid in index.shards}
+    return Plan(inputs, tasks, stale, committed, current, damaged, changed, pending, tokens)
 
 
 def _tasks(ids: list[str], listed: dict[str, Listed], shard_size: int) -> list[ShardTask]:
