@@ -246,3 +246,29 @@ def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
     assert index.setdefault(digests[40], "new") == "0001000000000008"
     assert index.setdefault("ab" + "1" * 62, "new") == "new" and index.partitions_read == 2
     assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions
+
+
+# ---- What planning holds of the committed photos ------------------------------------------------------------------
+def test_committed_index_is_29_bytes_a_photo_and_tells_each_kind_of_changed_file(store):
+    from colortrend.io.discover import Listed
+    from colortrend.plan import CommittedIndex, id_keys
+
+    ids = [f"{i:016x}" for i in range(1000)]
+    photos = pa.table({"photo_id": ids, "input_bytes": pa.array([100] * 1000, pa.int64()),
+                       "input_mtime_ns": pa.array([5] * 1000, pa.int64()), "file_bytes": [100] * 1000})
+    store.commit_shard("new", {"photos": photos}, {})
+    old = pa.table({"photo_id": ["f" * 16, "e" * 16], "file_bytes": [70, 70]})  # before listings were recorded
+    store.commit_shard("old", {"photos": old}, {})
+    tagged = pa.table({"photo_id": ["d" * 16], "input_bytes": [9], "input_mtime_ns": [1], "input_etag": ['"v1"']})
+    store.commit_shard("tagged", {"photos": tagged}, {})
+    index = CommittedIndex.read(store, store.markers(), {})
+    held = sum(a.nbytes for a in (index.key, index.shard, index.size, index.mtime, index.recorded, index.etag))
+    assert len(index.key) == 1003 and held <= 1003 * 37  # 29 bytes, and the ETag hash once some shard has ETags
+    listed = [Listed("a", 100, 5), Listed("b", 101, 5), Listed("c", 100, 6),  # same; other size; other mtime
+              Listed("d", 70, 99), Listed("e", 71, 5),  # an old row: only the size intake read tells
+              Listed("f", 9, 1, '"v1"'), Listed("g", 9, 1, '"v2"')]  # other ETag
+    keys = id_keys([ids[3], ids[4], ids[5], "f" * 16, "e" * 16, "d" * 16, "d" * 16])
+    pos, found = index.find(keys)
+    assert found.all()
+    assert index.changed(pos, listed).tolist() == [False, True, True, False, True, False, True]
+    assert not index.find(id_keys(["0" * 15 + "x"]))[1].any()
