@@ -272,3 +272,13 @@ def test_committed_index_is_29_bytes_a_photo_and_tells_each_kind_of_changed_file
     assert found.all()
     assert index.changed(pos, listed).tolist() == [False, True, True, False, True, False, True]
     assert not index.find(id_keys(["0" * 15 + "x"]))[1].any()
+
+
+def test_photo_keys_decoded_at_once_equal_those_keyed_one_by_one():
+    import numpy as np
+
+    from colortrend.plan import _key, id_keys
+
+    usual = [f"{i * 0x9E3779B97F4A7C15 % 2**64:016x}" for i in range(300)]
+    for ids in (usual, [*usual, "a path/not an id"], ["abcd efabcdefab1", *usual[:3]], []):
+        assert id_keys(ids).tolist() == np.array([_key(pid) for pid in ids], np.uint64).tolist()

@@ -264,6 +264,13 @@ def _int_column(table: "pa.Table", name: str) -> np.ndarray:
 
 def id_keys(ids: list[str]) -> np.ndarray:
     """Photo ids (16 hex digits: 64 bits of the path's sha1) as uint64, losslessly; any other id is hashed."""
+    if ids and all(len(pid) == 16 for pid in ids):  # the usual case, decoded at once (a tenth of the time)
+        try:
+            packed = bytes.fromhex("".join(ids))
+        except ValueError:
+            packed = b""
+        if len(packed) == 8 * len(ids):  # (fromhex skips spaces: an id holding one is keyed one by one)
+            return np.frombuffer(packed, ">u8").astype(np.uint64)
     return np.fromiter((_key(pid) for pid in ids), np.uint64, count=len(ids))
 
 
