@@ -6,7 +6,9 @@ made up from each file, so N can be 200,000 in a minute), then measures, each in
 
 - ``colortrend run CONFIG`` with nothing new (a no-op nightly rerun, after one run has built the report):
   peak RSS and wall seconds;
-- ``colortrend status CONFIG --json``: peak RSS and wall seconds.
+- ``colortrend status CONFIG --json``: peak RSS and wall seconds;
+- a run with one new photo, a copy of a committed one (analysis made up as above, duplicate marking real): peak
+  RSS and wall seconds of what the coordinator holds to find that it is a duplicate.
 
     python scripts/bench_plan.py --photos 20000 200000 --json
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,28 +40,33 @@ def fabricate_inputs(folder: Path, n: int) -> None:
 
 
 class MadeUpRunner:
-    """Stands in for the analysis: every photo a ``no_face`` row with its real content hash and size."""
+    """Stands in for the analysis: every photo a ``no_face`` row with its real content hash and size, or a
+    ``duplicate`` one where the pipeline's own duplicate marking says so."""
 
     def execute(self, pipeline, tasks, seen, progress=None):
         import pyarrow as pa
 
-        from colortrend.pipeline import ShardResult
+        from colortrend.pipeline import ShardResult, mark_duplicates
 
         schemas = pipeline.schemas
         for task in tasks:
             data = [Path(p).read_bytes() for p in task.paths]
             n = len(task.photo_ids)
             rows = {name: [None] * n for name in schemas["photos"].names}
-            rows.update(photo_id=task.photo_ids, path=task.paths, status=["no_face"] * n,
+            rows.update(photo_id=task.photo_ids, path=task.paths, status=["ok"] * n,
                         content_hash=[hashlib.sha256(d).hexdigest() for d in data],
-                        file_bytes=[len(d) for d in data], n_faces=[0] * n, n_persons=[0] * n)
+                        file_bytes=[len(d) for d in data], n_faces=[0] * n, n_persons=[0] * n, image=[None] * n)
+            mark_duplicates(rows, seen)
+            rows["status"] = ["duplicate" if s == "duplicate" else "no_face" for s in rows["status"]]
+            del rows["image"]
             tables = {"photos": pa.Table.from_pydict(rows, schema=schemas["photos"]),
                       "faces": schemas["faces"].empty_table(), "garments": schemas["garments"].empty_table()}
             yield ShardResult(task.shard_id, tables, {}, [])
 
 
 def commit_all(config: Path) -> None:
-    """Plan and commit every input through ``colortrend.run`` (what a first run does, analysis made up)."""
+    """Plan and commit every new input through ``colortrend.run`` (what a run does, analysis made up); prints its
+    peak RSS (MB) as JSON."""
     import colortrend.runners
     from colortrend.config import load_config
     from colortrend.io.lock import RunLock
@@ -73,6 +82,7 @@ def commit_all(config: Path) -> None:
     with RunLock(cfg.output):
         the_plan = plan(cfg, pipeline, store)
         _analyse(cfg, pipeline, store, the_plan, "local", None, False, RunSummary())
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def measured(cmd: list[str]) -> tuple[float, float, str]:
@@ -109,9 +119,27 @@ def bench(n: int, work: Path) -> dict:
         info = json.loads(status_out.splitlines()[-1])
         if info["photos_pending"] or info["photos_committed"] != n:
             raise SystemExit(f"not a no-op: {info['photos_committed']} committed, {info['photos_pending']} pending")
+        copy = inputs / "d00000" / "p00000000.jpg"
+        extra = Path(tmp) / "extra"
+        extra.mkdir()
+        shutil.copy(copy, extra / "copy.jpg")
+        cfg = json.loads(config.read_text())
+        cfg["input"]["paths"].append(str(extra))
+        config.write_text(json.dumps(cfg))
+        t0 = time.perf_counter()
+        new_out = subprocess.run([sys.executable, __file__, "--commit", str(config)], check=True, text=True,
+                                 capture_output=True).stdout
+        new_s = time.perf_counter() - t0
+        import pandas as pd
+
+        photos = pd.concat(pd.read_parquet(p, columns=["path", "status"]) for p in (Path(tmp) / "out" /
+                                                                                   "photos").glob("*.parquet"))
+        if photos[photos.path == str(extra / "copy.jpg")].status.tolist() != ["duplicate"]:
+            raise SystemExit("the new copy was not found to be a duplicate")
         return {"photos": n, "commit_s": round(commit_s, 1), "noop_run_s": round(run_s, 2),
                 "noop_run_peak_mb": round(run_mb, 1), "status_s": round(status_s, 2),
-                "status_peak_mb": round(status_mb, 1)}
+                "status_peak_mb": round(status_mb, 1), "new_copy_run_s": round(new_s, 2),
+                "new_copy_run_peak_mb": round(json.loads(new_out.splitlines()[-1])["peak_mb"], 1)}
 
 
 def main() -> None:
@@ -132,7 +160,8 @@ def main() -> None:
         results.append(result)
         print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
     if args.json:
-        growth = {k: round(results[-1][k] - results[0][k], 1) for k in ("noop_run_peak_mb", "status_peak_mb")}
+        growth = {k: round(results[-1][k] - results[0][k], 1)
+                  for k in ("noop_run_peak_mb", "status_peak_mb", "new_copy_run_peak_mb")}
         print(json.dumps({"results": results, "growth_mb": growth}))
 
 

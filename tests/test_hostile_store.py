@@ -4,6 +4,7 @@ photos; each case is what a user would check afterwards (tables, exit code, one 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -289,7 +290,7 @@ def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_nothing_half_wr
 
     def write(fd, data):
         written.append(len(data))
-        if len(written) > 2:  # the first shard's photos file goes in; then the disk is full
+        if len(written) > 2:  # the first shard's index delta and photos file go in; then the disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
@@ -314,3 +315,77 @@ def test_a_lock_path_that_is_a_folder_is_one_line_exit_2(copied):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "_lock is a folder" in result.output
     assert cli("status", config).exit_code == 0  # status still answers
+
+
+# ---- The content-hash index ---------------------------------------------------------------------------------------
+def by_name(out: Path) -> pd.DataFrame:
+    return rows(out).assign(name=lambda df: df.path.map(lambda p: Path(p).name)).set_index("name")
+
+
+def test_a_new_copy_of_an_old_photo_is_its_duplicate_and_a_run_reads_one_partition(own_inputs, monkeypatch):
+    from colortrend.io.hash_index import HashIndex
+
+    photos, config, out = own_inputs
+    shutil.copy(photos / "p1.png", photos / "p1 again.png")
+    read_partitions = []
+    real_load = HashIndex._load
+    monkeypatch.setattr(HashIndex, "_load", lambda self, prefix: read_partitions.append(prefix) or
+                        real_load(self, prefix))
+    summary = run(load_config(str(config)))
+    assert summary.photos == {"duplicate": 1}
+    table = by_name(out)
+    assert table.loc["p1 again.png", "duplicate_of"] == table.loc["p1.png", "photo_id"]
+    assert read_partitions == [table.loc["p1.png", "content_hash"][:2]]  # one photo, one partition
+
+
+def test_a_redone_shard_is_no_duplicate_of_itself_and_its_old_bytes_are_forgotten(own_inputs):
+    photos, config, out = own_inputs
+    old_bytes = (photos / "p1.png").read_bytes()
+    assert run(load_config(str(config)), full=True).photos == {"no_face": 3}  # every shard replaced in place
+    (photos / "p1.png").write_bytes(encoded(rgb_image(80, 60, color=(250, 250, 0)), "PNG"))
+    run(load_config(str(config)))  # p1's shard is redone under the same id, with other bytes
+    (photos / "old p1.png").write_bytes(old_bytes)
+    shutil.copy(photos / "p1.png", photos / "new p1.png")
+    summary = run(load_config(str(config)))
+    table = by_name(out)
+    assert summary.photos == {"no_face": 1, "duplicate": 1}
+    assert table.loc["old p1.png", "status"] == "no_face"  # those bytes are no longer committed anywhere
+    assert table.loc["new p1.png", "duplicate_of"] == table.loc["p1.png", "photo_id"]
+    assert len(list((out / "_index" / "hashes" / "delta").iterdir())) == len(list((out / "_markers").iterdir()))
+
+
+def test_an_index_written_by_a_commit_killed_before_its_marker_does_not_count(own_inputs):
+    import pyarrow as pa
+
+    from colortrend.io import hash_index
+    from colortrend.io.store import parquet_bytes
+
+    photos, config, out = own_inputs
+    late = encoded(rgb_image(color=(9, 99, 199)), "PNG")
+    (photos / "late.png").write_bytes(late)
+    ghost = pa.table({"content_hash": [hashlib.sha256(late).hexdigest()], "status": ["no_face"],
+                      "photo_id": ["0123456789abcdef"]})
+    # what a run killed after writing a shard's index delta, before its marker (the commit point), leaves
+    stray = out / hash_index.delta_path("feedfacefeedface", "0badc0de")
+    stray.write_bytes(parquet_bytes(hash_index.entries(ghost, "feedfacefeedface", "0badc0de")))
+    summary = run(load_config(str(config)))
+    assert summary.photos == {"no_face": 1} and any("feedfacefeedface" in a for a in summary.recovered)
+    assert not stray.exists()
+
+
+def test_an_output_written_before_the_index_gets_it_built_once(own_inputs):
+    photos, config, out = own_inputs
+    shutil.rmtree(out / "_index")
+    for marker in (out / "_markers").glob("*.json"):  # as runs before the index wrote them
+        record = json.loads(marker.read_text())
+        del record["hash_index"]
+        marker.write_text(json.dumps(record))
+    assert run(load_config(str(config))).shards == 0  # nothing new: nothing is built
+    shutil.copy(photos / "p2.png", photos / "p2 again.png")
+    assert run(load_config(str(config))).photos == {"duplicate": 1}
+    table = by_name(out)
+    assert table.loc["p2 again.png", "duplicate_of"] == table.loc["p2.png", "photo_id"]
+    markers = [json.loads(m.read_text()) for m in (out / "_markers").glob("*.json")]
+    assert all("hash_index" in m for m in markers)
+    assert len(list((out / "_index" / "hashes" / "delta").iterdir())) == len(markers)
+    assert status(load_config(str(config)))["photos_pending"] == 0

@@ -181,3 +181,104 @@ def test_status_sees_a_live_holder_and_not_a_dead_one(tmp_path):
     holder.kill()  # killed: its lock file stays, its flock does not
     holder.join()
     assert (tmp_path / "_lock").exists() and RunLock(tmp_path).live_holder() is None
+
+
+# ---- The content-hash index ---------------------------------------------------------------------------------------
+def analysed(shard_no: int, digests: list[str], statuses: list[str] | None = None) -> dict[str, pa.Table]:
+    """A shard's photos rows as a run commits them: an id, a content hash and a status per photo."""
+    ids = [f"{shard_no:04d}{i:012d}" for i in range(len(digests))]
+    photos = pa.table({"photo_id": ids, "content_hash": digests,
+                       "status": statuses or ["ok"] * len(digests)})
+    return {"photos": photos}
+
+
+def first_copies(store: Store) -> dict[str, str]:
+    """What duplicate marking must find: the first analysed photo of each hash, reading every photos file."""
+    first = {}
+    for _, photos in store.iter_table("photos"):
+        for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
+            if status in ("ok", "no_face"):
+                first.setdefault(digest, pid)
+    return first
+
+
+def test_hash_index_after_compactions_replacements_and_drops_answers_as_the_photos_files(store, monkeypatch):
+    import random
+
+    from colortrend.io import hash_index
+    from colortrend.io.hash_index import HashIndex
+
+    monkeypatch.setattr(hash_index, "DELTA_LIMIT", 3)
+    monkeypatch.setattr(hash_index, "GROUP_ROWS", 40)
+    rng = random.Random(7)
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(300)]  # shards share hashes: copies across shards
+    statuses = ["ok", "no_face", "duplicate", "error"]
+    for s in range(30):
+        shard_id = f"s{s % 24:02d}"  # the last six replace earlier shards under the same id, with other bytes
+        store.commit_shard(shard_id, analysed(s, rng.sample(pool, 20), rng.choices(statuses, k=20)), {})
+        if s % 7 == 6:
+            store.drop_shard(f"s{s - 3:02d}")
+        hash_index.compact(store, hash_index.tokens_of(store.markers()))
+    tokens = hash_index.tokens_of(store.markers())
+    index = HashIndex(store.root if store.local else store.url, tokens)
+    expected = first_copies(store)
+    assert {d: index.setdefault(d, "new") for d in pool} == {d: expected.get(d, "new") for d in pool}
+    assert len(store.list(hash_index.DELTAS)) <= 3
+    folders = [p for p in store.fs.ls(store.path(hash_index.HASHES), detail=False) if not p.endswith("delta")]
+    assert folders and all(len(store.fs.ls(p)) <= 3 * 4 for p in folders)  # a few files a tier, not one a commit
+    assert store.recover() == []  # nothing left over
+
+
+def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
+    from colortrend.io import hash_index
+    from colortrend.io.hash_index import HashIndex
+
+    monkeypatch.setattr(hash_index, "DELTA_LIMIT", 0)  # every entry in its partition
+    digests = [f"{p:02x}" + "0" * 62 for p in range(256)]
+    for s in range(8):
+        store.commit_shard(f"s{s}", analysed(s, digests[s * 32:(s + 1) * 32]), {})
+    tokens = hash_index.tokens_of(store.markers())
+    hash_index.compact(store, tokens)
+    read = []
+    real_read = hash_index._read
+    monkeypatch.setattr(hash_index, "_read", lambda store, rel: read.append(rel) or real_read(store, rel))
+    index = HashIndex(store.root if store.local else store.url, tokens)
+    assert index.setdefault(digests[40], "new") == "0001000000000008"
+    assert index.setdefault("ab" + "1" * 62, "new") == "new" and index.partitions_read == 2
+    assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions
+
+
+# ---- What planning holds of the committed photos ------------------------------------------------------------------
+def test_committed_index_is_29_bytes_a_photo_and_tells_each_kind_of_changed_file(store):
+    from colortrend.io.discover import Listed
+    from colortrend.plan import CommittedIndex, id_keys
+
+    ids = [f"{i:016x}" for i in range(1000)]
+    photos = pa.table({"photo_id": ids, "input_bytes": pa.array([100] * 1000, pa.int64()),
+                       "input_mtime_ns": pa.array([5] * 1000, pa.int64()), "file_bytes": [100] * 1000})
+    store.commit_shard("new", {"photos": photos}, {})
+    old = pa.table({"photo_id": ["f" * 16, "e" * 16], "file_bytes": [70, 70]})  # before listings were recorded
+    store.commit_shard("old", {"photos": old}, {})
+    tagged = pa.table({"photo_id": ["d" * 16], "input_bytes": [9], "input_mtime_ns": [1], "input_etag": ['"v1"']})
+    store.commit_shard("tagged", {"photos": tagged}, {})
+    index = CommittedIndex.read(store, store.markers(), {})
+    held = sum(a.nbytes for a in (index.key, index.shard, index.size, index.mtime, index.recorded, index.etag))
+    assert len(index.key) == 1003 and held <= 1003 * 37  # 29 bytes, and the ETag hash once some shard has ETags
+    listed = [Listed("a", 100, 5), Listed("b", 101, 5), Listed("c", 100, 6),  # same; other size; other mtime
+              Listed("d", 70, 99), Listed("e", 71, 5),  # an old row: only the size intake read tells
+              Listed("f", 9, 1, '"v1"'), Listed("g", 9, 1, '"v2"')]  # other ETag
+    keys = id_keys([ids[3], ids[4], ids[5], "f" * 16, "e" * 16, "d" * 16, "d" * 16])
+    pos, found = index.find(keys)
+    assert found.all()
+    assert index.changed(pos, listed).tolist() == [False, True, True, False, True, False, True]
+    assert not index.find(id_keys(["0" * 15 + "x"]))[1].any()
+
+
+def test_photo_keys_decoded_at_once_equal_those_keyed_one_by_one():
+    import numpy as np
+
+    from colortrend.plan import _key, id_keys
+
+    usual = [f"{i * 0x9E3779B97F4A7C15 % 2**64:016x}" for i in range(300)]
+    for ids in (usual, [*usual, "a path/not an id"], ["abcd efabcdefab1", *usual[:3]], []):
+        assert id_keys(ids).tolist() == np.array([_key(pid) for pid in ids], np.uint64).tolist()

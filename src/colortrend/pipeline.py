@@ -156,9 +156,10 @@ class Pipeline:
         return {f"{s.name}:{p.rsplit('/', 1)[-1]}": file_checksum(p) for s in self.stages for p in s.model_files()}
 
     # ---- analysing shards ---------------------------------------------------------------------------------------
-    def steps(self, seen: dict[str, str]) -> list[Step]:
+    def steps(self, seen: FirstCopies) -> list[Step]:
         """What every batch goes through, in order: intake, duplicate marking against ``seen`` (content hash ->
-        first photo_id, updated as photos come), each model stage. Runners decide where each step runs; the rows
+        first photo_id, updated as photos come: a dict, or the output's :class:`~colortrend.io.hash_index.HashIndex`),
+        each model stage. Runners decide where each step runs; the rows
         come out of :meth:`shard_parts`."""
         intake, *models = self.stages
         return [StageStep(intake, isolate=False), DuplicateStep(seen), *(StageStep(stage) for stage in models)]
@@ -195,7 +196,7 @@ class Pipeline:
             parts.append(ShardPart(shard_id, tables, len(rows), seconds, failures))
         return parts
 
-    def analyse(self, tasks: list[ShardTask], seen: dict[str, str], progress=None) -> Iterator[ShardResult]:
+    def analyse(self, tasks: list[ShardTask], seen: FirstCopies, progress=None) -> Iterator[ShardResult]:
         """Every shard of ``tasks`` in this process, yielded as it completes: batches go through :meth:`steps` one
         after another while the next batch is decoded."""
         decode, *rest = self.steps(seen)
@@ -253,12 +254,19 @@ class StageStep:
         return batch
 
 
+class FirstCopies(Protocol):
+    """content hash -> photo_id of the first photo with those bytes; ``setdefault`` records a new one (a dict is
+    one; a run uses the output's content-hash index, which reads the partitions its hashes touch)."""
+
+    def setdefault(self, digest: str, photo_id: str, /) -> str: ...
+
+
 class DuplicateStep:
     """:func:`mark_duplicates` as a step; it holds the hashes seen so far, so every photo must pass through it."""
 
     name, uses_accelerator, sees_every_photo = "duplicates", False, True
 
-    def __init__(self, seen: dict[str, str]):
+    def __init__(self, seen: FirstCopies):
         self.seen = seen
 
     def __call__(self, batch: Batch) -> Batch:
@@ -314,7 +322,7 @@ def run_isolated(stage: Stage, batch: Batch) -> Batch:
     return _merge([run_isolated(stage, _slice(batch, i)) for i in range(len(batch["photo_id"]))])
 
 
-def mark_duplicates(batch: Batch, seen: dict[str, str]) -> None:
+def mark_duplicates(batch: Batch, seen: FirstCopies) -> None:
     """Second and later copies of the same bytes become ``duplicate`` rows pointing at the first copy."""
     for i, (pid, status, digest) in enumerate(zip(batch["photo_id"], batch["status"], batch["content_hash"])):
         if status != "ok" or digest is None:

@@ -20,7 +20,9 @@ from colortrend import __version__
 from colortrend.combine import COMBINED
 from colortrend.config import Config, recorded, to_dict
 from colortrend.errors import ConfigError, OutputError, environment_problem
+from colortrend.io import hash_index
 from colortrend.io.discover import check_inputs
+from colortrend.io.hash_index import HashIndex
 from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
 from colortrend.io.secret import KEY_NAME, output_key
@@ -31,7 +33,6 @@ from colortrend.plan import Plan, plan
 __all__ = ["Plan", "RunSummary", "plan", "run", "status", "read", "report"]
 
 log = logging.getLogger(__name__)
-ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
 AGGREGATES_STATE = "_aggregates.json"  # what the last histograms and report were built from
 
 
@@ -165,8 +166,8 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
     device = pick_device(cfg.device)
     for stage in pipeline.stages:
         stage.device = device
-    pending_ids = {pid for t in the_plan.tasks for pid in t.photo_ids}
-    seen = committed_hashes(store, exclude=pending_ids)
+    tokens = _index_tokens(store, the_plan)
+    seen = HashIndex(cfg.output, dict(tokens))  # a replaced shard's photos are not earlier copies of themselves
     runner = get_runner(executor, **({"address": address} if executor == "ray" else {}))
     total = sum(len(t.photo_ids) for t in the_plan.tasks)
     fingerprints = pipeline.fingerprints()
@@ -182,10 +183,12 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
                 "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                 "replaces": task.replaces,
             }
-            store.commit_shard(result.shard_id, sort_rows(result.tables), marker)
+            committed = store.commit_shard(result.shard_id, sort_rows(result.tables), marker)
+            tokens[result.shard_id] = committed["hash_index"]
             for old in marker["replaces"]:
                 if old != result.shard_id:
                     store.drop_shard(old)
+                    tokens.pop(old, None)
             if result.failures:
                 _write_failures(store, result.shard_id, result.failures)
             summary.shards += 1
@@ -194,6 +197,18 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
             summary.persons += result.tables["garments"].num_rows
             for k, v in result.seconds.items():
                 summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+    hash_index.compact(store, tokens)
+
+
+def _index_tokens(store: Store, the_plan: Plan) -> dict[str, str]:
+    """shard -> hash index token of the committed shards this run keeps, indexing those committed before the index
+    existed (once); compacted first if a killed run left many deltas."""
+    replaced = {old for task in the_plan.tasks for old in task.replaces}
+    kept = {sid: token for sid, token in the_plan.index_tokens.items() if sid not in replaced}
+    unindexed = {sid: marker for sid, token in kept.items() if token is None and (marker := store.read_marker(sid))}
+    tokens = {sid: token for sid, token in kept.items() if token} | hash_index.rebuild(store, unindexed)
+    hash_index.compact(store, tokens)
+    return tokens
 
 
 def _with_listing(photos, listed: dict):
@@ -207,16 +222,6 @@ def _with_listing(photos, listed: dict):
         i = photos.schema.get_field_index(name)
         photos = photos.set_column(i, photos.schema.field(i), pa.array(column, photos.schema.field(i).type))
     return photos
-
-
-def committed_hashes(store: Store, exclude: set[str]) -> dict[str, str]:
-    """content_hash -> photo_id of every committed analysed photo (the first copy of those bytes)."""
-    seen: dict[str, str] = {}
-    for _, photos in store.iter_table("photos", columns=["photo_id", "content_hash", "status"]):
-        for pid, digest, status in zip(*(photos[c].to_pylist() for c in ("photo_id", "content_hash", "status"))):
-            if digest and status in ANALYSED and pid not in exclude:
-                seen.setdefault(digest, pid)
-    return seen
 
 
 def build_aggregates(cfg: Config, store: Store, force: bool = False, models: dict | None = None) -> str:

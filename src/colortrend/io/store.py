@@ -11,6 +11,8 @@ Layout under the config's ``output`` (a folder, or an fsspec URL such as ``s3://
     _runs/<time>.json          resolved config, versions, model checksums and summary of each run
     _logs/<id>.tsv             per-shard list of photos that failed, with their status and error
     _partials/<id>.<key>.parquet   what aggregation needs of shard <id> under histogram settings <key> (a cache)
+    _index/hashes/             content_hash -> photo_id of the committed analysed photos, partitioned by hash
+                               (``colortrend.io.hash_index``: a delta per commit, written before its marker)
 
 A shard commits in three steps: write every table's file under ``_staging/``, write the marker (the commit point),
 move the files into their table folders. ``recover()`` finishes the moves of a shard whose marker exists and deletes
@@ -39,6 +41,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from colortrend.errors import OutputError, environment_problem
+from colortrend.io import hash_index
 from colortrend.io.fs import display, filesystem, is_local
 
 SHARD_TABLES = ("photos", "faces", "garments")
@@ -46,9 +49,11 @@ MARKERS = "_markers"
 STAGING = "_staging"
 #: Per-shard partial tables of the aggregation (``colortrend.aggregate.partials``), named ``<shard>.<key>.parquet``.
 PARTIALS = "_partials"
+#: The content-hash index duplicate marking reads (``colortrend.io.hash_index``).
+INDEX = "_index"
 _PARTIAL_NAME = re.compile(r"^(?P<shard>.+)\.[0-9a-f]{16}\.parquet$")
 #: The folders every output starts with (``prepare``); aggregates add ``histograms/`` and ``report/``.
-FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs", PARTIALS)
+FOLDERS = (*SHARD_TABLES, MARKERS, STAGING, "_runs", "_logs", PARTIALS, INDEX)
 
 
 def partial_shard(name: str) -> str | None:
@@ -148,13 +153,19 @@ class Store:
             self.delete(f"{rel}/{stale}")
 
     # ---- commit -------------------------------------------------------------------------------------------------
-    def commit_shard(self, shard_id: str, tables: dict[str, pa.Table], marker: dict) -> None:
+    def commit_shard(self, shard_id: str, tables: dict[str, pa.Table], marker: dict) -> dict:
         """Write a shard's tables atomically (see module docstring); replaces an older shard of the same id.
 
-        The marker records each file's size and sha256 (and, locally, its mtime): what ``damage()`` checks."""
+        The marker records each file's size and sha256 (and, locally, its mtime): what ``damage()`` checks. The
+        shard's content-hash index delta is written before the marker, under a token the marker records: until
+        the marker is written it does not count (``hash_index``). Returns the marker written."""
         files = {t: f"{t}/part-{shard_id}.parquet" for t in tables}
         sizes, digests, mtimes = {}, {}, {}
+        token = hash_index.new_token()
+        previous = self.read_marker(shard_id)  # a shard of the same id, replaced by this commit
         try:
+            if "photos" in tables:
+                hash_index.write_delta(self, shard_id, token, tables["photos"])
             for table, data in tables.items():
                 payload = parquet_bytes(data)
                 self.write_bytes(_staged(table, shard_id), payload)
@@ -162,15 +173,19 @@ class Store:
                 if self.local:  # a rename keeps it: a file whose mtime moved was touched after its commit
                     mtimes[table] = os.stat(self.path(_staged(table, shard_id))).st_mtime_ns
             record = {**marker, "shard": shard_id, "files": files, "rows": {t: d.num_rows for t, d in tables.items()},
-                      "bytes": sizes, "sha256": digests, **({"mtime_ns": mtimes} if mtimes else {})}
+                      "bytes": sizes, "sha256": digests, **({"mtime_ns": mtimes} if mtimes else {}),
+                      "hash_index": token}
             self.write_json(self.marker(shard_id), record)  # the commit point
         except BaseException:
-            if not self.exists(self.marker(shard_id)):  # never committed: leave none of its files behind
-                for table in tables:
+            if (self.read_marker(shard_id) or {}).get("hash_index") != token:  # never committed: leave nothing
+                for rel in (*(_staged(table, shard_id) for table in tables), hash_index.delta_path(shard_id, token)):
                     with contextlib.suppress(Exception):
-                        self.delete(_staged(table, shard_id))
+                        self.delete(rel)
             raise
+        if previous and previous.get("hash_index") not in (None, token):
+            self.delete(hash_index.delta_path(shard_id, previous["hash_index"]))
         self._finish_moves(shard_id, files)
+        return record
 
     def _finish_moves(self, shard_id: str, files: dict[str, str]) -> None:
         for table, rel in files.items():
@@ -183,6 +198,8 @@ class Store:
         self.delete(self.marker(shard_id))
         for rel in (marker or {}).get("files", {}).values():
             self.delete(rel)
+        if marker and "hash_index" in marker:  # its entries stopped counting with the marker; compacted ones stay
+            self.delete(hash_index.delta_path(shard_id, marker["hash_index"]))
 
     def recover(self) -> list[str]:
         """Complete interrupted commits and clear abandoned work. Returns what it did, for the log."""
@@ -218,6 +235,7 @@ class Store:
             if shard is not None and shard not in markers:
                 self.delete(f"{PARTIALS}/{name}")
                 actions.append(f"removed partial of uncommitted shard {shard}")
+        actions += hash_index.clean(self, hash_index.tokens_of(markers))
         return actions
 
     # ---- read ---------------------------------------------------------------------------------------------------
@@ -411,10 +429,12 @@ def marker_problem(shard_id: str, marker) -> str | None:
             return f"`files` names {str(rel)[:80]!r} for {str(table)[:40]!r}"
     if marker.get("shard", shard_id) != shard_id:
         return f"its `shard` is {str(marker['shard'])[:40]!r}, its name says {shard_id!r}"
-    for key, kind in (("fingerprint", str), ("photo_ids", list), ("replaces", list), ("rows", dict),
-                      ("bytes", dict), ("sha256", dict), ("mtime_ns", dict)):
+    for key, kind in (("fingerprint", str), ("hash_index", str), ("photo_ids", list), ("replaces", list),
+                      ("rows", dict), ("bytes", dict), ("sha256", dict), ("mtime_ns", dict)):
         if key in marker and not isinstance(marker[key], kind):
             return f"`{key}` is a {type(marker[key]).__name__}"
+    if "hash_index" in marker and not hash_index.is_token(marker["hash_index"]):  # it names a file we delete
+        return f"`hash_index` is {str(marker['hash_index'])[:40]!r}, not a token"
     for key in ("photo_ids", "replaces"):
         if not all(isinstance(v, str) for v in marker.get(key, [])):
             return f"`{key}` holds something other than ids"

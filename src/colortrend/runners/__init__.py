@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol
 
-from colortrend.pipeline import Pipeline, ShardResult, ShardTask
+from colortrend.pipeline import FirstCopies, Pipeline, ShardResult, ShardTask
 
 
 class Runner(Protocol):
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         """Yield each shard's result as it completes; the caller commits it."""
 

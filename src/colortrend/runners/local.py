@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from colortrend.pipeline import Pipeline, ShardResult, ShardTask
+from colortrend.pipeline import FirstCopies, Pipeline, ShardResult, ShardTask
 
 
 class LocalRunner:
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         return pipeline.analyse(tasks, seen, progress)

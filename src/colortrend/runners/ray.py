@@ -17,7 +17,7 @@ import os
 import pickle
 from typing import Iterator
 
-from colortrend.pipeline import Pipeline, ShardAssembler, ShardResult, ShardTask, Step
+from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
 from colortrend.stages.base import Batch
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class RayRunner:
     def __init__(self, address: str | None = None):
         self.address = address
 
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         ray, started = self._connect()
         try:
@@ -57,7 +57,7 @@ class RayRunner:
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
         return ray, True
 
-    def _execute(self, ray, pipeline: Pipeline, tasks: list[ShardTask], seen: dict[str, str],
+    def _execute(self, ray, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
                  progress) -> Iterator[ShardResult]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
