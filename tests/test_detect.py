@@ -180,3 +180,30 @@ def test_faces_that_fill_the_frame_are_found_by_the_retry_inside_a_border(photos
             assert x1 < centres[k][0] < x2 and y1 < centres[k][1] < y2
     with pytest.raises(ValueError, match="retry_border"):
         DetectSettings(retry_border=2.0)
+
+
+def test_our_mtcnn_networks_are_facenet_pytorchs():
+    """The P-, R- and O-Net defined in colortrend load facenet-pytorch's weights and compute what its own do."""
+    import torch
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    from colortrend.models.mtcnn_nets import pretrained
+
+    torch.manual_seed(0)
+    inputs = {"pnet": torch.rand(2, 3, 40, 56), "rnet": torch.rand(5, 3, 24, 24), "onet": torch.rand(5, 3, 48, 48)}
+    with torch.inference_mode():
+        for ours, theirs, name in zip(pretrained(), (PNet().eval(), RNet().eval(), ONet().eval()), inputs):
+            for a, b in zip(ours(inputs[name]), theirs(inputs[name])):
+                assert torch.equal(a, b), name
+
+
+def test_detecting_faces_imports_no_torchvision_package():
+    """torchvision's Python package costs about 1.4 s to import (all its models); the detector needs only its NMS."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from colortrend.models.mtcnn import FaceDetector;"
+            "FaceDetector().detect([np.zeros((64, 64, 3), np.uint8)]);"
+            "print(sorted(m for m in ('torchvision', 'facenet_pytorch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -6,6 +6,20 @@ import hashlib
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: facenet-pytorch's MTCNN weight files (P-, R-, O-Net), inside its installed package.
+FACENET_WEIGHTS = ("pnet.pt", "rnet.pt", "onet.pt")
+
+
+def facenet_weights() -> list[Path]:
+    """The MTCNN weight files in facenet-pytorch's wheel, found without importing the package (its ``__init__``
+    imports torch, its other models and all of torchvision)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("facenet_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("facenet-pytorch is not installed (its wheel holds the face detector's weights)")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return [data / name for name in FACENET_WEIGHTS]
 
 
 @functools.lru_cache(maxsize=None)

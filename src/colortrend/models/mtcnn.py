@@ -1,6 +1,7 @@
 """Batched MTCNN face detector: boxes, scores and 5 landmarks for many differently sized photos at once.
 
-The networks and weights are facenet-pytorch 2.5.3's P-, R- and O-Net (the weights ship inside its wheel). Its own
+The networks and weights are facenet-pytorch 2.5.3's P-, R- and O-Net (the weights ship inside its wheel; the
+classes are redefined in :mod:`colortrend.models.mtcnn_nets` so its package need not be imported). Its own
 ``MTCNN.detect`` loop does per-image, per-scale and per-candidate work in Python and batches only equal-sized images;
 this cascade batches across photos instead:
 
@@ -42,7 +43,8 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import nms
+
+from colortrend.models.mtcnn_nets import nms, pretrained
 
 #: Photos are detected in groups of at most this many pixels (a larger photo alone is fine): bounds memory while
 #: keeping batches large.
@@ -112,9 +114,6 @@ class FaceDetector:
             raise ValueError(f"min_face_px must be at least {PNET_WINDOW} (P-Net's window), got {min_face_px}")
         if not 0.0 < scale_factor < 1.0:
             raise ValueError(f"scale_factor must be between 0 and 1, got {scale_factor}")
-        # facenet_pytorch's package __init__ also imports its other models; only the MTCNN module is needed.
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
         self.device = torch.device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.min_face_px = min_face_px
@@ -123,7 +122,7 @@ class FaceDetector:
         self.max_side = max_side
         self.pnet, self.rnet, self.onet = (
             _take_raw_pixels(net).eval().to(self.device, self.dtype, memory_format=torch.channels_last)
-            for net in (PNet(), RNet(), ONet())
+            for net in pretrained()
         )
         self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
 

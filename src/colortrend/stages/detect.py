@@ -12,9 +12,7 @@ coordinates in the photo's pixels (a box may reach past the edge). Only photos w
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,10 +22,6 @@ from colortrend.stages.base import Batch, Stage, fail, ok_indices
 
 if TYPE_CHECKING:
     from colortrend.models.mtcnn import Detections
-
-#: facenet-pytorch's MTCNN weight files, inside its installed package.
-FACENET_WEIGHTS = ("pnet.pt", "rnet.pt", "onet.pt")
-
 
 @dataclass(frozen=True)
 class DetectSettings:
@@ -77,10 +71,9 @@ class DetectStage(Stage):
         )
 
     def model_files(self) -> list[str]:
-        # Located without importing facenet_pytorch, whose package import loads torch and all its models.
-        spec = importlib.util.find_spec("facenet_pytorch")
-        package = Path(next(iter(spec.submodule_search_locations)))
-        return [str(package / "data" / name) for name in FACENET_WEIGHTS]
+        from colortrend.models import facenet_weights
+
+        return [str(path) for path in facenet_weights()]
 
     def process(self, batch: Batch) -> Batch:
         n_photos = len(batch["status"])
