@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,7 +47,7 @@ def combine(cfg: Config, outputs: Sequence[str]) -> CombineSummary:
     """Histograms and report of every committed shard of ``outputs``, written under ``cfg.output``."""
     from colortrend.aggregate.histograms import Partial, histograms_from_partial
     from colortrend.aggregate.partials import SampleCounts, settings_key, shard_partial
-    from colortrend.aggregate.report import write_report
+    from colortrend.aggregate.report import publish_report
 
     sources = _sources(cfg, outputs)
     target = Store(cfg.output)
@@ -76,19 +75,13 @@ def combine(cfg: Config, outputs: Sequence[str]) -> CombineSummary:
             models.update((store.read_json("_runs/latest.json") or {}).get("models", {}))
         info = {"name": cfg.name, "version": __version__, "config": recorded(cfg), "models": models}
         target.write_table("histograms", histograms)
-        if target.local:
-            index = write_report(target.root, histograms.to_pandas(), samples, info, cfg.report)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_report(tmp, histograms.to_pandas(), samples, info, cfg.report)
-                target.upload_folder("report", os.path.join(tmp, "report"), last="index.html")
-            index = target.uri("report", "index.html")
+        index = publish_report(target, histograms.to_pandas(), samples, info, cfg.report)
         target.write_json(COMBINED, {
             "outputs": [s.url for s in sources], "shards": shards, "persons": merged.persons, "settings_key": key,
             "version": __version__,
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         })
-    return CombineSummary(len(sources), shards, merged.persons, str(index))
+    return CombineSummary(len(sources), shards, merged.persons, index)
 
 
 def _sources(cfg: Config, outputs: Sequence[str]) -> list[Store]:

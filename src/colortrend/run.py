@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -246,19 +245,13 @@ def write_aggregates(cfg: Config, store: Store, models: dict | None = None) -> N
     """The ``histograms/`` table and the report, from the merged per-shard partials (never from all rows)."""
     from colortrend.aggregate.histograms import histograms_from_partial
     from colortrend.aggregate.partials import merged_partial
-    from colortrend.aggregate.report import write_report
+    from colortrend.aggregate.report import publish_report
 
     # With nothing committed (an empty input folder on a cron night) the table is empty but keeps its columns.
     merged = merged_partial(store, cfg.histograms)
     histograms = histograms_from_partial(merged.histogram, cfg.histograms)
     store.write_table("histograms", histograms)
-    args = (histograms.to_pandas(), merged.samples, run_info(cfg, store, models), cfg.report)
-    if store.local:
-        write_report(store.root, *args)
-        return
-    with tempfile.TemporaryDirectory() as tmp:  # drawn locally, then uploaded with the page last
-        write_report(tmp, *args)
-        store.upload_folder("report", os.path.join(tmp, "report"), last="index.html")
+    publish_report(store, histograms.to_pandas(), merged.samples, run_info(cfg, store, models), cfg.report)
 
 
 def run_info(cfg: Config, store: Store, models: dict | None = None) -> dict:

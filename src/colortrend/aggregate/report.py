@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from colortrend.aggregate.histograms import HistogramSettings
-from colortrend.io.store import atomic_write
+from colortrend.io.store import Store, atomic_write
 
 if TYPE_CHECKING:
     from colortrend.aggregate.partials import SampleCounts
@@ -101,6 +103,19 @@ def write_report(
     index = report_dir / "index.html"
     atomic_write(index, page.encode("utf-8"))
     return index
+
+
+def publish_report(store: Store, histograms: pd.DataFrame, samples: SampleCounts, run_info: dict[str, Any],
+                   settings: ReportSettings | None = None) -> str:
+    """``write_report`` into ``store``'s ``report/``: in place on a local disk; elsewhere drawn in a temporary folder
+    and uploaded with ``index.html`` last (a reader never sees a page whose charts are missing).
+    Returns its location."""
+    if store.local:
+        return str(write_report(store.root, histograms, samples, run_info, settings))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(tmp, histograms, samples, run_info, settings)
+        store.upload_folder("report", os.path.join(tmp, "report"), last="index.html")
+    return store.uri("report", "index.html")
 
 
 def _histogram_settings(run_info: dict[str, Any]) -> HistogramSettings:
