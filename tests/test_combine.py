@@ -126,3 +126,24 @@ def test_a_run_refuses_a_combined_output(parts, tmp_path):
     (tmp_path / "photos").mkdir()
     result = CliRunner().invoke(main, ["run", config(tmp_path, target)])
     assert result.exit_code == 2 and "output of `colortrend combine`" in result.output, result.output
+
+
+def test_a_damaged_source_is_one_line_and_a_later_combine_into_the_same_folder_works(parts, tmp_path):
+    """A damaged shard in a source stops the combine with one line naming it; the target keeps nothing half
+    written, and a later combine (after a kill too) writes there."""
+    import shutil
+
+    root, _ = parts
+    damaged = tmp_path / "march"
+    shutil.copytree(root / "february", damaged)
+    garments = sorted((damaged / "garments").glob("part-*.parquet"))[0]
+    garments.write_bytes(garments.read_bytes()[:100])
+    target = tmp_path / "year"
+    result = CliRunner().invoke(main, ["combine", config(tmp_path, target), str(root / "january"), str(damaged)])
+    assert result.exit_code == 2 and garments.name in result.output, result.output
+    assert not (target / "histograms").exists() and not (target / "report").exists()
+    from colortrend.io.lock import LOCK_NAME
+
+    (target / LOCK_NAME).write_text("")  # what a combine killed with -9 leaves behind
+    again = CliRunner().invoke(main, ["combine", config(tmp_path, target), str(root / "january")])
+    assert again.exit_code == 0, again.output

@@ -109,7 +109,7 @@ def _check_target(output: str, target: Store) -> None:
     out = local_path(output)
     if not os.path.isdir(out):
         return
-    entries = set(os.listdir(out))
+    entries = set(os.listdir(out)) - {LOCK_NAME}  # a combine that failed leaves its (released) lock file, no more
     if entries and COMBINED not in entries:
         raise ConfigError(f"output: {output} already exists and is not a combined output (it holds "
                           f"{', '.join(sorted(entries)[:3])}); choose a new or empty folder")
