@@ -64,6 +64,8 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("combine")
     a = commit_persons(root / "january", 0, 700, seed=1)
     b = commit_persons(root / "february", 700, 500, seed=2, shards=3)
+    for month, age_model in (("january", "aaaa"), ("february", "bbbb")):  # their last runs' models
+        (root / month / "_runs" / "latest.json").write_text(f'{{"models": {{"age": "{age_model}", "parser": "cccc"}}}}')
     return root, pd.concat([a, b], ignore_index=True)
 
 
@@ -79,7 +81,8 @@ def test_combined_table_is_the_table_of_all_persons_and_the_sources_are_untouche
     keys = ["group_type", "group", "bin_id"]
     got, want = combined.sort_values(keys).reset_index(drop=True), expected.sort_values(keys).reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want)
-    assert (tmp_path / "year" / "report" / "index.html").is_file()
+    page = (tmp_path / "year" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "differs between outputs: aaaa, bbbb" in page and "cccc" in page  # other weights are said, not hidden
     assert {s: snapshot(s) for s in sources} == before  # nothing written into what it read, not even partials
     again = CliRunner().invoke(main, ["combine", config(tmp_path, tmp_path / "year"), *sources])
     assert again.exit_code == 0, again.output  # an earlier combine's folder is its own to rewrite

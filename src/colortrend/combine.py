@@ -72,8 +72,12 @@ def combine(cfg: Config, outputs: Sequence[str]) -> CombineSummary:
         merged = Partial.merge(partials())
         histograms = histograms_from_partial(merged, cfg.histograms)
         for store in sources:  # the models of each source's last run, shown in the report
-            models.update((store.read_json("_runs/latest.json") or {}).get("models", {}))
-        info = {"name": cfg.name, "version": __version__, "config": recorded(cfg), "models": models}
+            for model, checksum in (store.read_json("_runs/latest.json") or {}).get("models", {}).items():
+                models.setdefault(model, set()).add(checksum)
+        # Outputs analysed with other weights are combinable (the counts are), but the page must say so.
+        shown = {m: next(iter(c)) if len(c) == 1 else f"differs between outputs: {', '.join(sorted(c))}"
+                 for m, c in models.items()}
+        info = {"name": cfg.name, "version": __version__, "config": recorded(cfg), "models": shown}
         target.write_table("histograms", histograms)
         index = publish_report(target, histograms.to_pandas(), samples, info, cfg.report)
         target.write_json(COMBINED, {
