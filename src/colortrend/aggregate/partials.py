@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 
 from colortrend.aggregate.histograms import LAB_STEP, HistogramSettings, Partial
-from colortrend.io.store import PARTIALS, Store, parquet_bytes, partial_shard
+from colortrend.io.store import PARTIALS, Store, parquet_bytes
 
 #: Bumped whenever what a partial holds or how it is laid out changes: older partials are then rebuilt.
 PARTIAL_VERSION = 1
@@ -138,7 +138,7 @@ def merged_partial(store: Store, settings: HistogramSettings) -> ShardPartial:
             yield part.histogram
 
     histogram = Partial.merge(partials())
-    remove_stale_partials(store, shards)
+    store.remove_partials(shards)
     return ShardPartial(histogram, samples)
 
 
@@ -160,17 +160,6 @@ def shard_partial(store: Store, shard_id: str, marker: dict, settings: Histogram
     if cache:
         _write_partial(store, rel, part, commit)
     return part
-
-
-def remove_stale_partials(store: Store, committed: set[str]) -> list[str]:
-    """Delete the partials (files named like one) of shards not in ``committed``; returns what it deleted."""
-    removed = []
-    for name in store.list(PARTIALS, ".parquet"):
-        shard = partial_shard(name)
-        if shard is not None and shard not in committed:
-            store.delete(f"{PARTIALS}/{name}")
-            removed.append(f"{PARTIALS}/{name}")
-    return removed
 
 
 def _read_columns(store: Store, shard_id: str, marker: dict, table: str, columns: list[str]) -> pd.DataFrame:

@@ -230,13 +230,20 @@ class Store:
                 if name.startswith("part-") and f"{table}/{name}" not in committed:
                     self.delete(f"{table}/{name}")  # a shard dropped half-way: its marker is already gone
                     actions.append(f"removed uncommitted {table}/{name}")
-        for name in self.list(PARTIALS, ".parquet"):
-            shard = partial_shard(name)
-            if shard is not None and shard not in markers:
-                self.delete(f"{PARTIALS}/{name}")
-                actions.append(f"removed partial of uncommitted shard {shard}")
+        actions += [f"removed partial of uncommitted shard {shard}" for shard in self.remove_partials(set(markers))]
         actions += hash_index.clean(self, hash_index.tokens_of(markers))
         return actions
+
+    def remove_partials(self, keep: set[str]) -> list[str]:
+        """Delete the aggregation's cached partials (files named like one) of shards not in ``keep``; nothing else
+        in ``_partials/`` is touched. Returns the shard of each partial deleted."""
+        removed = []
+        for name in self.list(PARTIALS, ".parquet"):
+            shard = partial_shard(name)
+            if shard is not None and shard not in keep:
+                self.delete(f"{PARTIALS}/{name}")
+                removed.append(shard)
+        return removed
 
     # ---- read ---------------------------------------------------------------------------------------------------
     def markers(self) -> dict[str, dict]:
