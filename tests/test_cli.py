@@ -61,7 +61,7 @@ def test_output_that_cannot_be_written_is_a_config_error(tmp_path):
 
 
 def test_cuda_without_a_gpu_is_a_config_error(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     path, out = config(tmp_path)
@@ -270,7 +270,7 @@ def test_bad_inputs_and_unwritable_targets_are_one_line_before_any_work(awkward_
                                   ["eval", "color", "{t}/masks.csv"], ["eval", "parsing", "{t}/masks.csv"]],
                          ids=["explain", "eval-age", "eval-color", "eval-parsing"])
 def test_device_cuda_without_a_gpu_is_one_line_for_every_command(awkward_inputs, args):
-    torch = pytest.importorskip("torch")
+    import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     one_line_error(invoke(*(a.format(t=awkward_inputs) for a in args), "--device", "cuda"), "device: cuda requested")

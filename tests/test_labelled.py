@@ -63,7 +63,6 @@ def test_evaluation_and_training_share_the_labelled_module():
 
     for module in (eval_age, eval_parsing):
         assert not hasattr(module, "read_labels") and getattr(module, "Split", labelled.Split) is labelled.Split
-    pytest.importorskip("torch")
     import colortrend.training.age as train_age
     import colortrend.training.parsing as train_parsing
 

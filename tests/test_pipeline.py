@@ -163,8 +163,6 @@ def test_rerun_with_nothing_new_loads_no_model(demo):
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
-    if executor == "ray":
-        pytest.importorskip("ray")
     output = tmp_path / "out"
     shutil.copytree(demo["out"], output)
     new = tmp_path / "new"
