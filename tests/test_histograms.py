@@ -228,6 +228,35 @@ def test_calibration_from_labelled_faces_removes_a_bias_that_grows_for_the_young
     assert black["share_soft_low"] <= 0.3 <= black["share_soft_high"]
 
 
+def test_smoothing_the_correction_brings_it_nearer_the_truth_and_leaves_its_interval():
+    # A smooth trend (navy rising with birth year) blurred by over-aging errors, at a size where the plain fit is
+    # noisy: the penalised shares are nearer the truth in every seed on average, the intervals are the plain fit's.
+    def errs(age, rng):
+        return np.clip((26 - age) * 0.3, 0, 3) + rng.normal(0, 4.0, len(age))
+
+    calibration = measured(errs)
+    plain_error, smooth_error = [], []
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        true_age = rng.integers(5, 65, 3000)
+        navy = np.clip(0.1 + 0.4 * (2016 - true_age - 1966) / 43, 0.1, 0.5)
+        colour = np.where(rng.random(len(true_age)) < navy, "navy", "black")
+        df = garments(true_age + errs(true_age.astype(float), rng), colour)
+        tables = {lam: cells(build_histograms(df, HistogramSettings(correction_smoothing=lam, bootstrap=200),
+                                              age_calibration=calibration)) for lam in (0.0, 5.0)}
+        for label, first, last in HistogramSettings().cohorts:
+            born = 2016 - true_age
+            truth = navy[(born >= first) & (born <= last)].mean()
+            plain_error.append(abs(cell(tables[0.0], label, "navy")["share_soft"] - truth))
+            smooth_error.append(abs(cell(tables[5.0], label, "navy")["share_soft"] - truth))
+            for table in tables.values():
+                row = cell(table, label, "navy")
+                assert row["share_soft_low"] <= row["share_soft"] <= row["share_soft_high"]
+        plain, smooth = (t.set_index(["group", "bin_id"]) for t in tables.values())
+        assert (smooth["share_soft_low"] <= plain["share_soft_low"] + 1e-9).all()  # widened only to hold the estimate
+    assert np.mean(smooth_error) < 0.7 * np.mean(plain_error)
+
+
 def test_corrected_shares_are_shares_of_the_group_and_small_groups_have_none():
     df, _, _ = blurred_population(3000, seed=4, error_sd=3.0)
     df = pd.concat([df, garments([62.0] * 3, ["red"] * 3).assign(photo_id=["x1", "x2", "x3"],
@@ -236,7 +265,8 @@ def test_corrected_shares_are_shares_of_the_group_and_small_groups_have_none():
     table = build_histograms(df, HistogramSettings(min_persons=5), age_calibration=calibration).to_pandas()
     cohorts = table[table["group_type"] == "cohort"]
     sums = cohorts.groupby("group")["share_soft"].sum()
-    assert sums.to_numpy() == pytest.approx(1.0, abs=1e-6)
+    # Up to what the hidden cells (too few raw persons) hold: a few millionths here.
+    assert sums.to_numpy() == pytest.approx(1.0, abs=1e-5)
     assert ((cohorts["purity"] > 0) & (cohorts["purity"] < 1)).all()
     old = table[(table["group_type"] == "age_bucket") & (table["group"] == "60-64")]
     assert old["share_soft"].isna().all() and old["share_soft_low"].isna().all()  # 3 persons: nothing to correct

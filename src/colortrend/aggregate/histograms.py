@@ -159,6 +159,9 @@ class HistogramSettings:
     # Predictions CSV of `colortrend eval age --save-predictions` (path,age,predicted_age) on labelled faces like the
     # photos: the measured age error behind the corrected shares; without it, the default model's shipped measurement.
     age_calibration_path: str | None = None
+    # Pull of each group's corrected shares towards its neighbours' (birth-year order), in persons: the age-error
+    # correction's regulariser (0: the plain maximum-likelihood fit, far noisier). The intervals do not depend on it.
+    correction_smoothing: float = 5.0
     # Optional sales table (CSV or Parquet): birth_year, quantity, and r,g,b or color_name.
     sales_path: str | None = None
     # Weight of the sales share in the blended ranking (0 = photos only, 1 = sales only).
@@ -187,6 +190,8 @@ class HistogramSettings:
             raise ValueError("bootstrap: must be at least 1")
         if not 0.0 < self.ci < 1.0:
             raise ValueError("ci: must lie strictly between 0 and 1")
+        if not 0.0 <= self.correction_smoothing <= 1e6:
+            raise ValueError("correction_smoothing: must lie in 0-1000000 (persons)")
         if not 0.0 <= self.sales_weight <= 1.0:
             raise ValueError("sales_weight: must lie in 0-1")
 
@@ -588,7 +593,8 @@ def _correction(groups: _Groups, by_year: dict[int, NDArray], calibration: AgeCa
         return None
     group_of = {t: groups.index(np.full_like(AGES, t), AGES) for t in by_year}
     return correct(by_year, group_of, len(groups.labels), calibration,
-                   bootstrap=settings.bootstrap, ci=settings.ci, seed=settings.seed)
+                   bootstrap=settings.bootstrap, ci=settings.ci, seed=settings.seed,
+                   smoothing=settings.correction_smoothing)
 
 
 def _group_counts(groups: _Groups, taken: NDArray, age_years: NDArray, k: NDArray, persons: NDArray,
