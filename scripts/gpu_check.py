@@ -110,10 +110,10 @@ def make_photos(n: int, folder: Path) -> None:
         cv2.imwrite(str(folder / f"{i:06d}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90 + variant % 6])
 
 
-def colortrend_run(photos: Path, output: Path, device: str) -> dict:
+def colortrend_run(photos: Path, output: Path, device: str, cpu_workers: int = 1) -> dict:
     config = output.parent / f"{output.name}.yaml"
     config.write_text(json.dumps({"name": "gpu-check", "input": {"paths": [str(photos)], "year": 2016},
-                                  "output": str(output), "device": device}))
+                                  "output": str(output), "device": device, "cpu_workers": cpu_workers}))
     t0 = time.perf_counter()
     with GpuMemory() as memory:
         proc = subprocess.run([sys.executable, "-m", "colortrend.cli", "run", str(config), "--no-progress"],
@@ -124,7 +124,9 @@ def colortrend_run(photos: Path, output: Path, device: str) -> dict:
     summary = json.loads((output / "_runs" / "latest.json").read_text())["summary"]
     n = sum(summary["photos"].values())
     stages = summary["stage_seconds"]
-    return {"photos": n, "wall_s": wall, "photos_per_s": n / wall, "photos_per_s_analysis": n / sum(stages.values()),
+    analysis = summary.get("analysis_seconds") or sum(stages.values())
+    return {"photos": n, "cpu_workers": cpu_workers, "wall_s": wall, "photos_per_s": n / wall,
+            "photos_per_s_analysis": n / analysis,
             "stage_s": stages, "faces": summary["faces"], "persons": summary["persons"],
             "gpu_peak_mib": memory.peak}
 
@@ -282,6 +284,9 @@ def main() -> None:
             figures["colour_and_decode"] = colour_and_decode(tmp / "photos", args.device)
             return _write(figures, args.out)
         figures["colortrend_run"] = colortrend_run(tmp / "photos", tmp / "out-speed", args.device)
+        # The same photos with the work after the models spread over the host's cores (all but two).
+        figures["colortrend_run_cpu_workers"] = colortrend_run(tmp / "photos", tmp / "out-workers", args.device,
+                                                               cpu_workers=max(1, (os.cpu_count() or 3) - 2))
         figures["facenet_loop"] = facenet(tmp / "photos", args.device, "loop")
         figures["facenet_batched"] = facenet(tmp / "photos", args.device, "batched")
         run, loop = figures["colortrend_run"], figures["facenet_loop"]

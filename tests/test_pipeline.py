@@ -196,6 +196,27 @@ def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
     assert not list((tmp_path / "killed" / "_staging").iterdir())
 
 
+def test_tables_are_the_same_whatever_the_number_of_cpu_workers(demo, tmp_path):
+    # Several batches in every lane at once, duplicates among them: the rows (and which copy counts as the first)
+    # must not depend on which thread finished first.
+    config = write_config(tmp_path, demo["photos"], tmp_path / "parallel", cpu_workers=3, batch_size=2)
+    run(load_config(config), progress=False)
+    assert_same_tables(demo["out"], tmp_path / "parallel")
+    duplicates = read(str(tmp_path / "parallel"), "photos").query("status == 'duplicate'")
+    assert len(duplicates) and duplicates.equals(read(str(demo["out"]), "photos").query("status == 'duplicate'"))
+
+
+def test_the_models_run_in_one_lane_and_the_work_after_them_in_parallel(demo):
+    from colortrend.pipeline import Pipeline
+    from colortrend.runners.local import lanes
+
+    pipeline = Pipeline(load_config(demo["config"], {"cpu_workers": 4}))
+    plan = lanes(pipeline.steps({}), pipeline.cfg.cpu_workers)
+    assert [(lane.name, [s.name for s in lane.steps], lane.workers) for lane in plan] == [
+        ("intake", ["intake"], 1), ("duplicates", ["duplicates"], 1),
+        ("device", ["detect", "align", "age", "segment"], 1), ("cpu", ["correct", "dominant"], 4)]
+
+
 @pytest.mark.parametrize("stop, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_stopped_run_releases_the_lock_says_what_it_kept_and_resumes(demo, tmp_path, stop, code):
     config = write_config(tmp_path, demo["photos"], tmp_path / "stopped", shard_size=1, batch_size=1)

@@ -50,6 +50,9 @@ class Config:
     shard_size: int = 256
     # Decoder threads that prepare the next batch while the models run.
     decode_workers: int = 2
+    # Threads for the work after the models (white balance, k-means, tables), each on a batch of its own while the
+    # models run the next: 1 keeps a small CPU for the models; a GPU host wants about its cores minus two.
+    cpu_workers: int = 1
     detect: DetectSettings = field(default_factory=DetectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     age: AgeSettings = field(default_factory=AgeSettings)
@@ -62,6 +65,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.output.strip():
             raise ValueError("output: name a folder (or URL) for the tables; an empty value would write here")
+        for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
         if self.output.startswith("~"):
             object.__setattr__(self, "output", os.path.expanduser(self.output))
 

@@ -14,7 +14,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -195,29 +194,6 @@ class Pipeline:
                     seconds[name] = seconds.get(name, 0.0) + value
             parts.append(ShardPart(shard_id, tables, len(rows), seconds, failures))
         return parts
-
-    def analyse(self, tasks: list[ShardTask], seen: FirstCopies, progress=None) -> Iterator[ShardResult]:
-        """Every shard of ``tasks`` in this process, yielded as it completes: batches go through :meth:`steps` one
-        after another while the next batch is decoded."""
-        decode, *rest = self.steps(seen)
-        shards = ShardAssembler(tasks, self.schemas, progress)
-        with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
-            pending = None
-            for batch in self.batches(tasks):
-                future = pool.submit(decode, batch)
-                if pending is not None:
-                    yield from self._finish(pending.result(), rest, shards)
-                pending = future
-            if pending is not None:
-                yield from self._finish(pending.result(), rest, shards)
-
-    def _finish(self, batch: Batch, steps: list[Step], shards: ShardAssembler) -> Iterator[ShardResult]:
-        for step in steps:
-            batch = step(batch)
-        for part in self.shard_parts(batch):
-            done = shards.add(part)
-            if done is not None:
-                yield done
 
 
 #: In-memory bookkeeping columns of a run's batches: the shard of each photo, and the stage seconds spent on it.

@@ -41,7 +41,8 @@ class RunSummary:
     faces: int = 0
     persons: int = 0
     shards: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, summed over batches (lanes overlap)
+    analysis_seconds: float = 0.0  # wall time from the first batch to the last shard committed
     elapsed: float = 0.0
     recovered: list[str] = field(default_factory=list)
     aggregates: str = "skipped"
@@ -171,6 +172,7 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
     total = sum(len(t.photo_ids) for t in the_plan.tasks)
     fingerprints = pipeline.fingerprints()
     by_id = {t.shard_id: t for t in the_plan.tasks}
+    started = time.perf_counter()
     with tqdm(total=total, unit="photo", desc="analyse", disable=None if progress is None else not progress) as bar:
         for result in runner.execute(pipeline, the_plan.tasks, seen, bar):
             task = by_id[result.shard_id]
@@ -196,6 +198,7 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
             summary.persons += result.tables["garments"].num_rows
             for k, v in result.seconds.items():
                 summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+    summary.analysis_seconds = time.perf_counter() - started
     hash_index.compact(store, tokens)
 
 
@@ -274,6 +277,7 @@ def _record(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, summa
         "summary": {"photos": dict(summary.photos), "faces": summary.faces, "persons": summary.persons,
                     "shards": summary.shards, "stale_shards": len(the_plan.stale),
                     "stage_seconds": {k: round(v, 3) for k, v in summary.seconds.items()},
+                    "analysis_seconds": round(summary.analysis_seconds, 3),
                     "elapsed": round(summary.elapsed, 3), "recovered": summary.recovered,
                     "aggregates": summary.aggregates},
     }
