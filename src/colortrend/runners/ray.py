@@ -75,7 +75,7 @@ class RayRunner:
         for step in steps:
             on_gpu = gpus > 0 and step.uses_accelerator
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
-                                concurrency=gpus if on_gpu and not step.sees_every_photo else 1,
+                                concurrency=_actors(step, on_gpu, gpus, pipeline.cfg.cpu_workers),
                                 num_cpus=cpus, num_gpus=1 if on_gpu else 0)
         ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
@@ -85,6 +85,16 @@ class RayRunner:
                 done = shards.add(pickle.loads(blob))
                 if done is not None:
                     yield done
+
+
+def _actors(step: Step, on_gpu: bool, gpus: int, cpu_workers: int) -> int:
+    """Actors of a step's pool: one where it must see every photo in order, one per GPU for a model on GPUs, one
+    for a model on CPUs (each actor holds its own copy), ``cpu_workers`` for the rest."""
+    if step.sees_every_photo:
+        return 1
+    if step.uses_accelerator:
+        return gpus if on_gpu else 1
+    return max(1, cpu_workers)
 
 
 class StepActor:
