@@ -596,9 +596,10 @@ def _method(settings: HistogramSettings, has_sales: bool) -> str:
         ("Interval", (f"{settings.ci:.0%} percentile bootstrap over persons, {settings.bootstrap:,} resamples, "
                       f"seed {settings.seed}")),
         ("Suppression", f"cells with fewer than {settings.min_persons} persons are not published"),
-        ("Corrected share", "maximum-likelihood deconvolution of the age error: one colour distribution per "
-                            "cohort, fitted to the persons' colours and estimated ages; interval: bootstrap over the "
-                            "persons and the calibration's labelled faces; error measured on "
+        ("Corrected share", "deconvolution of the age error: one colour distribution per cohort, fitted to the "
+                            "persons' colours and estimated ages and pulled towards its birth-year neighbours' by "
+                            f"{settings.correction_smoothing:g} persons; interval: bootstrap of the unpenalised fit "
+                            "over the persons and the calibration's labelled faces; error measured on "
                             + (f"{Path(settings.age_calibration_path).name}" if settings.age_calibration_path
                                else "the default age model's validation faces (shipped)")),
     ]
