@@ -254,8 +254,11 @@ def eval_color(labels: str, config: str | None, device: str, split: str, as_json
               help="Persons per synthetic population, comma-separated.")
 @click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Populations drawn per scenario and size.")
+@click.option("--correction-smoothing", "smoothing", type=click.FloatRange(0, 1e6),
+              help="histograms.correction_smoothing of the corrected table (default: the setting's default, 5; "
+                   "0: the plain maximum-likelihood fit).")
 @json_option
-def eval_cohorts(predictions: str, sizes: str, seeds: int, as_json: bool):
+def eval_cohorts(predictions: str, sizes: str, seeds: int, smoothing: float | None, as_json: bool):
     """Plant known cohort effects in synthetic populations aged with the errors in PREDICTIONS (the CSV of `eval age
     --save-predictions`) and score the cohort table, raw and corrected: top colour right, share error, interval
     coverage, per scenario (step, trend, reversal) and cohort."""
@@ -267,7 +270,10 @@ def eval_cohorts(predictions: str, sizes: str, seeds: int, as_json: bool):
         raise ConfigError(f"--sizes: comma-separated whole numbers, not {sizes!r}") from None
     if not persons or min(persons) < 100:
         raise ConfigError("--sizes: each population needs at least 100 persons")
-    metrics = evaluate_cohorts(predictions, persons, seeds)
+    from colortrend.aggregate.histograms import HistogramSettings
+
+    settings = HistogramSettings(min_persons=1, **({} if smoothing is None else {"correction_smoothing": smoothing}))
+    metrics = evaluate_cohorts(predictions, persons, seeds, settings)
     click.echo(json.dumps(metrics, ensure_ascii=False) if as_json else format_cohort_metrics(metrics))
 
 

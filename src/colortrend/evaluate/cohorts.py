@@ -177,6 +177,7 @@ def summarise(runs: list[dict], calibration_faces: int, donor_faces: int, settin
         return {f: round(float(part[f].astype(float).mean()), 4) for f in figures}
 
     out: dict = {"calibration_faces": calibration_faces, "population_faces": donor_faces, "ci": settings.ci,
+                 "correction_smoothing": settings.correction_smoothing,
                  "runs": int(df[["scenario", "persons", "seed"]].drop_duplicates().shape[0]), "overall": means(df),
                  "scenarios": {}}
     for name, part in df.groupby("scenario", sort=False):
@@ -199,7 +200,8 @@ def summarise(runs: list[dict], calibration_faces: int, donor_faces: int, settin
 def format_cohort_metrics(metrics: dict) -> str:
     """The human-readable report of ``colortrend eval cohorts``."""
     lines = [f"{metrics['runs']} synthetic populations; calibration {metrics['calibration_faces']} faces, ages lent "
-             f"by {metrics['population_faces']} others; intervals at {metrics['ci']:.0%}",
+             f"by {metrics['population_faces']} others; intervals at {metrics['ci']:.0%}; correction smoothing "
+             f"{metrics['correction_smoothing']:g}",
              "scenario  cohort  top right raw/corrected  share error raw/corrected  coverage raw/corrected"]
     for name, scenario in metrics["scenarios"].items():
         for cohort, m in scenario["by_cohort"].items():
