@@ -3,8 +3,9 @@
 The steps, their order and the shard tables are the pipeline's (:meth:`Pipeline.steps`, :meth:`Pipeline.shard_parts`,
 :class:`ShardAssembler`): this module only places them. A step that must see every photo in planned order
 (duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` takes
-a GPU per actor, one actor per GPU, when the cluster has GPUs and the run's device is CUDA. Shards are committed on
-the driver as soon as all their photos are back.
+a GPU per actor, one actor per GPU, when the cluster has GPUs and the run's device is CUDA (one actor on CPUs:
+each holds its own models); every other step gets ``cpu_workers`` actors. Shards are committed on the driver as
+soon as all their photos are back.
 
 Without ``--address`` the runner starts a Ray instance of its own for the run: every Ray server listens on
 127.0.0.1 only, no dashboard, and it is shut down when the run ends. Ray starts its processes bound to the
