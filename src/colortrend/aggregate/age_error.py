@@ -305,7 +305,8 @@ def _neighbour_matrix(blocks: dict[int, NDArray], n_blocks: int) -> NDArray[np.f
     """(blocks, blocks): column b averages the blocks next to b in birth-year order (the one neighbour at an end)."""
     born = np.concatenate([t - AGES for t in blocks])
     which = np.concatenate(list(blocks.values()))
-    centre = np.bincount(which, weights=born, minlength=n_blocks) / np.maximum(np.bincount(which, minlength=n_blocks), 1)
+    cells = np.maximum(np.bincount(which, minlength=n_blocks), 1)
+    centre = np.bincount(which, weights=born, minlength=n_blocks) / cells  # mean birth year of each block
     order = np.argsort(centre, kind="stable")
     m = np.zeros((n_blocks, n_blocks))
     for i, b in enumerate(order):

@@ -47,11 +47,12 @@ Suppression (privacy and reliability)
 Age error: ``persons_soft``, ``share_soft`` and its interval, ``purity``
     Raw counts put each person in the group of their estimated age, so a cohort's raw share blends in its
     neighbours. The corrected columns undo that blur by a deconvolution against the age model's measured error,
-    penalised towards neighbouring cohorts by ``correction_smoothing`` (:mod:`colortrend.aggregate.age_error`): ``age_calibration_path`` names labelled faces like the
-    photos (the CSV of ``colortrend eval age --save-predictions``); without it the shipped measurement of the default
-    age model is used. ``share_soft`` is the group's share of its corrected total (a group's corrected shares sum
-    to 1), ``share_soft_low`` / ``share_soft_high`` its bootstrap interval over the persons *and* the calibration's
-    labelled faces, ``persons_soft`` the corrected persons, ``purity`` the estimated share of the persons counted
+    penalised towards neighbouring cohorts by ``correction_smoothing`` (:mod:`colortrend.aggregate.age_error`):
+    ``age_calibration_path`` names labelled faces like the photos (the CSV of ``colortrend eval age
+    --save-predictions``); without it the shipped measurement of the default age model is used. ``share_soft`` is
+    the group's share of its corrected total (a group's corrected shares sum to 1), ``share_soft_low`` /
+    ``share_soft_high`` its bootstrap interval over the persons *and* the calibration's labelled faces (of the
+    unpenalised fit, widened to hold the estimate), ``persons_soft`` the corrected persons, ``purity`` the estimated share of the persons counted
     in the group who truly belong to it. Corrected figures are suppressed with the cell, and for groups whose
     corrected total is under ``min_persons``.
 
