@@ -52,9 +52,9 @@ Age error: ``persons_soft``, ``share_soft`` and its interval, ``purity``
     --save-predictions``); without it the shipped measurement of the default age model is used. ``share_soft`` is
     the group's share of its corrected total (a group's corrected shares sum to 1), ``share_soft_low`` /
     ``share_soft_high`` its bootstrap interval over the persons *and* the calibration's labelled faces (of the
-    unpenalised fit, widened to hold the estimate), ``persons_soft`` the corrected persons, ``purity`` the estimated share of the persons counted
-    in the group who truly belong to it. Corrected figures are suppressed with the cell, and for groups whose
-    corrected total is under ``min_persons``.
+    unpenalised fit, widened to hold the estimate), ``persons_soft`` the corrected persons, ``purity`` the
+    estimated share of the persons counted in the group who truly belong to it. Corrected figures are suppressed
+    with the cell, and for groups whose corrected total is under ``min_persons``.
 
 Sales blend
     An optional sales table (buyer birth year, item colour as r, g, b or a palette name, quantity) is binned the same
