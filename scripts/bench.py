@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each; medians are reported")
     ap.add_argument("--facenet-min-face", type=int, default=20, help="facenet-pytorch's default min_face_size")
-    ap.add_argument("--cpu-workers", type=int, default=1, help="colortrend's cpu_workers setting")
+    ap.add_argument("--cpu-workers", type=int, help="colortrend's cpu_workers setting (default: its default)")
     ap.add_argument("--json", action="store_true", help="print only the figures, as one JSON object on one line")
     ap.add_argument("--budget-threads", type=int, default=1,
                     help="torch threads for the GPU-budget pass (1: milliseconds of one core)")
@@ -152,7 +152,8 @@ def main() -> None:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     runs = {"colortrend": [], "facenet": []}
     for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits both alike
-        runs["colortrend"].append(run_colortrend(args.photos, args.device, env, cpu_workers=args.cpu_workers))
+        settings = {} if args.cpu_workers is None else {"cpu_workers": args.cpu_workers}
+        runs["colortrend"].append(run_colortrend(args.photos, args.device, env, **settings))
         runs["facenet"].append(run_facenet(args.photos, args.device, args.facenet_min_face, env))
     budget = run_budget(args.photos, args.device, args.budget_threads, env)
 

@@ -44,6 +44,7 @@ class FakePipeline:
 
     def __init__(self, steps, cpu_workers, batches=40, per_shard=4):
         self.cfg, self.schemas, self._steps = Config(cpu_workers), SCHEMAS, steps
+        self.stages = [type("Stage", (), {"device": "cpu"})()]
         ids = [f"p{i:03d}" for i in range(batches)]
         self.tasks = [ShardTask(f"s{s:02d}", ids[s:s + per_shard], ids[s:s + per_shard])
                       for s in range(0, batches, per_shard)]

@@ -51,8 +51,9 @@ class Config:
     # Decoder threads that prepare the next batch while the models run.
     decode_workers: int = 2
     # Threads for the work after the models (white balance, k-means, tables), each on a batch of its own while the
-    # models run the next: 1 keeps a small CPU for the models; a GPU host wants about its cores minus two.
-    cpu_workers: int = 1
+    # models run the next. None: 1 when the models run on the CPU (they need its cores), the cores minus two beside
+    # a GPU.
+    cpu_workers: int | None = None
     detect: DetectSettings = field(default_factory=DetectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     age: AgeSettings = field(default_factory=AgeSettings)
@@ -66,10 +67,17 @@ class Config:
         if not self.output.strip():
             raise ValueError("output: name a folder (or URL) for the tables; an empty value would write here")
         for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         if self.output.startswith("~"):
             object.__setattr__(self, "output", os.path.expanduser(self.output))
+
+
+def cpu_workers(cfg: Config, device: str) -> int:
+    """``cfg.cpu_workers``, or its default for the device the models run on."""
+    if cfg.cpu_workers is not None:
+        return cfg.cpu_workers
+    return max(1, (os.cpu_count() or 1) - 2) if device.startswith("cuda") else 1
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

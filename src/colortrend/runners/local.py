@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from colortrend.config import cpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
 
 
@@ -61,7 +62,7 @@ def _run_lane(lane: Lane, batch, upstream: Future | None, finish: Callable | Non
 class LocalRunner:
     def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
-        plan = lanes(pipeline.steps(seen), pipeline.cfg.cpu_workers)
+        plan = lanes(pipeline.steps(seen), cpu_workers(pipeline.cfg, pipeline.stages[0].device))
         shards = ShardAssembler(tasks, pipeline.schemas, progress)
         pools = [ThreadPoolExecutor(lane.workers, thread_name_prefix=f"colortrend-{lane.name}") for lane in plan]
         window = sum(lane.workers for lane in plan)

@@ -18,6 +18,7 @@ import os
 import pickle
 from typing import Iterator
 
+from colortrend.config import cpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
 from colortrend.stages.base import Batch
 
@@ -68,6 +69,7 @@ class RayRunner:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if pipeline.stages[0].device == "cuda" else 0
         steps = pipeline.steps(seen)
+        workers = cpu_workers(pipeline.cfg, pipeline.stages[0].device)
         # Every step holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
         cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(steps) + 2)))
@@ -76,7 +78,7 @@ class RayRunner:
         for step in steps:
             on_gpu = gpus > 0 and step.uses_accelerator
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
-                                concurrency=_actors(step, on_gpu, gpus, pipeline.cfg.cpu_workers),
+                                concurrency=_actors(step, on_gpu, gpus, workers),
                                 num_cpus=cpus, num_gpus=1 if on_gpu else 0)
         ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
