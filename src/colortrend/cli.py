@@ -252,8 +252,9 @@ def eval_color(labels: str, config: str | None, device: str, split: str, as_json
 @click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
 @click.option("--sizes", default="2000,10000,50000", show_default=True,
               help="Persons per synthetic population, comma-separated.")
-@click.option("--seeds", type=click.IntRange(1, 100), default=3, show_default=True,
-              help="Populations drawn per scenario and size.")
+@click.option("--seeds", type=click.IntRange(1, 100), default=6, show_default=True,
+              help="Splits of the labelled faces (calibration / population), each with a population per scenario "
+                   "and size.")
 @click.option("--correction-smoothing", "smoothing", type=click.FloatRange(0, 1e6),
               help="histograms.correction_smoothing of the corrected table (default: the setting's default, 5; "
                    "0: the plain maximum-likelihood fit).")

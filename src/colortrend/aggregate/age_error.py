@@ -53,8 +53,12 @@ from numpy.typing import NDArray
 #: True ages (whole years) the age-error model ranges over; estimates are clipped into the same range.
 MAX_TRUE_AGE = 110
 AGES = np.arange(MAX_TRUE_AGE + 1)
-#: Kernel width (years of true age) over which the labelled faces' errors are pooled for one true age.
-CALIBRATION_BANDWIDTH = 3.0
+#: Kernel width (years of true age) over which the labelled faces' errors are pooled for one true age. Narrow,
+#: because the error changes fast with age among the young (a child is rarely off by 2 years, a 20-year-old often
+#: by 5): over `colortrend eval cohorts`' 54 populations, 1.5 against 3 gave interval coverage 0.953 against 0.921
+#: (worst cohort 0.89 against 0.80) and a corrected share error of 0.038 against 0.040. The bootstrap over the
+#: labelled faces carries the extra noise of pooling fewer.
+CALIBRATION_BANDWIDTH = 1.5
 #: Kernel width (years) that smooths each labelled face's error into a distribution.
 ERROR_BANDWIDTH = 1.0
 #: Fewest labelled faces accepted for an age calibration.
