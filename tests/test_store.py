@@ -220,7 +220,7 @@ def test_hash_index_after_compactions_replacements_and_drops_answers_as_the_phot
             store.drop_shard(f"s{s - 3:02d}")
         hash_index.compact(store, hash_index.tokens_of(store.markers()))
     tokens = hash_index.tokens_of(store.markers())
-    index = HashIndex(store.root if store.local else store.url, tokens)
+    index = HashIndex(store, tokens)
     expected = first_copies(store)
     assert {d: index.setdefault(d, "new") for d in pool} == {d: expected.get(d, "new") for d in pool}
     assert len(store.list(hash_index.DELTAS)) <= 3
@@ -242,7 +242,7 @@ def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
     read = []
     real_read = hash_index._read
     monkeypatch.setattr(hash_index, "_read", lambda store, rel: read.append(rel) or real_read(store, rel))
-    index = HashIndex(store.root if store.local else store.url, tokens)
+    index = HashIndex(store, tokens)
     assert index.setdefault(digests[40], "new") == "0001000000000008"
     assert index.setdefault("ab" + "1" * 62, "new") == "new" and index.partitions_read == 2
     assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions

@@ -167,7 +167,7 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
     for stage in pipeline.stages:
         stage.device = device
     tokens = _index_tokens(store, the_plan)
-    seen = HashIndex(cfg.output, dict(tokens))  # a replaced shard's photos are not earlier copies of themselves
+    seen = HashIndex(store, dict(tokens))  # a replaced shard's photos are not earlier copies of themselves
     runner = get_runner(executor, **({"address": address} if executor == "ray" else {}))
     total = sum(len(t.photo_ids) for t in the_plan.tasks)
     fingerprints = pipeline.fingerprints()

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 
 from colortrend.aggregate.histograms import LAB_STEP, HistogramSettings, Partial
-from colortrend.io.store import PARTIALS, Store, parquet_bytes
+from colortrend.io.store import PARTIALS, Store
 
 #: Bumped whenever what a partial holds or how it is laid out changes: older partials are then rebuilt.
 PARTIAL_VERSION = 1
@@ -178,7 +178,7 @@ def _write_partial(store: Store, rel: str, part: ShardPartial, commit: str) -> N
     }, schema=_PARTIAL_SCHEMA)
     meta = {"version": PARTIAL_VERSION, "commit": commit, "samples": part.samples.to_json()}
     table = table.replace_schema_metadata({"colortrend": json.dumps(meta)})
-    store.write_bytes(rel, parquet_bytes(table))  # atomic: a partial is whole or absent
+    store.write_parquet(rel, table)  # atomic: a partial is whole or absent
 
 
 def _read_partial(store: Store, rel: str, commit: str) -> ShardPartial | None:

@@ -82,9 +82,7 @@ def entries(photos: pa.Table, shard_id: str, token: str) -> pa.Table:
 
 
 def write_delta(store: "Store", shard_id: str, token: str, photos: pa.Table) -> None:
-    from colortrend.io.store import parquet_bytes
-
-    store.write_bytes(delta_path(shard_id, token), parquet_bytes(entries(photos, shard_id, token)))
+    store.write_parquet(delta_path(shard_id, token), entries(photos, shard_id, token))
 
 
 def rebuild(store: "Store", markers: dict[str, dict]) -> dict[str, str]:
@@ -156,19 +154,18 @@ class HashIndex:
 
     "First" among committed entries is the order a reader of the photos files meets them: by shard id, then
     photo_id. A partition is read the first time one of its hashes is asked for; pickled (to a Ray actor), it
-    carries the output's location and the tokens, not what it has read."""
+    carries the output's store and the tokens, not what it has read."""
 
-    def __init__(self, root: str, tokens: dict[str, str]):
-        self.root, self.tokens = root, tokens
-        self._store = None
+    def __init__(self, store: "Store", tokens: dict[str, str]):
+        self.store, self.tokens = store, tokens
         self._deltas: dict[str, pa.Table] | None = None  # partition -> valid delta entries
         self._partitions: dict[str, dict[str, str]] = {}
 
     def __getstate__(self):
-        return {"root": self.root, "tokens": self.tokens}
+        return {"store": self.store, "tokens": self.tokens}
 
     def __setstate__(self, state):
-        self.__init__(state["root"], state["tokens"])
+        self.__init__(state["store"], state["tokens"])
 
     def setdefault(self, digest: str, photo_id: str) -> str:
         partition = self._partitions.get(digest[:PREFIX])
@@ -183,24 +180,20 @@ class HashIndex:
     def _load(self, prefix: str) -> dict[str, str]:
         import pyarrow.compute as pc
 
-        from colortrend.io.store import Store
-
-        if self._store is None:
-            self._store = Store(self.root)
         valid = _Valid(self.tokens)
         if self._deltas is None:
-            names = (n for n in self._store.list(DELTAS, ".parquet") if (d := delta_of(n)) and
+            names = (n for n in self.store.list(DELTAS, ".parquet") if (d := delta_of(n)) and
                      self.tokens.get(d[0]) == d[1])
-            deltas = _concat(valid(_read(self._store, f"{DELTAS}/{n}")) for n in names)
+            deltas = _concat(valid(_read(self.store, f"{DELTAS}/{n}")) for n in names)
             self._deltas = {}
             if deltas.num_rows:
                 by = _partition_of(deltas)
                 for p in set(by.to_pylist()):
                     self._deltas[p] = deltas.filter(pc.equal(by, p))
-        files = [f"{HASHES}/{prefix}/{n}" for n in self._store.list(f"{HASHES}/{prefix}", ".parquet")
+        files = [f"{HASHES}/{prefix}/{n}" for n in self.store.list(f"{HASHES}/{prefix}", ".parquet")
                  if _PART_NAME.match(n)]
         table = _concat([self._deltas.get(prefix, SCHEMA.empty_table()),
-                         *(valid(_read(self._store, rel)) for rel in files)])
+                         *(valid(_read(self.store, rel)) for rel in files)])
         table = table.sort_by([("shard", "ascending"), ("photo_id", "ascending")])
         first: dict[str, str] = {}
         for digest, pid in zip(table["content_hash"].to_pylist(), table["photo_id"].to_pylist()):
@@ -247,11 +240,9 @@ def _write_partitions(store: "Store", table: pa.Table) -> set[str]:
 
 
 def _write_part(store: "Store", prefix: str, table: pa.Table) -> None:
-    from colortrend.io.store import parquet_bytes
 
     table = table.sort_by([("content_hash", "ascending"), ("shard", "ascending"), ("photo_id", "ascending")])
-    store.write_bytes(f"{HASHES}/{prefix}/{table.num_rows:012d}-{secrets.token_hex(8)}.parquet",
-                      parquet_bytes(table))
+    store.write_parquet(f"{HASHES}/{prefix}/{table.num_rows:012d}-{secrets.token_hex(8)}.parquet", table)
 
 
 def _merge_tiers(store: "Store", prefix: str, valid: _Valid) -> None:

@@ -412,11 +412,15 @@ class Store:
             raise OutputError(f"output: {self.uri(rel)} is damaged ({_reason(exc)}); `colortrend report` "
                               "rebuilds it") from None
 
+    def write_parquet(self, rel: str, data: pa.Table) -> None:
+        """One Parquet file (zstd), written atomically."""
+        self.write_bytes(rel, parquet_bytes(data))
+
     def write_table(self, table: str, data: pa.Table, name: str = "part-all") -> str:
         """Replace a whole (small, aggregate) table with one file, atomically."""
         self.fs.makedirs(self.path(table), exist_ok=True)
         rel = f"{table}/{name}.parquet"
-        self.write_bytes(rel, parquet_bytes(data))
+        self.write_parquet(rel, data)
         for stale in self.list(table, ".parquet"):
             if stale != f"{name}.parquet":
                 self.delete(f"{table}/{stale}")
