@@ -272,6 +272,17 @@ def test_corrected_shares_are_shares_of_the_group_and_small_groups_have_none():
     assert old["share_soft"].isna().all() and old["share_soft_low"].isna().all()  # 3 persons: nothing to correct
 
 
+def test_an_age_gap_in_the_labelled_faces_gives_every_true_age_an_error():
+    # No labelled face aged 31-79: those true ages take the error of the nearest faces, in every bootstrap resample
+    # too, never an undefined (NaN) column that would blank the corrected shares.
+    rng = np.random.default_rng(0)
+    true_age = np.concatenate([rng.integers(5, 31, 40), rng.integers(80, 91, 8)]).astype(float)
+    calibration = AgeCalibration.from_predictions(true_age, true_age + rng.normal(2, 3, len(true_age)))
+    for matrix in (calibration.error_matrix(), *calibration.resampled_error_matrices(20, seed=0)):
+        assert np.isfinite(matrix).all()
+        assert np.allclose(matrix.sum(axis=0), 1.0)
+
+
 def test_a_smaller_calibration_widens_the_corrected_interval():
     df, _, _ = blurred_population(4000, seed=6, error_sd=3.0)
 

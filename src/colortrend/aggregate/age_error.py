@@ -114,7 +114,10 @@ class AgeCalibration:
         near, kernel = self._kernels
         m = np.ones(self.faces) if weights is None else np.asarray(weights, dtype=np.float64)
         w = near * m[..., None, :]  # (..., true age, face)
-        w /= np.maximum(w.sum(axis=-1, keepdims=True), 1e-300)
+        total = w.sum(axis=-1, keepdims=True)
+        # A true age none of whose near faces was drawn (a sparse resample) keeps every face's weight: its error is
+        # then that of the nearest labelled faces, never undefined.
+        w = np.where(total > 0, w / np.maximum(total, 1e-300), near / near.sum(axis=-1, keepdims=True))
         by_offset = (w.astype(np.float32) @ kernel).astype(np.float64)  # (..., true age, offset j - a + 110)
         p = by_offset[..., AGES[None, :], AGES[:, None] - AGES[None, :] + MAX_TRUE_AGE]  # (..., j, a)
         cumulative = np.cumsum(by_offset, axis=-1)
@@ -141,7 +144,9 @@ class AgeCalibration:
     def _kernels(self) -> tuple[NDArray, NDArray]:
         """Weights of each face for each true age (111, faces) and each face's smoothed error (faces, 221)."""
         grid = np.clip(AGES.astype(np.float64), self.true_age.min(), self.true_age.max())
-        near = np.exp(-0.5 * ((grid[:, None] - self.true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2).astype(np.float32)
+        z = 0.5 * ((grid[:, None] - self.true_age[None, :]) / CALIBRATION_BANDWIDTH) ** 2
+        # Relative to the nearest labelled face, so the weights of a true age far from every face do not underflow.
+        near = np.exp(-(z - z.min(axis=1, keepdims=True))).astype(np.float32)
         offsets = np.arange(2 * MAX_TRUE_AGE + 1) - MAX_TRUE_AGE
         error = self.predicted_age - self.true_age
         kernel = np.exp(-0.5 * ((offsets[None, :] - error[:, None]) / ERROR_BANDWIDTH) ** 2)
