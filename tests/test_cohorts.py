@@ -88,3 +88,12 @@ def test_library_call_recuts_cohorts_with_validated_settings():
         colortrend.histograms(df, min_persons="ten")
     with pytest.raises(ConfigError, match="lacks column"):
         colortrend.histograms(df.drop(columns="age"))
+
+
+def test_one_cohort_spanning_every_birth_year_is_corrected_without_neighbours():
+    # Nothing outside the one group: the correction has no neighbour to pull it towards, and must not need one.
+    df = garments()
+    table = colortrend.histograms(df, cohorts=[["everyone", 1800, 2100]], bootstrap=20, min_persons=1)
+    everyone = table[(table["group_type"] == "cohort") & table["share_soft"].notna()]
+    assert len(everyone) == 3 and everyone["share_soft"].sum() == pytest.approx(1.0)
+    assert (everyone["share_soft"] - everyone["share"]).abs().max() < 1e-6  # every person is in it: nothing to undo

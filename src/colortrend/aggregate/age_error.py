@@ -311,7 +311,8 @@ def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, sta
 
 
 def _neighbour_matrix(blocks: dict[int, NDArray], n_blocks: int) -> NDArray[np.float64]:
-    """(blocks, blocks): column b averages the blocks next to b in birth-year order (the one neighbour at an end)."""
+    """(blocks, blocks): column b averages the blocks next to b in birth-year order (the one neighbour at an end; a
+    lone block is its own, so it is not pulled at all)."""
     born = np.concatenate([t - AGES for t in blocks])
     which = np.concatenate(list(blocks.values()))
     cells = np.maximum(np.bincount(which, minlength=n_blocks), 1)
@@ -319,7 +320,7 @@ def _neighbour_matrix(blocks: dict[int, NDArray], n_blocks: int) -> NDArray[np.f
     order = np.argsort(centre, kind="stable")
     m = np.zeros((n_blocks, n_blocks))
     for i, b in enumerate(order):
-        near = [order[j] for j in (i - 1, i + 1) if 0 <= j < n_blocks]
+        near = [order[j] for j in (i - 1, i + 1) if 0 <= j < n_blocks] or [b]
         m[near, b] = 1.0 / len(near)
     return m
 
