@@ -104,6 +104,41 @@ def test_two_people_in_one_photo_get_separate_masks(stages, tmp_path):
     assert owned.max() == 1  # no pixel belongs to both
 
 
+def test_the_torch_mapping_a_gpu_runs_gives_the_opencv_parses(stages, tmp_path):
+    # What segment does on a cuda device (probabilities mapped onto the photo and reduced there), here on this CPU,
+    # against the OpenCV path on the same parser outputs: a single person, a group of two, and a face whose crop
+    # runs past the photo's edge.
+    left, right = (cv2.imread(str(DEMO / name)) for name in LABELLED[:2])
+    height = min(left.shape[0], right.shape[0])
+    pair = tmp_path / "pair.jpg"
+    cv2.imwrite(str(pair), np.concatenate([left[:height], right[:height]], axis=1))
+    half = tmp_path / "half.jpg"
+    cv2.imwrite(str(half), cv2.imread(str(DEMO / LABELLED[2]))[: left.shape[0] // 2])
+    segment = stages[-1]
+    before = analyse_labelled(stages[:-1], [str(DEMO / LABELLED[0]), str(pair), str(half)])
+    runs = {}
+    for ops_device in (None, "cpu"):
+        segment.ops_device = ops_device
+        runs[ops_device] = segment({k: list(v) for k, v in before.items()})
+    segment.ops_device = None
+    compared = 0
+    for opencv, torch_path in zip(runs[None]["person_parse"], runs["cpu"]["person_parse"]):
+        assert [p is None for p in opencv] == [p is None for p in torch_path]
+        for a, b in zip(opencv, torch_path):
+            if a is None:
+                continue
+            canvas = [np.zeros((4000, 4000), np.uint8) for _ in range(2)]
+            for c, (x0, y0, labels) in zip(canvas, (a, b)):
+                c[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] = labels
+            union = (canvas[0] > 0) | (canvas[1] > 0)
+            assert (canvas[0] == canvas[1])[union].mean() > 0.995  # ties of the bilinear weights aside
+            compared += 1
+    assert compared >= 4
+    for column in ("clothing_px", "upper_px", "lower_px"):
+        for a, b in zip(runs[None][column], runs["cpu"][column]):
+            assert np.allclose(a, b, rtol=0.01, atol=20)
+
+
 @needs_ccp
 def test_eval_parsing_scores_and_writes_masks(tmp_path):
     labels = pd.read_csv(CCP / "labels.csv")

@@ -6,6 +6,7 @@ initialised from ImageNet in training.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +73,52 @@ def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = Fals
 
     ``flip_average`` also parses each crop's mirror image and averages the two (twice the compute).
     """
+    out = [p.permute(0, 2, 3, 1).cpu().numpy() for p in _probabilities(model, crops, flip_average, max_batch)]
+    if not out:
+        return np.zeros((0, 0, 0, len(PARSE_CLASSES)), np.float32)
+    return np.concatenate(out)
+
+
+def predict_labels_on_photo(model: ParserNet, crops: np.ndarray, boxes: list[tuple[float, float, float, float]],
+                            photo_sizes: list[tuple[int, int]], flip_average: bool = False,
+                            max_batch: int = 64) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Per crop, on the model's device: its class probabilities resampled onto the pixels its box covers in its
+    photo (``photo_sizes``: height, width; bilinear, as :func:`~colortrend.models.parser_crops.probs_to_photo` does
+    with OpenCV) and reduced there to ``(x0, y0, labels uint8, P(person) float32)``: only the reduced maps come back
+    to the host, not every class's probabilities."""
+    jobs = iter(zip(boxes, photo_sizes))
+    return [_on_photo(one, box, *size) for probs in _probabilities(model, crops, flip_average, max_batch)
+            for one, (box, size) in zip(probs, jobs)]
+
+
+def _on_photo(probs: torch.Tensor, box: tuple[float, float, float, float], height: int,
+              width: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    x0, y0 = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
+    x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
+    if x1 <= x0 or y1 <= y0:
+        return x0, y0, np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)
+    h, w = probs.shape[-2:]
+    # The sampling positions of probs_to_photo (logit u was trained on crop pixel 2u+1), in grid_sample's
+    # normalised coordinates (align_corners=False: pixel centre i at (2i + 1) / size - 1).
+    ax, ay = w / (box[2] - box[0]), h / (box[3] - box[1])
+    xs = torch.arange(x1 - x0, device=probs.device, dtype=torch.float64)
+    ys = torch.arange(y1 - y0, device=probs.device, dtype=torch.float64)
+    u = ax * xs + (x0 + 0.5 - box[0]) * ax - 0.75
+    v = ay * ys + (y0 + 0.5 - box[1]) * ay - 0.75
+    gx, gy = torch.broadcast_tensors(((2 * u + 1) / w - 1)[None, :], ((2 * v + 1) / h - 1)[:, None])
+    grid = torch.stack([gx, gy], dim=-1)[None].to(probs.dtype)
+    region = F.grid_sample(probs[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    labels = region.argmax(0).to(torch.uint8)
+    return x0, y0, labels.cpu().numpy(), (1.0 - region[0]).cpu().numpy()
+
+
+def _probabilities(model: ParserNet, crops: np.ndarray, flip_average: bool, max_batch: int):
+    """Softmax probabilities (n, classes, H/2, W/2) float32 on the model's device, ``max_batch`` crops at a time."""
     param = next(model.parameters())
-    out = []
     for start in range(0, len(crops), max_batch):
         x = normalize(crops[start:start + max_batch], str(param.device), param.dtype == torch.float16)
         with torch.inference_mode():
             p = torch.softmax(model(x).float(), dim=1)
             if flip_average:
                 p = (p + torch.softmax(model(x.flip(-1)).float(), dim=1).flip(-1)) / 2
-        out.append(p.permute(0, 2, 3, 1).cpu().numpy())
-    if not out:
-        return np.zeros((0, 0, 0, len(PARSE_CLASSES)), np.float32)
-    return np.concatenate(out)
+        yield p

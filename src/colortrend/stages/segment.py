@@ -3,7 +3,8 @@
 For every face wide enough to show clothing, a crop is cut around where that person's body should be (the face at
 the top centre, down to the feet; ``parser_crops.crop_box``), so one model serves full-body shots, half-body selfies
 (the crop runs past the photo's edge and is padded there, as in training) and group photos alike. All crops of all
-photos in the batch go through the parser in one batched forward pass (fp16 on CUDA).
+photos in the batch go through the parser in one batched forward pass (fp16 on CUDA, where the probabilities are
+also mapped back onto the photo and reduced to labels, so only those come back to the host).
 
 Crops of people standing close overlap, and each crop's parser may see part of the other person. A pixel claimed by
 several people goes to the one whose parser is most confident it belongs to a person (1 - P(background)): the
@@ -67,26 +68,33 @@ def resolve_weights(weights: str) -> Path:
 Parse = tuple[int, int, np.ndarray]
 
 
-def assign_pixels(regions: list[Parse], height: int, width: int) -> list[Parse | None]:
-    """Label maps of each person from their (x0, y0, probs) regions, each pixel given to at most one person.
+def regions_from_probs(probs: np.ndarray, box: tuple[float, float, float, float], height: int,
+                       width: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One crop's probabilities on the photo pixels its box covers, reduced to ``(x0, y0, labels, P(person))``."""
+    x0, y0, region = probs_to_photo(probs, box, height, width)
+    return x0, y0, region.argmax(-1).astype(np.uint8), 1.0 - region[..., 0]
+
+
+def assign_pixels(regions: list[tuple[int, int, np.ndarray, np.ndarray]], height: int,
+                  width: int) -> list[Parse | None]:
+    """Label maps of each person from their (x0, y0, labels, P(person)) regions, each pixel given to at most one.
 
     Where regions overlap, the pixel goes to the person with the highest P(not background) there. Each label map
     is trimmed to the person's bounding box; a person with no pixel left is None.
     """
-    labels = [probs.argmax(-1).astype(np.uint8) for _, _, probs in regions]
+    labels = [label for _, _, label, _ in regions]
     if len(regions) > 1:
         owner = np.full((height, width), -1, np.int16)
         best = np.zeros((height, width), np.float32)
-        for k, ((x0, y0, probs), label) in enumerate(zip(regions, labels)):
+        for k, (x0, y0, label, person) in enumerate(regions):
             window = (slice(y0, y0 + label.shape[0]), slice(x0, x0 + label.shape[1]))
-            person = 1.0 - probs[..., 0]
             wins = (person > best[window]) & (label > 0)
             best[window][wins] = person[wins]
             owner[window][wins] = k
-        for k, ((x0, y0, _), label) in enumerate(zip(regions, labels)):
+        for k, (x0, y0, label, _) in enumerate(regions):
             label[owner[y0:y0 + label.shape[0], x0:x0 + label.shape[1]] != k] = 0
     out: list[Parse | None] = []
-    for (x0, y0, _), label in zip(regions, labels):
+    for (x0, y0, _, _), label in zip(regions, labels):
         rows, cols = np.flatnonzero(label.any(axis=1)), np.flatnonzero(label.any(axis=0))
         if not len(rows):
             out.append(None)
@@ -109,6 +117,10 @@ class SegmentStage(Stage):
     ])
     _COUNTS = ("person_x1", "person_y1", "person_x2", "person_y2", "clothing_px", "upper_px", "lower_px")
 
+    #: Device the parser's output is mapped back onto the photo on (torch); None: OpenCV on the host unless the
+    #: stage runs on a GPU. The tests set "cpu" to run the torch path against the OpenCV one.
+    ops_device: str | None = None
+
     def __init__(self, settings: SegmentSettings | None = None, device: str = "cpu"):
         super().__init__(settings or SegmentSettings(), device)
         self._model = None
@@ -122,7 +134,8 @@ class SegmentStage(Stage):
         self._model = load_parser(resolve_weights(self.settings.weights), self.device)
 
     def process(self, batch: Batch) -> Batch:
-        from colortrend.models.parser_net import predict_crops  # imports torch: loaded by setup() anyway
+        # imports torch: loaded by setup() anyway
+        from colortrend.models.parser_net import predict_crops, predict_labels_on_photo
 
         s, geom = self.settings, self.settings.geometry
         n_photos = len(batch["status"])
@@ -143,15 +156,23 @@ class SegmentStage(Stage):
             return batch
 
         crops = np.stack([cut_crop(batch["image"][i], box, geom) for i, _, box in jobs])
-        probs = predict_crops(self._model, crops, s.flip_average, s.batch_size)
+        sizes = [batch["image"][i].shape[:2] for i, _, _ in jobs]
+        if self.torch_device() is None:  # OpenCV's warps: faster than torch on a CPU
+            probs = predict_crops(self._model, crops, s.flip_average, s.batch_size)
+            regions = [regions_from_probs(p, box, *size) for p, (_, _, box), size in zip(probs, jobs, sizes)]
+        else:  # on the device: only labels and P(person) come back to the host
+            regions = predict_labels_on_photo(self._model, crops, [box for _, _, box in jobs], sizes,
+                                              s.flip_average, s.batch_size)
         for i in sorted({i for i, _, _ in jobs}):
             height, width = batch["image"][i].shape[:2]
-            mine = [(j, box, p) for (pi, j, box), p in zip(jobs, probs) if pi == i]
-            parses = assign_pixels([probs_to_photo(p, box, height, width) for _, box, p in mine], height, width)
-            for (j, _, _), parse in zip(mine, parses):
+            mine = [(j, region) for (pi, j, _), region in zip(jobs, regions) if pi == i]
+            for (j, _), parse in zip(mine, assign_pixels([r for _, r in mine], height, width)):
                 if parse is not None:
                     self._measure(batch, i, j, parse)
         return batch
+
+    def torch_device(self) -> str | None:
+        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
 
     def _measure(self, batch: Batch, i: int, j: int, parse: Parse) -> None:
         x0, y0, labels = parse
