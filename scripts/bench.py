@@ -8,6 +8,9 @@ It also measures the GPU budget on the CPU: in a third process the chain runs tw
 pass loads the models), timing every outermost ``torch.nn.Module`` call. What is left of each stage's time is the
 work around the networks (decode, pyramids and NMS, warps, crops, white balance, k-means, tables), the part a GPU
 host must feed from its CPU cores: ``cpu_ms_per_photo_outside_networks`` and the cores it takes at 2,000 photos/s.
+A third pass runs the chain as a GPU host does (every stage's torch path for the device, on this CPU) and clocks
+every outermost torch call: what is left is work only the host can do (``device_paths``: ms a photo by stage, and
+the torch calls a photo that a GPU would run as launches, which the figure leaves out).
 
     python scripts/bench.py data/demo --device cpu --repeat 3
 """
@@ -68,23 +71,62 @@ def post(module, args, out):
 
 task = ShardTask("budget", [photo_id_for(p) for p in paths], paths)
 
-def serial_pass():  # one thread, step after step: each stage's time is its own, with no lane running beside it
+def serial_pass(clock=None):  # one thread, step after step: each stage's time is its own, nothing beside it
     seconds = {}
     steps = pipeline.steps({})
     for batch in pipeline.batches([task]):
         for step in steps:
+            if clock is not None:
+                clock.stage = step.name
             batch = step(batch)
-        for part in pipeline.shard_parts(batch):
+        if clock is not None:
+            clock.stage = "tables"
+        started = time.perf_counter()
+        parts = pipeline.shard_parts(batch)
+        seconds["tables"] = seconds.get("tables", 0.0) + time.perf_counter() - started
+        for part in parts:
             for name, value in part.seconds.items():
                 seconds[name] = seconds.get(name, 0.0) + value
     return seconds
 
 serial_pass()  # warm-up: models load, caches fill
-torch.nn.modules.module.register_module_forward_pre_hook(pre)
-torch.nn.modules.module.register_module_forward_hook(post)
+hooks = (torch.nn.modules.module.register_module_forward_pre_hook(pre),
+         torch.nn.modules.module.register_module_forward_hook(post))
 network.clear()
 stage_s = serial_pass()
-print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network}))
+for hook in hooks:
+    hook.remove()
+
+# As a GPU host runs the chain: every stage that has a torch path for the device takes it (JPEG decode, white
+# balance, k-means, the parser's mapping back), here on this CPU, and every outermost torch call is clocked. What
+# is left of a stage's time is work only the host can do (Python, numpy, OpenCV, reading files): on a GPU the
+# torch calls become launches of device work, so the figure leaves out the launches themselves (counted).
+for stage in pipeline.stages:
+    for attribute in ("jpeg_device", "ops_device"):
+        if hasattr(stage, attribute):
+            setattr(stage, attribute, "cpu")
+
+class TorchClock(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.depth, self.calls, self.stage, self.seconds = 0, 0, None, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.depth += 1
+        t0 = time.perf_counter() if self.depth == 1 else 0.0
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - t0
+                self.calls += 1
+
+serial_pass()  # warm-up of the torch paths
+with TorchClock() as clock:
+    device_paths_s = serial_pass(clock)
+print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths_stage_s": device_paths_s,
+                  "device_paths_torch_s": clock.seconds, "device_paths_torch_calls": clock.calls}))
 """
 
 
@@ -132,10 +174,18 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
     result = json.loads(out.splitlines()[-1])
     n, stage_s, network_s = result["photos"], result["stage_s"], result["network_s"]
     outside_ms = (sum(stage_s.values()) - sum(network_s.values())) / n * 1000
+    torch_s = result["device_paths_torch_s"]
+    host_ms_by_stage = {k: (v - torch_s.get(k, 0.0)) / n * 1000 for k, v in result["device_paths_stage_s"].items()}
+    host_ms = sum(host_ms_by_stage.values())
     return {"photos": n, "torch_threads": threads, "stage_s": stage_s, "network_s": network_s,
             "stage_ms_per_photo": {k: v / n * 1000 for k, v in stage_s.items()},
             "cpu_ms_per_photo_outside_networks": outside_ms,
-            "cores_for_2000_photos_per_s": 2000 * outside_ms / 1000}
+            "cores_for_2000_photos_per_s": 2000 * outside_ms / 1000,
+            # The chain on its device paths: the host's own work per photo, leaving out the torch calls a GPU
+            # runs (their launches: torch_calls_per_photo of them).
+            "device_paths": {"host_ms_per_photo": host_ms, "host_ms_per_photo_by_stage": host_ms_by_stage,
+                             "torch_calls_per_photo": result["device_paths_torch_calls"] / n,
+                             "cores_for_2000_photos_per_s": 2000 * host_ms / 1000}}
 
 
 def main() -> None:
@@ -182,6 +232,7 @@ def main() -> None:
         "gpu_budget": budget,
         "cpu_ms_per_photo_outside_networks": budget["cpu_ms_per_photo_outside_networks"],
         "cores_for_2000_photos_per_s": budget["cores_for_2000_photos_per_s"],
+        "host_ms_per_photo_on_device_paths": budget["device_paths"]["host_ms_per_photo"],
     }
     if not args.json:
         ct, fn = figures["colortrend"], figures["facenet_mtcnn_loop"]
@@ -194,6 +245,9 @@ def main() -> None:
         print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in ct["stage_s"].items()))
         print(f"outside networks    {budget['cpu_ms_per_photo_outside_networks']:.1f} ms/photo of one core: "
               f"{budget['cores_for_2000_photos_per_s']:.0f} cores feed 2,000 photos/s")
+        paths = budget["device_paths"]
+        print(f"on device paths     {paths['host_ms_per_photo']:.1f} ms/photo of host-only work "
+              f"({paths['torch_calls_per_photo']:.0f} torch calls a photo left to the device)")
     print(json.dumps(figures))
 
 
