@@ -125,8 +125,9 @@ class TorchClock(torch.overrides.TorchFunctionMode):
 serial_pass()  # warm-up of the torch paths
 with TorchClock() as clock:
     device_paths_s = serial_pass(clock)
-print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths_stage_s": device_paths_s,
-                  "device_paths_torch_s": clock.seconds, "device_paths_torch_calls": clock.calls}))
+print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network,
+                  "device_paths_stage_s": device_paths_s, "device_paths_torch_s": clock.seconds,
+                  "device_paths_torch_calls": clock.calls}))
 """
 
 
