@@ -16,6 +16,7 @@ torch is imported by the functions, never by this module's importers: ``--help``
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,11 +33,13 @@ EDGE_RADIUS = (round(cpu_wb.EDGE_SIGMA * 8 + 1) | 1) // 2
 DEVICE_CHUNK = 4096
 
 
+@functools.lru_cache(maxsize=64)  # photos come in a few sizes; building one is a Python loop over its rows
 def area_weights(source: int, target: int) -> NDArray[np.float32]:
     """(target, source) matrix of OpenCV's ``INTER_AREA`` weights along one axis for a reduction (target <= source).
 
     Each output pixel averages the source pixels its footprint covers, by the covered fraction; OpenCV leaves out a
-    partly covered pixel whose share is under 1e-3 (``computeResizeAreaTab``), and so does this.
+    partly covered pixel whose share is under 1e-3 (``computeResizeAreaTab``), and so does this. Cached: never
+    modify the array returned.
     """
     scale = source / target
     weights = np.zeros((target, source), np.float64)
