@@ -102,9 +102,7 @@ for hook in hooks:
 # is left of a stage's time is work only the host can do (Python, numpy, OpenCV, reading files): on a GPU the
 # torch calls become launches of device work, so the figure leaves out the launches themselves (counted).
 for stage in pipeline.stages:
-    for attribute in ("jpeg_device", "ops_device"):
-        if hasattr(stage, attribute):
-            setattr(stage, attribute, "cpu")
+    stage.ops_device = "cpu"
 
 class TorchClock(torch.overrides.TorchFunctionMode):
     def __init__(self):

@@ -334,7 +334,7 @@ def test_device_decoding_stage_gives_pillows_rows_and_falls_back_for_what_it_ref
 
     def rows(jpeg_device):
         stage = IntakeStage(InputSettings(paths=("unused",)))
-        stage.jpeg_device = jpeg_device
+        stage.ops_device = jpeg_device
         return stage({"photo_id": paths, "path": paths})
 
     def assert_same(ours, reference):

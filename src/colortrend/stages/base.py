@@ -40,6 +40,12 @@ class Stage(ABC):
     face_fields: ClassVar[pa.Schema] = pa.schema([])
     garment_fields: ClassVar[pa.Schema] = pa.schema([])
 
+    #: Where a stage with both a host path (numpy, OpenCV, Pillow) and a torch path for the work around its networks
+    #: (decode, white balance, k-means, the parser's mapping back) runs that work: None picks the torch path on the
+    #: stage's device when that is a GPU, the host path otherwise (faster on a CPU). The tests set "cpu" to run the
+    #: torch path against the host one.
+    ops_device: str | None = None
+
     def __init__(self, settings: Any = None, device: str = "cpu"):
         self.settings = settings
         self.device = device
@@ -66,6 +72,10 @@ class Stage(ABC):
     def __call__(self, batch: Batch) -> Batch:
         self.ensure_setup()
         return self.process(batch)
+
+    def torch_device(self) -> str | None:
+        """The device of the torch path (see ``ops_device``), or None for the host path."""
+        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
 
     def model_files(self) -> list[str]:
         """Paths of the weight files this stage uses (their checksums go into the fingerprint)."""

@@ -84,13 +84,6 @@ class CorrectStage(Stage):
     def __init__(self, settings: ColorSettings | None = None, device: str = "cpu"):
         super().__init__(settings or ColorSettings(), device)
 
-    #: Device the white balance runs on as batched torch ops; None: the stage's device when it is a GPU, else the
-    #: numpy/OpenCV code (faster on a CPU). The tests set "cpu" to run the torch path against the numpy one.
-    ops_device: str | None = None
-
-    def torch_device(self) -> str | None:
-        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
-
     def process(self, batch: Batch) -> Batch:
         n_photos = len(batch["status"])
         for column in ("image_wb", "wb_method", "wb_gain_r", "wb_gain_g", "wb_gain_b"):

@@ -46,15 +46,8 @@ class DominantStage(Stage):
         ("color_name_zh", pa.string()),
     ])
 
-    #: Device the k-means runs on as batched torch ops; None: the stage's device when it is a GPU, else numpy
-    #: (faster on a CPU). The tests set "cpu" to run the torch path against the numpy one.
-    ops_device: str | None = None
-
     def __init__(self, settings: ColorSettings | None = None, device: str = "cpu"):
         super().__init__(settings or ColorSettings(), device)
-
-    def torch_device(self) -> str | None:
-        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
 
     def process(self, batch: Batch) -> Batch:
         s = self.settings

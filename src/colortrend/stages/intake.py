@@ -116,16 +116,9 @@ class IntakeStage(Stage):
                 del settings[name]
         return settings
 
-    #: Device JPEGs are decoded on (batched, torchvision's nvJPEG decoder on a GPU); None: the stage's device when
-    #: it is a GPU, else Pillow on the CPU. The tests set "cpu" to run that path against Pillow.
-    jpeg_device: str | None = None
-
-    def jpeg_decode_device(self) -> str | None:
-        return self.jpeg_device or (self.device if self.device.startswith("cuda") else None)
-
     def process(self, batch: Batch) -> Batch:
         paths = batch["path"]
-        device = self.jpeg_decode_device()
+        device = self.torch_device()  # JPEGs batched through torchvision's decoder (nvJPEG on a GPU), or Pillow
         # PIL and libjpeg release the GIL while decoding, so threads overlap file I/O and decoding.
         with ThreadPoolExecutor(self.workers) as pool:
             rows = list(pool.map(lambda path: self.read_one(path, defer_jpeg=device is not None), paths))

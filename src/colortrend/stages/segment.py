@@ -117,10 +117,6 @@ class SegmentStage(Stage):
     ])
     _COUNTS = ("person_x1", "person_y1", "person_x2", "person_y2", "clothing_px", "upper_px", "lower_px")
 
-    #: Device the parser's output is mapped back onto the photo on (torch); None: OpenCV on the host unless the
-    #: stage runs on a GPU. The tests set "cpu" to run the torch path against the OpenCV one.
-    ops_device: str | None = None
-
     def __init__(self, settings: SegmentSettings | None = None, device: str = "cpu"):
         super().__init__(settings or SegmentSettings(), device)
         self._model = None
@@ -170,9 +166,6 @@ class SegmentStage(Stage):
                 if parse is not None:
                     self._measure(batch, i, j, parse)
         return batch
-
-    def torch_device(self) -> str | None:
-        return self.ops_device or (self.device if self.device.startswith("cuda") else None)
 
     def _measure(self, batch: Batch, i: int, j: int, parse: Parse) -> None:
         x0, y0, labels = parse
