@@ -38,10 +38,8 @@ def lanes(steps: list[Step], cpu_workers: int) -> list[Lane]:
     on_device = [i for i, step in enumerate(steps) if step.uses_accelerator]
     first, last = (on_device[0], on_device[-1]) if on_device else (len(steps), len(steps) - 1)
     out: list[Lane] = []
-    for i, step in enumerate(steps[:first]):
-        if step.sees_every_photo:
-            out.append(Lane(step.name, (step,), 1))
-        elif out and not out[-1].steps[-1].sees_every_photo:
+    for step in steps[:first]:  # before the models: a lane per ordered step, the others sharing one between them
+        if out and not step.sees_every_photo and not out[-1].steps[-1].sees_every_photo:
             out[-1] = Lane(out[-1].name, (*out[-1].steps, step), 1)
         else:
             out.append(Lane(step.name, (step,), 1))
