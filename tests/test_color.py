@@ -276,6 +276,23 @@ def test_area_resize_is_opencvs_inter_area():
         assert np.array_equal(reached, cv2.resize(mask, size, interpolation=cv2.INTER_AREA) > 0)
 
 
+def test_opencv_resize_is_opencvs_whichever_way_each_axis_goes():
+    # The detector's pyramid and the parser's crops on a GPU: shrinking, enlarging and one axis of each (where
+    # INTER_AREA falls back to OpenCV's own 2-tap weights), including the ratio whose float rounding picks the row.
+    import cv2
+    import torch
+
+    from colortrend.color.torch_ops import opencv_resize
+
+    rng = np.random.default_rng(1)
+    for (h, w), (th, tw) in [((838, 550), (419, 275)), ((150, 29), (185, 258)), ((299, 165), (320, 128)),
+                             ((40, 60), (41, 13)), ((7, 5), (3, 11)), ((300, 300), (300, 121))]:
+        image = rng.random((h, w, 3)).astype(np.float32)
+        for flag, name in ((cv2.INTER_AREA, "area"), (cv2.INTER_LINEAR, "linear")):
+            ours = opencv_resize(torch.from_numpy(image)[None], (tw, th), name)[0].numpy()
+            assert ours == pytest.approx(cv2.resize(image, (tw, th), interpolation=flag), abs=1e-4), (h, w, th, tw)
+
+
 @pytest.mark.parametrize("method", ["gray_world", "shades_of_gray", "gray_edge", "skin"])
 def test_torch_white_balance_equals_numpy_on_demo_photos(method):
     from colortrend.color.torch_ops import white_balance_batch

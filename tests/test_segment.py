@@ -155,3 +155,25 @@ def test_eval_parsing_scores_and_writes_masks(tmp_path):
         written = cv2.imread(str(masks / Path(image).with_suffix(".png").name), cv2.IMREAD_UNCHANGED)
         photo = cv2.imread(str(CCP / image))
         assert written.shape == photo.shape[:2] and set(np.unique(written)) == {0, 255}
+
+
+def test_crops_cut_on_the_device_are_the_crops_cut_by_opencv():
+    # The parser's inputs as a GPU host cuts them (torch, here on this CPU) against OpenCV's: faces shrunk into the
+    # crop, enlarged into it, and boxes running past every edge of the photo, which keep the grey pad.
+    # OpenCV's own weights, so codes differ by its fixed-point rounding only.
+    from colortrend.models.parser_crops import cut_crop
+    from colortrend.models.parser_net import cut_crops_on_device
+
+    geom = SegmentSettings().geometry
+    image = cv2.cvtColor(cv2.imread(str(DEMO / LABELLED[0])), cv2.COLOR_BGR2RGB)
+    height, width = image.shape[:2]
+    faces = [(0.4 * width, 0.1 * height, 0.6 * width, 0.25 * height),  # shrunk
+             (0.45 * width, 0.3 * height, 0.5 * width, 0.33 * height),  # enlarged: a small face's crop
+             (-30.5, -20.25, 90.0, 100.0), (width - 60.0, height - 50.0, width + 40.0, height + 70.0)]
+    boxes = [crop_box(np.array(face), geom) for face in faces]
+    on_device = cut_crops_on_device([image], [0] * len(boxes), boxes, geom, "cpu").numpy()
+    for box, crop in zip(boxes, on_device):
+        expected = cut_crop(image, box, geom)
+        difference = np.abs(crop.astype(int) - expected.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.2, box  # OpenCV's fixed-point rounding
+        assert ((expected == 127).all(-1) == (crop == 127).all(-1)).mean() > 0.99  # the same padded area

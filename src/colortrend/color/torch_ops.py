@@ -17,7 +17,6 @@ torch is imported by the functions, never by this module's importers: ``--help``
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,41 +32,85 @@ EDGE_RADIUS = (round(cpu_wb.EDGE_SIGMA * 8 + 1) | 1) // 2
 DEVICE_CHUNK = 4096
 
 
-@functools.lru_cache(maxsize=64)  # photos come in a few sizes; building one is a Python loop over its rows
-def area_weights(source: int, target: int) -> NDArray[np.float32]:
-    """(target, source) matrix of OpenCV's ``INTER_AREA`` weights along one axis for a reduction (target <= source).
+# ---- resizing as OpenCV does -------------------------------------------------------------------------------------
+# A resize along one axis is a few taps per output pixel: (target, taps) source indices and weights, applied as one
+# gather and a weighted sum, so the work grows with the output (a dense matrix product grows with output x input,
+# 60 GFLOP for one 12-megapixel photo reduced to 1280 pixels).
+
+@functools.lru_cache(maxsize=1024)  # photos come in a few sizes; a crop's or an odd size's taps cost ~50 us
+def area_taps(source: int, target: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """OpenCV's ``INTER_AREA`` weights along one axis for a reduction (target <= source), as (target, taps) source
+    indices and weights.
 
     Each output pixel averages the source pixels its footprint covers, by the covered fraction; OpenCV leaves out a
     partly covered pixel whose share is under 1e-3 (``computeResizeAreaTab``), and so does this. Cached: never
-    modify the array returned.
+    modify the arrays returned.
     """
     scale = source / target
-    weights = np.zeros((target, source), np.float64)
-    for d in range(target):
-        start, end = d * scale, d * scale + scale
-        cell = min(scale, source - start)
-        first, last = math.ceil(start), math.floor(end)
-        last = min(last, source - 1)
-        first = min(first, last)
-        if first - start > 1e-3:
-            weights[d, first - 1] = (first - start) / cell
-        weights[d, first:last] = 1.0 / cell
-        if end - last > 1e-3:
-            weights[d, last] = min(min(end - last, 1.0), cell) / cell
-    return weights.astype(np.float32)
+    start = np.arange(target) * scale
+    end = start + scale
+    cell = np.minimum(scale, source - start)
+    last = np.minimum(np.floor(end), source - 1).astype(np.int64)
+    first = np.minimum(np.ceil(start).astype(np.int64), last)
+    head = first - start > 1e-3  # the partly covered pixel before the whole ones
+    tail = end - last > 1e-3  # and the one after them
+    begin = np.where(head, first - 1, first)
+    taps = max(1, int((np.where(tail, last + 1, last) - begin).max()))
+    index = begin[:, None] + np.arange(taps)
+    weights = np.where((index >= first[:, None]) & (index < last[:, None]), 1.0 / cell[:, None], 0.0)
+    weights = np.where(head[:, None] & (index == first[:, None] - 1), ((first - start) / cell)[:, None], weights)
+    partial = np.minimum(np.minimum(end - last, 1.0), cell) / cell
+    weights = np.where(tail[:, None] & (index == last[:, None]), partial[:, None], weights)
+    return np.minimum(index, source - 1), weights.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def area_fallback_taps(source: int, target: int) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """The 2-tap weights ``INTER_AREA`` falls back to when either axis is enlarged (``cv::resize``'s coefficients
+    and its clamps at the edges), as (target, 2) source indices and weights."""
+    inverse = target / source
+    scale = 1.0 / inverse  # as OpenCV computes it: 37 * (150 / 185) is 30.000000000000004, 37 / (185 / 150) 29.99...
+    d = np.arange(target)
+    sx = np.floor(d * scale).astype(np.int64)
+    fx = ((d + 1) - (sx + 1) * inverse).astype(np.float32)
+    fx = np.where(fx <= 0, 0.0, fx - np.floor(fx))
+    edge = sx >= source - 1
+    fx, sx = np.where(edge, 0.0, fx), np.where(edge, source - 1, sx)
+    index = np.stack([sx, np.minimum(sx + 1, source - 1)], axis=1)
+    return index, np.stack([1.0 - fx, fx], axis=1).astype(np.float32)
 
 
 def area_resize(images, size: tuple[int, int]):
     """(N, H, W, C) float tensor reduced to ``size`` = (width, height) as ``cv2.resize(..., INTER_AREA)`` does."""
-    import torch
+    return opencv_resize(images, size, "area")
+
+
+def opencv_resize(images, size: tuple[int, int], interpolation: str):
+    """(N, H, W, C) float tensor resized to ``size`` = (width, height) as ``cv2.resize`` does, unrounded:
+    ``"area"`` is ``INTER_AREA`` (true area averages when both axes shrink, OpenCV's 2-tap fallback otherwise),
+    ``"linear"`` ``INTER_LINEAR`` (torch's bilinear sampling is OpenCV's, to float rounding)."""
+    import torch.nn.functional as F
 
     height, width = images.shape[1:3]
     if (width, height) == size:
         return images
-    wy = torch.from_numpy(area_weights(height, size[1])).to(images.device, images.dtype)
-    wx = torch.from_numpy(area_weights(width, size[0])).to(images.device, images.dtype)
-    rows = torch.einsum("yh,nhwc->nywc", wy, images)
-    return torch.einsum("xw,nywc->nyxc", wx, rows)
+    if interpolation == "linear":
+        nchw = F.interpolate(images.permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear",
+                             align_corners=False)
+        return nchw.permute(0, 2, 3, 1)
+    taps = area_taps if size[0] <= width and size[1] <= height else area_fallback_taps
+    return _resample(_resample(images, *taps(height, size[1]), 1), *taps(width, size[0]), 2)
+
+
+def _resample(images, index: NDArray[np.int64], weights: NDArray[np.float32], dim: int):
+    """``images`` resampled along ``dim`` by (target, taps) source indices and weights."""
+    import torch
+
+    target, taps = weights.shape
+    gathered = images.index_select(dim, torch.from_numpy(index.reshape(-1)).to(images.device))
+    gathered = gathered.view(*images.shape[:dim], target, taps, *images.shape[dim + 1:])
+    w = torch.from_numpy(weights).to(images.device, images.dtype).view(target, taps, *([1] * (images.dim() - dim - 1)))
+    return (gathered * w).sum(dim + 1)
 
 
 def _to_device(array: NDArray, device: str):

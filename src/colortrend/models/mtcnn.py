@@ -125,6 +125,9 @@ class FaceDetector:
             for net in pretrained()
         )
         self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
+        #: Whether the pyramid is resampled by torch on the device (a GPU host's CPU then only uploads each photo)
+        #: or by OpenCV on the host (faster on a CPU). The detect stage sets it from its ``ops_device``.
+        self.pyramid_on_device = self.device.type != "cpu"
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
@@ -172,26 +175,10 @@ class FaceDetector:
             offsets[:, k], height, width = _shelf_pack(sizes[:, k] + sizes[:, k] % 2)
             canvas_shapes.append((height, width))
         starts = np.cumsum([0] + [h * w for h, w in canvas_shapes])
-        buffer = np.zeros((starts[-1], 4), np.uint8)
-        canvases = [buffer[a:b].reshape(h, w, 4) for a, b, (h, w) in zip(starts[:-1], starts[1:], canvas_shapes)]
-        for p, image in enumerate(images):
-            (h, w), (y, x) = sizes[p, 0], offsets[p, 0]
-            if (h, w) != image.shape[:2]:
-                image = cv2.resize(image, (int(w), int(h)), interpolation=cv2.INTER_AREA)
-            canvases[0][y : y + h, x : x + w] = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
-            for k in range(1, len(scales)):
-                if not exists[p, k]:
-                    break
-                (h, w), (y, x), (py, px), (ph, pw) = sizes[p, k], offsets[p, k], offsets[p, k - 1], sizes[p, k - 1]
-                # Each copy from the one before. Halvings average 2x2 blocks; pyramid levels are bilinear: OpenCV's
-                # area resize is 10x slower at these ratios, and a cascade of bilinear steps smooths like a Gaussian
-                # pyramid (agreement with facenet's area-resized pyramid measured no worse).
-                interpolation = cv2.INTER_AREA if k < n_octaves else cv2.INTER_LINEAR
-                canvases[k][y : y + h, x : x + w] = cv2.resize(
-                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=interpolation
-                )
+        fill = self._fill_on_device if self.pyramid_on_device else self._fill_on_host
+        buffer = fill(images, sizes, offsets, exists, n_octaves, starts, canvas_shapes)
         return _Pyramid(
-            pixels=torch.from_numpy(buffer).view(torch.int32)[:, 0].to(self.device),
+            pixels=buffer.view(torch.int32)[:, 0].to(self.device),
             starts=torch.from_numpy(starts[:-1]).to(self.device),
             canvas_shapes=canvas_shapes,
             canvas_widths=torch.tensor([w for _, w in canvas_shapes], device=self.device),
@@ -202,6 +189,50 @@ class FaceDetector:
             photo_shapes=torch.from_numpy(hw.astype(np.float32)).to(self.device),
             photo_scales=np.array([h / image.shape[0] for (h, _), image in zip(shapes, images)], np.float32),
         )
+
+    @staticmethod
+    def _fill_on_host(images, sizes, offsets, exists, n_octaves, starts, canvas_shapes) -> torch.Tensor:
+        """The canvases' buffer made with OpenCV on the host (the faster way on a CPU), as an (N, 4) uint8 tensor."""
+        buffer = np.zeros((starts[-1], 4), np.uint8)
+        canvases = [buffer[a:b].reshape(h, w, 4) for a, b, (h, w) in zip(starts[:-1], starts[1:], canvas_shapes)]
+        for p, image in enumerate(images):
+            (h, w), (y, x) = sizes[p, 0], offsets[p, 0]
+            if (h, w) != image.shape[:2]:
+                image = cv2.resize(image, (int(w), int(h)), interpolation=cv2.INTER_AREA)
+            canvases[0][y : y + h, x : x + w] = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
+            for k in range(1, len(canvas_shapes)):
+                if not exists[p, k]:
+                    break
+                (h, w), (y, x), (py, px), (ph, pw) = sizes[p, k], offsets[p, k], offsets[p, k - 1], sizes[p, k - 1]
+                # Each copy from the one before. Halvings average 2x2 blocks; pyramid levels are bilinear: OpenCV's
+                # area resize is 10x slower at these ratios, and a cascade of bilinear steps smooths like a Gaussian
+                # pyramid (agreement with facenet's area-resized pyramid measured no worse).
+                interpolation = cv2.INTER_AREA if k < n_octaves else cv2.INTER_LINEAR
+                canvases[k][y : y + h, x : x + w] = cv2.resize(
+                    canvases[k - 1][py : py + ph, px : px + pw], (int(w), int(h)), interpolation=interpolation
+                )
+        return torch.from_numpy(buffer)
+
+    def _fill_on_device(self, images, sizes, offsets, exists, n_octaves, starts, canvas_shapes) -> torch.Tensor:
+        """The same copies made by torch on the detector's device: each photo crosses to it once, as uint8.
+
+        OpenCV's own resampling weights (area for the photo and its halvings, bilinear for the levels), each copy
+        rounded to whole codes before the next is made from it: codes differ by OpenCV's fixed-point rounding only
+        (at most 1), which can still tip a borderline candidate (tests/test_detect.py compares the faces)."""
+        from colortrend.color.torch_ops import _to_device, opencv_resize
+
+        buffer = torch.zeros((int(starts[-1]), 4), dtype=torch.uint8, device=self.device)
+        for p, image in enumerate(images):
+            copy = _to_device(image, self.device)[None].float()  # (1, h, w, 3)
+            for k, (height, width) in enumerate(canvas_shapes):
+                if not exists[p, k]:
+                    break
+                (h, w), (y, x) = (int(v) for v in sizes[p, k]), (int(v) for v in offsets[p, k])
+                if (h, w) != tuple(copy.shape[1:3]):
+                    copy = opencv_resize(copy, (w, h), "area" if k < n_octaves else "linear").round_()
+                canvas = buffer[int(starts[k]) : int(starts[k + 1])].view(height, width, 4)
+                canvas[y : y + h, x : x + w, :3] = copy[0].to(torch.uint8)
+        return buffer
 
     def _propose(self, pyramid: _Pyramid) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1: P-Net windows over the pyramid, merged by NMS per level and across levels, regressed, squared."""

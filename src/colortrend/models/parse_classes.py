@@ -17,6 +17,9 @@ import numpy as np
 PARSE_CLASSES = ("background", "skin", "hair", "upper", "lower", "shoes", "accessory")
 BACKGROUND, SKIN, HAIR, UPPER, LOWER, SHOES, ACCESSORY = range(len(PARSE_CLASSES))
 GARMENT_CLASSES = (UPPER, LOWER)
+#: Whether each label value 0-255 is a garment class: ``IS_GARMENT[labels]`` is a label map's garment mask (a table
+#: lookup, several times faster than ``np.isin`` on every pixel).
+IS_GARMENT = np.isin(np.arange(256), GARMENT_CLASSES)
 #: Label value that contributes nothing to the loss (ambiguous CCP classes, pixels outside the photo).
 IGNORE = 255
 

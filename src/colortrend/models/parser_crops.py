@@ -47,15 +47,18 @@ def crop_affine(box: tuple[float, float, float, float], geom: CropGeometry) -> n
     return np.array([[sx, 0.0, -x1 * sx], [0.0, sy, -y1 * sy]], dtype=np.float64)
 
 
-def cut_crop(image: np.ndarray, box: tuple[float, float, float, float], geom: CropGeometry,
-             pad: int = PAD_VALUE, nearest: bool = False) -> np.ndarray:
-    """The network input for ``box``: the photo resampled to the input size, ``pad`` where the box leaves the photo.
+@dataclass(frozen=True)
+class CropWindow:
+    """Which photo pixels a crop takes, where in the crop they go, and how they are resampled."""
 
-    A resize of the photo part (area-averaged when shrinking, so stripes and prints do not alias) rather than one
-    affine warp, which would only point-sample. ``nearest`` is for label maps.
-    """
-    height, width = image.shape[:2]
-    out = np.full((geom.input_h, geom.input_w, *image.shape[2:]), pad, image.dtype)
+    photo: tuple[int, int, int, int]  # x0, y0, x1, y1 of the photo part inside the box
+    crop: tuple[int, int, int, int]  # x0, y0, x1, y1 of the crop pixels it fills
+    shrinks: bool  # the part is reduced (area-averaged) rather than enlarged (bilinear)
+
+
+def crop_window(box: tuple[float, float, float, float], geom: CropGeometry, height: int,
+                width: int) -> CropWindow | None:
+    """Where ``box`` of a ``height`` x ``width`` photo lands in its crop; None when it misses the photo."""
     m = crop_affine(box, geom)
     px0, py0 = max(math.ceil(box[0]), 0), max(math.ceil(box[1]), 0)
     px1, py1 = min(math.floor(box[2]), width), min(math.floor(box[3]), height)
@@ -64,10 +67,25 @@ def cut_crop(image: np.ndarray, box: tuple[float, float, float, float], geom: Cr
     cx1, cy1 = (min(max(round(v), 0), n) for v, n in ((px1 * m[0, 0] + m[0, 2], geom.input_w),
                                                        (py1 * m[1, 1] + m[1, 2], geom.input_h)))
     if px1 > px0 and py1 > py0 and cx1 > cx0 and cy1 > cy0:
+        return CropWindow((px0, py0, px1, py1), (cx0, cy0, cx1, cy1), bool(m[0, 0] < 1))
+    return None
+
+
+def cut_crop(image: np.ndarray, box: tuple[float, float, float, float], geom: CropGeometry,
+             pad: int = PAD_VALUE, nearest: bool = False) -> np.ndarray:
+    """The network input for ``box``: the photo resampled to the input size, ``pad`` where the box leaves the photo.
+
+    A resize of the photo part (area-averaged when shrinking, so stripes and prints do not alias) rather than one
+    affine warp, which would only point-sample. ``nearest`` is for label maps.
+    """
+    out = np.full((geom.input_h, geom.input_w, *image.shape[2:]), pad, image.dtype)
+    window = crop_window(box, geom, *image.shape[:2])
+    if window is not None:
+        (px0, py0, px1, py1), (cx0, cy0, cx1, cy1) = window.photo, window.crop
         if nearest:
             flag = cv2.INTER_NEAREST
         else:
-            flag = cv2.INTER_AREA if m[0, 0] < 1 else cv2.INTER_LINEAR
+            flag = cv2.INTER_AREA if window.shrinks else cv2.INTER_LINEAR
         out[cy0:cy1, cx0:cx1] = cv2.resize(image[py0:py1, px0:px1], (cx1 - cx0, cy1 - cy0), interpolation=flag)
     return out
 

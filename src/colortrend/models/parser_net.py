@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from colortrend.models.efficientnet_lite import PIXEL_MEAN, PIXEL_STD, Lite0Encoder, conv_bn, fuse_batchnorm
 from colortrend.models.parse_classes import PARSE_CLASSES
+from colortrend.models.parser_crops import PAD_VALUE, CropGeometry, crop_window
 
 
 def _sep_conv(c: int) -> nn.Sequential:
@@ -49,12 +50,36 @@ class ParserNet(nn.Module):
         return self.classify(y)
 
 
-def normalize(crops: np.ndarray, device: str = "cpu", half: bool = False) -> torch.Tensor:
+def normalize(crops: np.ndarray | torch.Tensor, device: str = "cpu", half: bool = False) -> torch.Tensor:
     """uint8 RGB crops (N, H, W, 3) -> normalised float tensor (N, 3, H, W) in channels_last memory format."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).to(device)
+    x = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(crops))
+    x = x.to(device)
     x = x.permute(0, 3, 1, 2).float().sub_(PIXEL_MEAN).div_(PIXEL_STD)
     x = x.contiguous(memory_format=torch.channels_last)
     return x.half() if half else x
+
+
+def cut_crops_on_device(images: list[np.ndarray], photo_of: list[int],
+                        boxes: list[tuple[float, float, float, float]], geom: CropGeometry,
+                        device: str) -> torch.Tensor:
+    """:func:`~colortrend.models.parser_crops.cut_crop` of each box of ``images[photo_of[k]]``, made by torch on
+    ``device``: (N, H, W, 3) uint8 there. Each photo crosses to the device once; OpenCV's own weights, so codes
+    differ only by its fixed-point rounding."""
+    from colortrend.color.torch_ops import _to_device, opencv_resize
+
+    out = torch.full((len(boxes), geom.input_h, geom.input_w, 3), PAD_VALUE, dtype=torch.uint8, device=device)
+    on_device: dict[int, torch.Tensor] = {}
+    for k, (p, box) in enumerate(zip(photo_of, boxes)):
+        window = crop_window(box, geom, *images[p].shape[:2])
+        if window is None:
+            continue
+        if p not in on_device:
+            on_device[p] = _to_device(images[p], device)
+        (px0, py0, px1, py1), (cx0, cy0, cx1, cy1) = window.photo, window.crop
+        part = on_device[p][py0:py1, px0:px1][None].float()
+        part = opencv_resize(part, (cx1 - cx0, cy1 - cy0), "area" if window.shrinks else "linear")
+        out[k, cy0:cy1, cx0:cx1] = part[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def load_parser(path: str | Path, device: str = "cpu") -> ParserNet:

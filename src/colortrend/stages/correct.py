@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from colortrend.color.white_balance import WbMethod, white_balance
-from colortrend.models.parse_classes import GARMENT_CLASSES
+from colortrend.models.parse_classes import IS_GARMENT
 from colortrend.stages.base import Batch, Stage, ok_indices
 
 
@@ -56,14 +56,14 @@ class ColorSettings:
                 raise ValueError(f"{key}: must be {limit}, got {getattr(self, key)}")
 
 
-def garment_mask(shape: tuple[int, int], parses: list, garment_ids: tuple[int, ...]) -> np.ndarray:
+def garment_mask(shape: tuple[int, int], parses: list) -> np.ndarray:
     """(h, w) bool mask of every person's garment pixels, from a photo's ``person_parse`` entries."""
     mask = np.zeros(shape, bool)
     for parse in parses:
         if parse is not None:
             x0, y0, labels = parse
             h, w = labels.shape
-            mask[y0:y0 + h, x0:x0 + w] |= np.isin(labels, garment_ids)
+            mask[y0:y0 + h, x0:x0 + w] |= IS_GARMENT[labels]
     return mask
 
 
@@ -89,10 +89,10 @@ class CorrectStage(Stage):
         for column in ("image_wb", "wb_method", "wb_gain_r", "wb_gain_g", "wb_gain_b"):
             batch[column] = [None] * n_photos
         settings = self.settings
-        garment_ids = GARMENT_CLASSES if settings.exclude_garments and settings.white_balance != "none" else ()
+        exclude = settings.exclude_garments and settings.white_balance != "none"
         todo = ok_indices(batch)
         images = [batch["image"][i] for i in todo]
-        excludes = [garment_mask(image.shape[:2], batch["person_parse"][i], garment_ids) if garment_ids else None
+        excludes = [garment_mask(image.shape[:2], batch["person_parse"][i]) if exclude else None
                     for i, image in zip(todo, images)]
         landmarks = [batch["landmarks"][i] for i in todo]
         options = {"max_gain": settings.max_gain, "min_cast_deg": settings.min_cast_deg}

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from colortrend.color.kmeans import Palette, palettes, sample_pixels
 from colortrend.color.names import nearest_name
-from colortrend.models.parse_classes import GARMENT_CLASSES, LOWER, UPPER
+from colortrend.models.parse_classes import IS_GARMENT, LOWER, UPPER
 from colortrend.stages.base import Batch, Stage, ok_indices
 from colortrend.stages.correct import ColorSettings
 
@@ -66,7 +66,7 @@ class DominantStage(Stage):
                 if parse is None:
                     continue
                 x0, y0, labels = parse
-                parts = {"all": np.flatnonzero(np.isin(labels, GARMENT_CLASSES)),
+                parts = {"all": np.flatnonzero(IS_GARMENT[labels]),
                          "upper": np.flatnonzero(labels == UPPER), "lower": np.flatnonzero(labels == LOWER)}
                 for part, idx in parts.items():
                     # The segment stage parses only persons with enough garment pixels (segment.min_clothing_px);

@@ -131,7 +131,7 @@ class SegmentStage(Stage):
 
     def process(self, batch: Batch) -> Batch:
         # imports torch: loaded by setup() anyway
-        from colortrend.models.parser_net import predict_crops, predict_labels_on_photo
+        from colortrend.models.parser_net import cut_crops_on_device, predict_crops, predict_labels_on_photo
 
         s, geom = self.settings, self.settings.geometry
         n_photos = len(batch["status"])
@@ -151,14 +151,16 @@ class SegmentStage(Stage):
         if not jobs:
             return batch
 
-        crops = np.stack([cut_crop(batch["image"][i], box, geom) for i, _, box in jobs])
         sizes = [batch["image"][i].shape[:2] for i, _, _ in jobs]
-        if self.torch_device() is None:  # OpenCV's warps: faster than torch on a CPU
+        device = self.torch_device()
+        if device is None:  # OpenCV's resizes and warps: faster than torch on a CPU
+            crops = np.stack([cut_crop(batch["image"][i], box, geom) for i, _, box in jobs])
             probs = predict_crops(self._model, crops, s.flip_average, s.batch_size)
             regions = [regions_from_probs(p, box, *size) for p, (_, _, box), size in zip(probs, jobs, sizes)]
-        else:  # on the device: only labels and P(person) come back to the host
-            regions = predict_labels_on_photo(self._model, crops, [box for _, _, box in jobs], sizes,
-                                              s.flip_average, s.batch_size)
+        else:  # on the device: each photo goes there once, only labels and P(person) come back to the host
+            boxes = [box for _, _, box in jobs]
+            crops = cut_crops_on_device(batch["image"], [i for i, _, _ in jobs], boxes, geom, device)
+            regions = predict_labels_on_photo(self._model, crops, boxes, sizes, s.flip_average, s.batch_size)
         for i in sorted({i for i, _, _ in jobs}):
             height, width = batch["image"][i].shape[:2]
             mine = [(j, region) for (pi, j, _), region in zip(jobs, regions) if pi == i]
