@@ -120,10 +120,11 @@ def test_results_do_not_depend_on_the_batch_layout(detector, photos):
 
 
 def test_the_pyramid_made_on_the_device_finds_the_faces_the_host_path_finds(photos, found):
-    """A GPU host resamples the pyramid with torch instead of OpenCV (run here on the CPU): only OpenCV's fixed-point
-    rounding differs, which moves a borderline candidate now and then, as fp16 does; the faces stay the same."""
+    """A GPU host resamples the pyramid with torch instead of OpenCV and runs the networks in large calls (here on
+    the CPU): only OpenCV's fixed-point rounding differs, which tips a borderline candidate now and then, as fp16
+    does; the faces stay the same."""
     on_device = FaceDetector()
-    on_device.pyramid_on_device = True
+    on_device.use_device_paths(True)
     strong = [(k, i) for k, d in enumerate(found) for i in np.flatnonzero(d.scores >= 0.9)]
     overlaps, landmark_px = [], []
     for k, result in enumerate(on_device.detect(photos)):

@@ -124,10 +124,14 @@ class FaceDetector:
             _take_raw_pixels(net).eval().to(self.device, self.dtype, memory_format=torch.channels_last)
             for net in pretrained()
         )
-        self._strip_pixels, self._crop_pixels = WORK_PIXELS.get(self.device.type, WORK_PIXELS["cuda"])
-        #: Whether the pyramid is resampled by torch on the device (a GPU host's CPU then only uploads each photo)
-        #: or by OpenCV on the host (faster on a CPU). The detect stage sets it from its ``ops_device``.
-        self.pyramid_on_device = self.device.type != "cpu"
+        self.use_device_paths(self.device.type != "cpu")
+
+    def use_device_paths(self, on: bool) -> None:
+        """Work as on a GPU (the pyramid resampled by torch on the device, so the host only uploads each photo,
+        and the GPU's large network calls) or as on a CPU (OpenCV's pyramid, calls sized for its caches). The
+        detect stage sets it from its ``ops_device``: the tests and the GPU budget run the GPU's way on a CPU."""
+        self.pyramid_on_device = on
+        self._strip_pixels, self._crop_pixels = WORK_PIXELS["cuda" if on else "cpu"]
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
@@ -214,7 +218,8 @@ class FaceDetector:
         return torch.from_numpy(buffer)
 
     def _fill_on_device(self, images, sizes, offsets, exists, n_octaves, starts, canvas_shapes) -> torch.Tensor:
-        """The same copies made by torch on the detector's device: each photo crosses to it once, as uint8.
+        """The same copies made by torch on the detector's device: each photo crosses to it once, as uint8, and
+        photos of one size are resized together (a few calls a level for all of them).
 
         OpenCV's own resampling weights (area for the photo and its halvings, bilinear for the levels), each copy
         rounded to whole codes before the next is made from it: codes differ by OpenCV's fixed-point rounding only
@@ -222,16 +227,24 @@ class FaceDetector:
         from colortrend.color.torch_ops import _to_device, opencv_resize
 
         buffer = torch.zeros((int(starts[-1]), 4), dtype=torch.uint8, device=self.device)
+        bounds = zip(starts[:-1], starts[1:], canvas_shapes)
+        canvases = [buffer[int(a) : int(b)].view(h, w, 4) for a, b, (h, w) in bounds]
+        same_size: dict[tuple[int, ...], list[int]] = {}
         for p, image in enumerate(images):
-            copy = _to_device(image, self.device)[None].float()  # (1, h, w, 3)
-            for k, (height, width) in enumerate(canvas_shapes):
-                if not exists[p, k]:
+            same_size.setdefault(image.shape, []).append(p)
+        for group in same_size.values():  # sizes and levels depend only on the photo's size: alike in a group
+            copies = torch.stack([_to_device(images[p], self.device) for p in group]).float()  # (n, h, w, 3)
+            first = group[0]
+            for k in range(len(canvas_shapes)):
+                if not exists[first, k]:
                     break
-                (h, w), (y, x) = (int(v) for v in sizes[p, k]), (int(v) for v in offsets[p, k])
-                if (h, w) != tuple(copy.shape[1:3]):
-                    copy = opencv_resize(copy, (w, h), "area" if k < n_octaves else "linear").round_()
-                canvas = buffer[int(starts[k]) : int(starts[k + 1])].view(height, width, 4)
-                canvas[y : y + h, x : x + w, :3] = copy[0].to(torch.uint8)
+                h, w = (int(v) for v in sizes[first, k])
+                if (h, w) != tuple(copies.shape[1:3]):
+                    copies = opencv_resize(copies, (w, h), "area" if k < n_octaves else "linear").round_()
+                codes = copies.to(torch.uint8)
+                for row, p in enumerate(group):
+                    y, x = (int(v) for v in offsets[p, k])
+                    canvases[k][y : y + h, x : x + w, :3] = codes[row]
         return buffer
 
     def _propose(self, pyramid: _Pyramid) -> tuple[torch.Tensor, torch.Tensor]:

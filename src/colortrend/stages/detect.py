@@ -115,7 +115,7 @@ class DetectStage(Stage):
 
     def _detect(self, images: list[np.ndarray]) -> list[Detections | Exception]:
         """Detections per image; if the batched call fails, each image alone, an exception standing for a failure."""
-        self._model.pyramid_on_device = self.torch_device() is not None
+        self._model.use_device_paths(self.torch_device() is not None)
         try:
             return self._model.detect(images)
         except Exception:  # one bad photo must not fail the batch: find it by retrying one by one
