@@ -10,7 +10,8 @@ work around the networks (decode, pyramids and NMS, warps, crops, white balance,
 host must feed from its CPU cores: ``cpu_ms_per_photo_outside_networks`` and the cores it takes at 2,000 photos/s.
 A third pass runs the chain as a GPU host does (every stage's torch path for the device, on this CPU) and clocks
 every outermost torch call: what is left is work only the host can do (``device_paths``: ms a photo by stage, and
-the torch calls a photo that a GPU would run as launches, which the figure leaves out).
+the torch calls a photo that a GPU would run as launches, which the figure leaves out). The model stages' part of
+it is what one process holding the models spends a photo: the most photos/s one such process can feed a GPU.
 
     python scripts/bench.py data/demo --device cpu --repeat 3
 """
@@ -138,7 +139,8 @@ for _ in range(3):
     with TorchClock() as clock:
         passes.append({"stage_s": serial_pass(clock), "torch_s": clock.seconds, "torch_calls": clock.calls})
 print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths": passes,
-                  "clock_overhead_s": overhead}))
+                  "clock_overhead_s": overhead,
+                  "model_stages": [stage.name for stage in pipeline.stages if stage.uses_accelerator]}))
 """
 
 
@@ -193,6 +195,9 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
                                               - overhead * p["torch_calls"].get(k, 0)) / n * 1000 for p in passes)
                         for k in passes[0]["stage_s"]}
     host_ms = sum(host_ms_by_stage.values())
+    # The model stages' share runs in the processes that hold the models: what one of them spends a photo caps
+    # what it can feed its GPU (Ray gives each GPU gpu_workers of them; the local runner is one process).
+    model_ms = sum(host_ms_by_stage.get(name, 0.0) for name in result["model_stages"])
     return {"photos": n, "torch_threads": threads, "stage_s": stage_s, "network_s": network_s,
             "stage_ms_per_photo": {k: v / n * 1000 for k, v in stage_s.items()},
             "cpu_ms_per_photo_outside_networks": outside_ms,
@@ -202,7 +207,10 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
             "device_paths": {"host_ms_per_photo": host_ms, "host_ms_per_photo_by_stage": host_ms_by_stage,
                              "torch_calls_per_photo": sum(passes[0]["torch_calls"].values()) / n,
                              "clock_overhead_us_per_call": overhead * 1e6,
-                             "cores_for_2000_photos_per_s": 2000 * host_ms / 1000}}
+                             "cores_for_2000_photos_per_s": 2000 * host_ms / 1000,
+                             "model_stages_host_ms_per_photo": model_ms,
+                             "photos_per_s_one_model_process_feeds": 1000 / model_ms if model_ms else None,
+                             "model_processes_for_2000_photos_per_s": 2000 * model_ms / 1000}}
 
 
 def main() -> None:
@@ -265,6 +273,9 @@ def main() -> None:
         paths = budget["device_paths"]
         print(f"on device paths     {paths['host_ms_per_photo']:.1f} ms/photo of host-only work "
               f"({paths['torch_calls_per_photo']:.0f} torch calls a photo left to the device)")
+        print(f"model stages        {paths['model_stages_host_ms_per_photo']:.1f} ms/photo of it: one process feeds "
+              f"a GPU at most {paths['photos_per_s_one_model_process_feeds']:.0f} photos/s "
+              f"({paths['model_processes_for_2000_photos_per_s']:.0f} of them for 2,000/s)")
     print(json.dumps(figures))
 
 

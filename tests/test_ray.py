@@ -135,3 +135,23 @@ def test_a_killed_ray_run_leaves_no_process_and_listened_on_loopback_only(photos
     for pid in left:  # clean up after a failure, then report it
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+def test_model_steps_get_several_processes_on_each_gpu_and_one_on_cpus(tmp_path):
+    # Placement only (no GPU here): one process's host work cannot keep a GPU busy, so each GPU gets gpu_workers
+    # actors of every model step, each a share of it; duplicate marking stays one actor in planned order.
+    import dataclasses
+
+    from colortrend.config import default_config, gpu_workers
+    from colortrend.pipeline import Pipeline
+    from colortrend.runners.ray import placement
+
+    cfg = dataclasses.replace(default_config(str(tmp_path), device="cpu"), gpu_workers=4)
+    steps = {step.name: step for step in Pipeline(cfg).steps({})}
+    assert placement(steps["detect"], gpus=2, per_gpu=gpu_workers(cfg, 8.0), cpu_workers=3) == (8, 0.25)
+    assert placement(steps["detect"], gpus=0, per_gpu=1, cpu_workers=3) == (1, 0.0)
+    assert placement(steps["correct"], gpus=2, per_gpu=4, cpu_workers=3) == (3, 0.0)
+    duplicates = [step for step in steps.values() if step.sees_every_photo]
+    assert len(duplicates) == 1 and placement(duplicates[0], gpus=2, per_gpu=4, cpu_workers=3) == (1, 0.0)
+    default = default_config(str(tmp_path), device="cpu")
+    assert gpu_workers(default, cores_per_gpu=16.0) == 8 and gpu_workers(default, cores_per_gpu=1.0) == 1

@@ -54,6 +54,10 @@ class Config:
     # models run the next. None: 1 when the models run on the CPU (they need its cores), the cores minus two beside
     # a GPU.
     cpu_workers: int | None = None
+    # Under Ray: processes that run the model stages on each GPU, each with its own models. One process's own host
+    # work (uploads, crops, chips, per-call dispatch) caps it at a few hundred photos/s, far below a GPU, so a GPU
+    # needs several feeding it. None: half the cluster's cores per GPU. The local runner is one process.
+    gpu_workers: int | None = None
     detect: DetectSettings = field(default_factory=DetectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     age: AgeSettings = field(default_factory=AgeSettings)
@@ -66,7 +70,7 @@ class Config:
     def __post_init__(self) -> None:
         if not self.output.strip():
             raise ValueError("output: name a folder (or URL) for the tables; an empty value would write here")
-        for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers"):
+        for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers", "gpu_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         if self.output.startswith("~"):
@@ -78,6 +82,14 @@ def cpu_workers(cfg: Config, device: str) -> int:
     if cfg.cpu_workers is not None:
         return cfg.cpu_workers
     return max(1, (os.cpu_count() or 1) - 2) if device.startswith("cuda") else 1
+
+
+def gpu_workers(cfg: Config, cores_per_gpu: float) -> int:
+    """``cfg.gpu_workers``, or its default: half the cores beside each GPU (the model stages' share of the host's
+    work, measured by ``scripts/bench.py``: about 60 %; the rest feed the CPU steps)."""
+    if cfg.gpu_workers is not None:
+        return cfg.gpu_workers
+    return max(1, int(cores_per_gpu // 2))
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

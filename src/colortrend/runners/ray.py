@@ -2,10 +2,11 @@
 
 The steps, their order and the shard tables are the pipeline's (:meth:`Pipeline.steps`, :meth:`Pipeline.shard_parts`,
 :class:`ShardAssembler`): this module only places them. A step that must see every photo in planned order
-(duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` takes
-a GPU per actor, one actor per GPU, when the cluster has GPUs and the run's device is CUDA (one actor on CPUs:
-each holds its own models); every other step gets ``cpu_workers`` actors. Shards are committed on the driver as
-soon as all their photos are back.
+(duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` gets
+``gpu_workers`` actors per GPU, each holding its own models and a share of its GPU, when the cluster has GPUs and
+the run's device is CUDA (one process's host work cannot keep a GPU busy; one actor on CPUs, which the models
+fill); every other step gets ``cpu_workers`` actors. Shards are committed on the driver as soon as all their
+photos are back.
 
 Without ``--address`` the runner starts a Ray instance of its own for the run: every Ray server listens on
 127.0.0.1 only, no dashboard, and it is shut down when the run ends. Ray starts its processes bound to the
@@ -18,7 +19,7 @@ import os
 import pickle
 from typing import Iterator
 
-from colortrend.config import cpu_workers
+from colortrend.config import cpu_workers, gpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
 from colortrend.stages.base import Batch
 
@@ -70,16 +71,16 @@ class RayRunner:
         gpus = int(resources.get("GPU", 0)) if pipeline.stages[0].device == "cuda" else 0
         steps = pipeline.steps(seen)
         workers = cpu_workers(pipeline.cfg, pipeline.stages[0].device)
+        per_gpu = gpu_workers(pipeline.cfg, resources.get("CPU", 1) / gpus) if gpus else 1
         # Every step holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
         cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(steps) + 2)))
         size = pipeline.cfg.batch_size
         ds = ray.data.from_items([{"payload": r} for r in records], override_num_blocks=max(1, len(records) // size))
         for step in steps:
-            on_gpu = gpus > 0 and step.uses_accelerator
+            actors, gpu_share = placement(step, gpus, per_gpu, workers)
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
-                                concurrency=_actors(step, on_gpu, gpus, workers),
-                                num_cpus=cpus, num_gpus=1 if on_gpu else 0)
+                                concurrency=actors, num_cpus=cpus, num_gpus=gpu_share)
         ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
         shards = ShardAssembler(tasks, pipeline.schemas, progress)
@@ -90,14 +91,15 @@ class RayRunner:
                     yield done
 
 
-def _actors(step: Step, on_gpu: bool, gpus: int, cpu_workers: int) -> int:
-    """Actors of a step's pool: one where it must see every photo in order, one per GPU for a model on GPUs, one
-    for a model on CPUs (each actor holds its own copy), ``cpu_workers`` for the rest."""
+def placement(step: Step, gpus: int, per_gpu: int, cpu_workers: int) -> tuple[int, float]:
+    """A step's actors and the share of a GPU each takes: one actor where it must see every photo in order,
+    ``per_gpu`` on each of ``gpus`` GPUs for a model step (one on CPUs, where each would hold its own copy of the
+    models on the same cores), ``cpu_workers`` for the rest."""
     if step.sees_every_photo:
-        return 1
+        return 1, 0.0
     if step.uses_accelerator:
-        return gpus if on_gpu else 1
-    return max(1, cpu_workers)
+        return (gpus * per_gpu, 1.0 / per_gpu) if gpus else (1, 0.0)
+    return max(1, cpu_workers), 0.0
 
 
 class StepActor:
