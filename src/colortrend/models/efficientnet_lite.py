@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 # EfficientNet-Lite0 stages: (repeats, kernel, stride, expansion, out channels); input to the first is the 32-ch stem.
 _LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
@@ -89,18 +90,36 @@ def lite0_head() -> nn.Sequential:
     return conv_bn(Lite0Encoder.channels[-1], HEAD_CHANNELS)
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every conv + batch-norm pair into one biased convolution (inference only: a quarter less CPU time)."""
-    for module in model.modules():
-        if isinstance(module, nn.Sequential) and isinstance(getattr(module, "bn", None), nn.BatchNorm2d):
-            conv, bn = module.conv, module.bn
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-            fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              groups=conv.groups, bias=True)
-            with torch.no_grad():
-                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-                fused.bias.copy_(bn.bias - bn.running_mean * scale)
-            module.conv, module.bn = fused, nn.Identity()
+    """For inference: fold every conv + batch-norm pair into one biased convolution (a quarter less CPU time) and
+    run each such unit as one module (:class:`FusedConv`), not a container of four: the same operations, a fifth of
+    the module calls, whose Python overhead is host time a GPU waits for."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Sequential) and isinstance(getattr(child, "bn", None), nn.BatchNorm2d):
+                setattr(parent, name, FusedConv(child))
     return model
+
+
+class FusedConv(nn.Module):
+    """A :func:`conv_bn` unit for inference: padding, the convolution with the batch norm folded in, ReLU6."""
+
+    def __init__(self, unit: nn.Sequential):
+        super().__init__()
+        conv, bn = unit.conv, unit.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              groups=conv.groups, bias=True)
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+            self.conv.bias.copy_(bn.bias - bn.running_mean * scale)
+        self.pad = tuple(unit.pad.padding) if hasattr(unit, "pad") else None
+        self.act = hasattr(unit, "act")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
+        x = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding, 1, self.conv.groups)
+        return F.relu6(x, inplace=True) if self.act else x
 
 
 def imagenet_state() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
