@@ -104,62 +104,37 @@ def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = Fals
     return np.concatenate(out)
 
 
-#: Photo pixels of the persons mapped back in one call (each padded to the largest of its group).
-REGION_PIXELS = 1 << 24
-#: A person's parse on its photo: x0, y0 of the pixels its box covers, their labels and P(person).
-Region = tuple[int, int, np.ndarray, np.ndarray]
-
-
-def predict_labels_on_photo(model: ParserNet, crops: np.ndarray | torch.Tensor,
-                            boxes: list[tuple[float, float, float, float]], photo_sizes: list[tuple[int, int]],
-                            flip_average: bool = False, max_batch: int = 64) -> list[Region]:
+def predict_labels_on_photo(model: ParserNet, crops: np.ndarray, boxes: list[tuple[float, float, float, float]],
+                            photo_sizes: list[tuple[int, int]], flip_average: bool = False,
+                            max_batch: int = 64) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     """Per crop, on the model's device: its class probabilities resampled onto the pixels its box covers in its
     photo (``photo_sizes``: height, width; bilinear, as :func:`~colortrend.models.parser_crops.probs_to_photo` does
     with OpenCV) and reduced there to ``(x0, y0, labels uint8, P(person) float32)``: only the reduced maps come back
-    to the host, not every class's probabilities. Persons of similar size are mapped together, a few calls for
-    all of them."""
-    jobs = list(zip(boxes, photo_sizes))
-    out: list[Region] = []
-    for probs in _probabilities(model, crops, flip_average, max_batch):
-        out += _on_photos(probs, jobs[len(out):len(out) + len(probs)])
-    return out
+    to the host, not every class's probabilities."""
+    jobs = iter(zip(boxes, photo_sizes))
+    return [_on_photo(one, box, *size) for probs in _probabilities(model, crops, flip_average, max_batch)
+            for one, (box, size) in zip(probs, jobs)]
 
 
-def _on_photos(probs: torch.Tensor, jobs: list) -> list[Region]:
-    windows = []  # x0, y0, width, height of the photo pixels each box covers
-    for box, (height, width) in jobs:
-        x0, y0 = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
-        x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
-        windows.append((x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)))
-    results = [(x0, y0, np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)) for x0, y0, _, _ in windows]
-    area = [w * h for _, _, w, h in windows]
-    groups: list[list[int]] = [[]]
-    for k in sorted((k for k in range(len(jobs)) if area[k]), key=area.__getitem__):
-        if groups[-1] and (len(groups[-1]) + 1) * area[k] > REGION_PIXELS:
-            groups.append([])
-        groups[-1].append(k)
+def _on_photo(probs: torch.Tensor, box: tuple[float, float, float, float], height: int,
+              width: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    x0, y0 = max(math.floor(box[0]), 0), max(math.floor(box[1]), 0)
+    x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
+    if x1 <= x0 or y1 <= y0:
+        return x0, y0, np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)
     h, w = probs.shape[-2:]
-    for group in filter(None, groups):
-        boxes = np.array([jobs[k][0] for k in group], np.float64)
-        x0, y0 = (np.array([windows[k][i] for k in group], np.float64) for i in (0, 1))
-        width, height = max(windows[k][2] for k in group), max(windows[k][3] for k in group)
-        # The sampling positions of probs_to_photo (logit u was trained on crop pixel 2u+1), in grid_sample's
-        # normalised coordinates (align_corners=False: pixel centre i at (2i + 1) / size - 1).
-        ax, ay = w / (boxes[:, 2] - boxes[:, 0]), h / (boxes[:, 3] - boxes[:, 1])
-        u = ax[:, None] * np.arange(width) + ((x0 + 0.5 - boxes[:, 0]) * ax - 0.75)[:, None]
-        v = ay[:, None] * np.arange(height) + ((y0 + 0.5 - boxes[:, 1]) * ay - 0.75)[:, None]
-        gx = torch.from_numpy(((2 * u + 1) / w - 1).astype(np.float32)).to(probs.device)
-        gy = torch.from_numpy(((2 * v + 1) / h - 1).astype(np.float32)).to(probs.device)
-        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
-        chosen = probs[torch.tensor(group, device=probs.device)]
-        region = F.grid_sample(chosen, grid.to(probs.dtype), mode="bilinear", padding_mode="border",
-                               align_corners=False)
-        labels = region.argmax(1).to(torch.uint8).cpu().numpy()
-        person = (1.0 - region[:, 0]).cpu().numpy()
-        for row, k in enumerate(group):
-            x, y, cols, rows = windows[k]
-            results[k] = (x, y, labels[row, :rows, :cols], person[row, :rows, :cols])
-    return results
+    # The sampling positions of probs_to_photo (logit u was trained on crop pixel 2u+1), in grid_sample's
+    # normalised coordinates (align_corners=False: pixel centre i at (2i + 1) / size - 1).
+    ax, ay = w / (box[2] - box[0]), h / (box[3] - box[1])
+    xs = torch.arange(x1 - x0, device=probs.device, dtype=torch.float64)
+    ys = torch.arange(y1 - y0, device=probs.device, dtype=torch.float64)
+    u = ax * xs + (x0 + 0.5 - box[0]) * ax - 0.75
+    v = ay * ys + (y0 + 0.5 - box[1]) * ay - 0.75
+    gx, gy = torch.broadcast_tensors(((2 * u + 1) / w - 1)[None, :], ((2 * v + 1) / h - 1)[:, None])
+    grid = torch.stack([gx, gy], dim=-1)[None].to(probs.dtype)
+    region = F.grid_sample(probs[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    labels = region.argmax(0).to(torch.uint8)
+    return x0, y0, labels.cpu().numpy(), (1.0 - region[0]).cpu().numpy()
 
 
 def _probabilities(model: ParserNet, crops: np.ndarray, flip_average: bool, max_batch: int):
