@@ -113,7 +113,7 @@ def _resample(images, index: NDArray[np.int64], weights: NDArray[np.float32], di
     return (gathered * w).sum(dim + 1)
 
 
-def _to_device(array: NDArray, device: str):
+def to_device(array: NDArray, device: str):
     """A tensor on ``device`` holding ``array`` (copied when numpy marks it read-only, as decoded photos are)."""
     import torch
 
@@ -184,12 +184,12 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
             for i in members:
                 results[i] = cpu_wb.estimate_illuminant(images[i], method, excludes[i])
             continue
-        codes = _to_device(np.stack([images[i] for i in members]), device)
+        codes = to_device(np.stack([images[i] for i in members]), device)
         linear = area_resize(lut[codes.long()], size)
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
             if excludes[i] is not None:
-                bad[row] |= _to_device(np.asarray(excludes[i], bool), device)
+                bad[row] |= to_device(np.asarray(excludes[i], bool), device)
         # A downscaled pixel is usable only when none of the pixels it averages is bad.
         usable = area_resize(bad.float()[..., None], size)[..., 0] == 0
         if method == "gray_world":
@@ -252,7 +252,7 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
     for image, g in zip(images, gains):
         luts = np.stack([cpu_wb.to_uint8(cpu_wb.linear_to_srgb(cpu_wb.srgb_to_linear(codes) * gain)) for gain in g])
         table = torch.from_numpy(luts.reshape(-1)).to(device)
-        pixels = _to_device(image, device).long()
+        pixels = to_device(image, device).long()
         pixels += torch.arange(3, device=device) * 256  # channel c reads its own table
         out.append(table[pixels].cpu().numpy())
     return out

@@ -9,7 +9,8 @@ this cascade batches across photos instead:
    before: halvings down to the pyramid's top (crop sources for faces too small for any level), then the levels
    P-Net scans. Each pyramid step packs the photos' copies side by side at even offsets into one canvas, and all
    canvases share one flat uint8 buffer on the device. Each copy depends only on its own photo, and even offsets
-   keep P-Net's stride-2 grid on every photo's grid.
+   keep P-Net's stride-2 grid on every photo's grid. On a CPU OpenCV makes the copies; on a GPU torch makes them
+   there with OpenCV's weights, so the host only uploads each photo (``use_device_paths``).
 2. P-Net scans each level canvas in row strips (on a CPU a strip's activations stay in cache; on CUDA a strip is
    the whole canvas). A window counts only if it lies inside one photo, whose index becomes the candidate's
    owner. Every NMS is exact within each owner: P-Net's on the canvas's integer coordinates, the others one owner
@@ -224,7 +225,7 @@ class FaceDetector:
         OpenCV's own resampling weights (area for the photo and its halvings, bilinear for the levels), each copy
         rounded to whole codes before the next is made from it: codes differ by OpenCV's fixed-point rounding only
         (at most 1), which can still tip a borderline candidate (tests/test_detect.py compares the faces)."""
-        from colortrend.color.torch_ops import _to_device, opencv_resize
+        from colortrend.color.torch_ops import to_device, opencv_resize
 
         buffer = torch.zeros((int(starts[-1]), 4), dtype=torch.uint8, device=self.device)
         bounds = zip(starts[:-1], starts[1:], canvas_shapes)
@@ -233,7 +234,7 @@ class FaceDetector:
         for p, image in enumerate(images):
             same_size.setdefault(image.shape, []).append(p)
         for group in same_size.values():  # sizes and levels depend only on the photo's size: alike in a group
-            copies = torch.stack([_to_device(images[p], self.device) for p in group]).float()  # (n, h, w, 3)
+            copies = torch.stack([to_device(images[p], self.device) for p in group]).float()  # (n, h, w, 3)
             first = group[0]
             for k in range(len(canvas_shapes)):
                 if not exists[first, k]:
