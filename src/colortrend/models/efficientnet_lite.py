@@ -101,24 +101,25 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class FusedConv(nn.Module):
-    """A :func:`conv_bn` unit for inference: padding, the convolution with the batch norm folded in, ReLU6."""
+    """A :func:`conv_bn` unit for inference: padding, the convolution with the batch norm folded in, ReLU6. The
+    convolution's arguments are plain attributes: a submodule's are looked up through ``Module.__getattr__`` on
+    every call."""
 
     def __init__(self, unit: nn.Sequential):
         super().__init__()
         conv, bn = unit.conv, unit.bn
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                              groups=conv.groups, bias=True)
         with torch.no_grad():
-            self.conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-            self.conv.bias.copy_(bn.bias - bn.running_mean * scale)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            self.weight = nn.Parameter(conv.weight * scale.reshape(-1, 1, 1, 1), requires_grad=False)
+            self.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
+        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
         self.pad = tuple(unit.pad.padding) if hasattr(unit, "pad") else None
         self.act = hasattr(unit, "act")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = F.pad(x, self.pad)
-        x = F.conv2d(x, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding, 1, self.conv.groups)
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return F.relu6(x, inplace=True) if self.act else x
 
 
