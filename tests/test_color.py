@@ -257,22 +257,22 @@ def demo_images(count: int = 8) -> list[np.ndarray]:
     return [apply_cast(image, CAST) if i % 2 else image for i, image in enumerate(images)]
 
 
-def test_area_resize_is_opencvs_inter_area():
+def test_area_reduction_is_opencvs_inter_area():
     import cv2
     import torch
 
-    from colortrend.color.torch_ops import area_resize
+    from colortrend.color.torch_ops import opencv_resize
 
     rng = np.random.default_rng(0)
     for h, w, side in [(838, 550, 320), (1000, 7, 320), (321, 320, 320), (5, 3, 2), (977, 1301, 301)]:
         scale = min(1.0, side / max(h, w))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         image = rng.random((h, w, 3)).astype(np.float32)
-        ours = area_resize(torch.from_numpy(image)[None], size)[0].numpy()
+        ours = opencv_resize(torch.from_numpy(image)[None], size, "area")[0].numpy()
         assert ours == pytest.approx(cv2.resize(image, size, interpolation=cv2.INTER_AREA), abs=1e-6)
         # Which output pixels a sparse mask reaches, exactly: the estimate's usable pixels depend on it.
         mask = (rng.random((h, w)) < 0.002).astype(np.float32)
-        reached = area_resize(torch.from_numpy(mask)[None, ..., None], size)[0, ..., 0].numpy() > 0
+        reached = opencv_resize(torch.from_numpy(mask)[None, ..., None], size, "area")[0, ..., 0].numpy() > 0
         assert np.array_equal(reached, cv2.resize(mask, size, interpolation=cv2.INTER_AREA) > 0)
 
 

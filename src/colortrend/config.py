@@ -55,8 +55,8 @@ class Config:
     # a GPU.
     cpu_workers: int | None = None
     # Under Ray: processes that run the model stages on each GPU, each with its own models. One process's own host
-    # work (uploads, crops, chips, per-call dispatch) caps it at a few hundred photos/s, far below a GPU, so a GPU
-    # needs several feeding it. None: half the cluster's cores per GPU. The local runner is one process.
+    # work (uploads, crops, chips, per-call dispatch) caps it near 150-175 photos/s (scripts/bench.py), far below a
+    # GPU, so a GPU needs several feeding it. None: half the cluster's cores per GPU. The local runner is one process.
     gpu_workers: int | None = None
     detect: DetectSettings = field(default_factory=DetectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)

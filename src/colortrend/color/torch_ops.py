@@ -80,11 +80,6 @@ def area_fallback_taps(source: int, target: int) -> tuple[NDArray[np.int64], NDA
     return index, np.stack([1.0 - fx, fx], axis=1).astype(np.float32)
 
 
-def area_resize(images, size: tuple[int, int]):
-    """(N, H, W, C) float tensor reduced to ``size`` = (width, height) as ``cv2.resize(..., INTER_AREA)`` does."""
-    return opencv_resize(images, size, "area")
-
-
 def opencv_resize(images, size: tuple[int, int], interpolation: str):
     """(N, H, W, C) float tensor resized to ``size`` = (width, height) as ``cv2.resize`` does, unrounded:
     ``"area"`` is ``INTER_AREA`` (true area averages when both axes shrink, OpenCV's 2-tap fallback otherwise),
@@ -185,13 +180,13 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
                 results[i] = cpu_wb.estimate_illuminant(images[i], method, excludes[i])
             continue
         codes = to_device(np.stack([images[i] for i in members]), device)
-        linear = area_resize(lut[codes.long()], size)
+        linear = opencv_resize(lut[codes.long()], size, "area")
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
             if excludes[i] is not None:
                 bad[row] |= to_device(np.asarray(excludes[i], bool), device)
         # A downscaled pixel is usable only when none of the pixels it averages is bad.
-        usable = area_resize(bad.float()[..., None], size)[..., 0] == 0
+        usable = opencv_resize(bad.float()[..., None], size, "area")[..., 0] == 0
         if method == "gray_world":
             values, p = linear, 1
         elif method == "shades_of_gray":

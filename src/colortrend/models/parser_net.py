@@ -104,8 +104,9 @@ def predict_crops(model: ParserNet, crops: np.ndarray, flip_average: bool = Fals
     return np.concatenate(out)
 
 
-def predict_labels_on_photo(model: ParserNet, crops: np.ndarray, boxes: list[tuple[float, float, float, float]],
-                            photo_sizes: list[tuple[int, int]], flip_average: bool = False,
+def predict_labels_on_photo(model: ParserNet, crops: np.ndarray | torch.Tensor,
+                            boxes: list[tuple[float, float, float, float]], photo_sizes: list[tuple[int, int]],
+                            flip_average: bool = False,
                             max_batch: int = 64) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
     """Per crop, on the model's device: its class probabilities resampled onto the pixels its box covers in its
     photo (``photo_sizes``: height, width; bilinear, as :func:`~colortrend.models.parser_crops.probs_to_photo` does
@@ -137,7 +138,7 @@ def _on_photo(probs: torch.Tensor, box: tuple[float, float, float, float], heigh
     return x0, y0, labels.cpu().numpy(), (1.0 - region[0]).cpu().numpy()
 
 
-def _probabilities(model: ParserNet, crops: np.ndarray, flip_average: bool, max_batch: int):
+def _probabilities(model: ParserNet, crops: np.ndarray | torch.Tensor, flip_average: bool, max_batch: int):
     """Softmax probabilities (n, classes, H/2, W/2) float32 on the model's device, ``max_batch`` crops at a time."""
     param = next(model.parameters())
     for start in range(0, len(crops), max_batch):

@@ -66,9 +66,8 @@ class DominantStage(Stage):
                 if parse is None:
                     continue
                 x0, y0, labels = parse
-                garment = np.flatnonzero(IS_GARMENT[labels])
-                of_garment = labels.ravel()[garment]  # the parts from the garment pixels, not every pixel again
-                parts = {"all": garment, "upper": garment[of_garment == UPPER], "lower": garment[of_garment == LOWER]}
+                parts = {"all": np.flatnonzero(IS_GARMENT[labels]),
+                         "upper": np.flatnonzero(labels == UPPER), "lower": np.flatnonzero(labels == LOWER)}
                 for part, idx in parts.items():
                     # The segment stage parses only persons with enough garment pixels (segment.min_clothing_px);
                     # a garment part of its own needs color.min_part_px.

@@ -359,14 +359,14 @@ def _finish_jpeg(image, job: JpegJob) -> np.ndarray:
     """A decoded (3, h, w) tensor oriented by its EXIF tag, reduced to the job's size, as a numpy array."""
     import torch
 
-    from colortrend.color.torch_ops import area_resize
+    from colortrend.color.torch_ops import opencv_resize
 
     hwc = image.permute(1, 2, 0)
     hwc = {1: lambda x: x, 2: lambda x: x.flip(1), 3: lambda x: x.flip(0, 1), 4: lambda x: x.flip(0),
            5: lambda x: x.transpose(0, 1), 6: lambda x: torch.rot90(x, -1), 7: lambda x: x.transpose(0, 1).flip(0, 1),
            8: lambda x: torch.rot90(x, 1)}[job.orientation](hwc)
     if (hwc.shape[1], hwc.shape[0]) != job.size:
-        hwc = area_resize(hwc[None].float(), job.size)[0].round_().clamp_(0, 255).to(torch.uint8)
+        hwc = opencv_resize(hwc[None].float(), job.size, "area")[0].round_().clamp_(0, 255).to(torch.uint8)
     return np.ascontiguousarray(hwc.cpu().numpy())
 
 
