@@ -3,8 +3,8 @@
 Everything here is shared by every runner: the steps each batch goes through (:meth:`Pipeline.steps`: intake,
 duplicate marking, the model stages, with per-photo error isolation and stage timings), building each shard's
 tables and failure list from analysed batches (:meth:`Pipeline.shard_parts`) and putting a shard together from its
-parts (:class:`ShardAssembler`). :meth:`Pipeline.analyse` runs it all in this process (the local runner); the Ray
-runner runs the same steps as Ray Data actor pools. Runners only decide where a step runs.
+parts (:class:`ShardAssembler`). The local runner runs the steps as lanes of threads in this process, the Ray
+runner as Ray Data actor pools: runners only decide where a step runs.
 """
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ import hmac
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pyarrow as pa
 
 from colortrend.config import Config
 from colortrend.stages.base import Batch, Stage, fail
 from colortrend.tables import build_tables, table_schemas
+
+if TYPE_CHECKING:
+    from colortrend.io.discover import Listed
 
 log = logging.getLogger(__name__)
 #: The columns a chain starts from: what planning knows of each photo.
@@ -40,6 +43,7 @@ class ShardTask:
     photo_ids: list[str]
     paths: list[str]
     replaces: list[str] = field(default_factory=list)  # stale shards this one supersedes once committed
+    listed: list[Listed] = field(default_factory=list)  # each photo's file as planning listed it (its version)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ShardResult:
     tables: dict[str, pa.Table]
     seconds: dict[str, float] = field(default_factory=dict)
     failures: list[tuple[str, str, str, str]] = field(default_factory=list)  # photo_id, path, status, error
+    task: ShardTask | None = None  # what was planned for the shard
 
 
 def build_stages(cfg: Config, device: str, upto: str | tuple[str, ...] | None = None) -> list[Stage]:
@@ -163,7 +168,7 @@ class Pipeline:
         intake, *models = self.stages
         return [StageStep(intake, isolate=False), DuplicateStep(seen), *(StageStep(stage) for stage in models)]
 
-    def batches(self, tasks: list[ShardTask]) -> Iterator[Batch]:
+    def batches(self, tasks: Iterable[ShardTask]) -> Iterator[Batch]:
         """The photos of ``tasks`` in planned order, ``batch_size`` at a time, never two shards in one batch."""
         size = self.cfg.batch_size
         for task in tasks:
@@ -263,12 +268,21 @@ class ShardPart:
 
 class ShardAssembler:
     """Collects the parts of every shard, in whatever order they arrive; a shard is finished when all its photos
-    are back (``progress`` counts photos as their part arrives)."""
+    are back (``progress`` counts photos as their part arrives). Tasks are known as a runner takes them
+    (:meth:`planned`), so only the shards in flight are held."""
 
-    def __init__(self, tasks: list[ShardTask], schemas: dict[str, pa.Schema], progress=None):
-        self.missing = {task.shard_id: len(task.photo_ids) for task in tasks}
+    def __init__(self, schemas: dict[str, pa.Schema], progress=None):
+        self.tasks: dict[str, ShardTask] = {}
+        self.missing: dict[str, int] = {}
         self.parts: dict[str, list[ShardPart]] = {}
         self.schemas, self.progress = schemas, progress
+
+    def planned(self, tasks: Iterable[ShardTask]) -> Iterator[ShardTask]:
+        """``tasks``, each recorded as it is taken."""
+        for task in tasks:
+            self.tasks[task.shard_id] = task
+            self.missing[task.shard_id] = len(task.photo_ids)
+            yield task
 
     def add(self, part: ShardPart) -> ShardResult | None:
         self.parts.setdefault(part.shard_id, []).append(part)
@@ -277,13 +291,15 @@ class ShardAssembler:
             self.progress.update(part.photos)
         if self.missing[part.shard_id]:
             return None
+        del self.missing[part.shard_id]
         parts = self.parts.pop(part.shard_id)
         seconds: dict[str, float] = {}
         for p in parts:
             for name, value in p.seconds.items():
                 seconds[name] = seconds.get(name, 0.0) + value
         tables = {name: _concat([p.tables[name] for p in parts], schema) for name, schema in self.schemas.items()}
-        return ShardResult(part.shard_id, tables, seconds, [f for p in parts for f in p.failures])
+        return ShardResult(part.shard_id, tables, seconds, [f for p in parts for f in p.failures],
+                           self.tasks.pop(part.shard_id))
 
 
 def run_isolated(stage: Stage, batch: Batch) -> Batch:
@@ -310,15 +326,10 @@ def mark_duplicates(batch: Batch, seen: FirstCopies) -> None:
             batch["image"][i] = None
 
 
-def shard_tasks(photo_ids: list[str], paths: list[str], shard_size: int) -> list[ShardTask]:
-    """Cut the (sorted) pending photos into shards whose id is a hash of their members: replanning the same
-    photos gives the same id, so a stale shard is replaced in place instead of duplicated."""
-    tasks = []
-    for s in range(0, len(photo_ids), shard_size):
-        ids = photo_ids[s:s + shard_size]
-        shard_id = hashlib.sha1("\n".join(ids).encode()).hexdigest()[:16]
-        tasks.append(ShardTask(shard_id, ids, paths[s:s + shard_size]))
-    return tasks
+def shard_id_for(photo_ids: list[str]) -> str:
+    """A shard's id: a hash of its (sorted) members, so replanning the same photos gives the same id and a stale
+    shard is replaced in place instead of duplicated."""
+    return hashlib.sha1("\n".join(photo_ids).encode()).hexdigest()[:16]
 
 
 def sort_rows(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:

@@ -11,8 +11,10 @@ the one that was analysed (same size and mtime, and ETag where the store gives o
   run drops it and its photos are new again.
 
 Memory: the committed side is a few numpy arrays (8-byte photo keys, shard, size, mtime: 29 bytes a photo),
-filled in place shard by shard from the photos files' own columns; the listing is streamed past them and only pending
-photos are kept as Python objects. A nightly rerun over 200,000 unchanged photos holds no set of paths or ids.
+filled in place shard by shard from the photos files' own columns, and one flag a photo for whether it is still
+listed; the listing is streamed past them and only pending photos are kept, as one Arrow table (their paths and
+about 40 bytes more a photo: :class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of
+paths or ids.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 
 from colortrend.io.discover import Listed, iter_inputs, keyed_photo_id
-from colortrend.pipeline import ShardTask, shard_tasks
+from colortrend.pipeline import ShardTask, shard_id_for
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,13 +44,12 @@ INPUT_COLUMNS = ("input_bytes", "input_mtime_ns", "input_etag")  # the version o
 @dataclass
 class Plan:
     inputs: int  # distinct input files listed
-    tasks: list[ShardTask]
+    tasks: "PlannedShards"  # the shards to analyse, made one at a time as a runner takes them
     stale: list[str]  # committed shards to redo: other fingerprints, or holding a changed photo
     committed_photos: int  # photos of committed shards that stay as they are
     fingerprint: str
     damaged: dict[str, str] = field(default_factory=dict)  # shard id -> which file is damaged and how
     changed: int = 0  # listed photos whose file changed since it was analysed
-    listed: dict[str, Listed] = field(default_factory=dict)  # photo_id -> how it was listed, for pending photos
     index_tokens: dict[str, str | None] = field(default_factory=dict)  # healthy shard -> its hash index token
 
 
@@ -60,62 +61,152 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     index = CommittedIndex.read(store, healthy, damaged)
     fresh = np.array([healthy[sid].get("fingerprint") == current and not full for sid in index.shards], bool)
 
-    pending: dict[str, Listed] = {}  # photo_id -> listing, of new photos and of photos of shards to redo
-    owner: dict[str, int] = {}  # photo_id -> index of the committed shard a pending photo is in
+    pending = _PendingColumns()  # new photos and photos of shards to redo, a chunk of columns at a time
+    listed = np.zeros(len(index.key), bool)  # which committed photos the listing still names
     changed_shards: set[int] = set()
-    listed_keys: list[np.ndarray] = []
     changed = 0
     for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-        ids = [keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk]
-        keys = id_keys(ids)
-        listed_keys.append(keys)
+        keys = id_keys([keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk])
         pos, found = index.find(keys)
+        listed[pos[found]] = True
         shard = np.where(found, index.shard[pos], -1) if len(index.key) else np.full(len(chunk), -1)
         in_fresh = np.zeros(len(chunk), bool)
         in_fresh[found] = fresh[shard[found]]
         is_changed = found & index.changed(pos, chunk)
         changed += int(np.count_nonzero(is_changed & in_fresh))
         changed_shards.update(shard[is_changed].tolist())
-        redo = ~in_fresh | is_changed
-        for i in np.flatnonzero(redo):
-            pending[ids[i]] = chunk[i]
-            if found[i]:
-                owner[ids[i]] = int(shard[i])
-    inputs = int(np.unique(np.concatenate(listed_keys)).size) if listed_keys else 0
+        pending.add(chunk, keys, shard, np.flatnonzero(~in_fresh | is_changed))
 
     newly_stale = changed_shards - {int(i) for i in np.flatnonzero(~fresh)}
     if newly_stale:  # a shard holding a changed photo is redone whole: list again for its other photos
+        wanted = np.array(sorted(newly_stale), np.int64)
         for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-            ids = [keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk]
-            pos, found = index.find(id_keys(ids))
-            for i in np.flatnonzero(found):
-                if int(index.shard[pos[i]]) in newly_stale:
-                    pending.setdefault(ids[i], chunk[i])
-                    owner[ids[i]] = int(index.shard[pos[i]])
+            keys = id_keys([keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk])
+            pos, found = index.find(keys)
+            shard = np.where(found, index.shard[pos], -1) if len(index.key) else np.full(len(chunk), -1)
+            pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
 
     redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
-    by_shard: dict[int, list[str]] = {}
-    new = []
-    for pid in pending:
-        if pid in owner:
-            by_shard.setdefault(owner[pid], []).append(pid)
-        else:
-            new.append(pid)
-    tasks = []
-    for s in sorted(by_shard, key=lambda s: index.shards[s]):
-        for task in _tasks(by_shard[s], pending, cfg.shard_size):
-            task.replaces = [index.shards[s]]
-            tasks.append(task)
-    tasks += _tasks(new, pending, cfg.shard_size)
+    tasks = PlannedShards(pending.table(), index.shards, cfg.shard_size)
     stale = sorted(index.shards[s] for s in redone)
     committed = sum(int(index.rows[s]) for s in range(len(index.shards)) if s not in redone)
+    inputs = int(np.count_nonzero(listed)) + tasks.new_photos
     tokens = {sid: healthy[sid].get("hash_index") for sid in index.shards}
-    return Plan(inputs, tasks, stale, committed, current, damaged, changed, pending, tokens)
+    return Plan(inputs, tasks, stale, committed, current, damaged, changed, tokens)
 
 
-def _tasks(ids: list[str], listed: dict[str, Listed], shard_size: int) -> list[ShardTask]:
-    ids = sorted(ids, key=lambda pid: listed[pid].path)
-    return shard_tasks(ids, [listed[pid].path for pid in ids], shard_size)
+class PlannedShards:
+    """The shards a run analyses, in planned order: the photos of each shard to redo (shard by shard, in the order
+    of their ids) and then the new photos, each group in path order and cut into ``shard_size`` shards.
+
+    The pending photos are held as one Arrow table (8-byte key, path as bytes (a file name need not be UTF-8), listed
+    size, mtime and ETag, owning shard):
+    a path's bytes and about 40 more a photo, instead of Python objects; a :class:`ShardTask` is made only when a
+    runner takes it, so the coordinator holds the tasks in flight, not every task of the run."""
+
+    def __init__(self, table: "pa.Table", shards: list[str], shard_size: int):
+        import pyarrow.compute as pc
+
+        rank = np.empty(len(shards), np.int64)  # each committed shard's place in id order
+        rank[sorted(range(len(shards)), key=shards.__getitem__)] = np.arange(len(shards))
+        owner = table.column("owner").to_numpy()
+        group = np.where(owner >= 0, rank[np.maximum(owner, 0)] if len(shards) else 0, len(shards))
+        # By path, then (stably) by group: one column's sort at a time (a two-key table sort holds far more).
+        by_path = pc.sort_indices(table.column("path")).to_numpy()
+        self.order = by_path[np.argsort(group[by_path], kind="stable")]
+        group = group[self.order]
+        starts, ends = [], []
+        for a, b in _runs(group):  # a shard never spans two groups
+            for start in range(a, b, shard_size):
+                starts.append(start)
+                ends.append(min(start + shard_size, b))
+        self.table, self.shards = table, shards
+        self.starts, self.ends = np.array(starts, np.int64), np.array(ends, np.int64)
+        self.owner = owner[self.order[self.starts]] if len(self.starts) else np.zeros(0, np.int32)
+        self.photos = table.num_rows
+        self.new_photos = int(np.count_nonzero(owner < 0))
+        self.replaced = {shards[int(s)] for s in np.unique(self.owner[self.owner >= 0])}
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[ShardTask]:
+        for i in range(len(self)):
+            yield self.task(i)
+
+    def task(self, i: int) -> ShardTask:
+        a, b = int(self.starts[i]), int(self.ends[i])
+        rows = self.table.take(self.order[a:b])
+        keys = rows.column("key").to_numpy().astype(">u8").tobytes().hex()
+        ids = [keys[j:j + 16] for j in range(0, len(keys), 16)]  # a pending photo's id is its key in hex
+        paths = [path.decode("utf-8", "surrogateescape") for path in rows.column("path").to_pylist()]
+        sizes, mtimes = (_known(rows.column(name).to_numpy()) for name in ("size", "mtime"))
+        listing = [Listed(*entry) for entry in zip(paths, sizes, mtimes, rows.column("etag").to_pylist())]
+        owner = int(self.owner[i])
+        return ShardTask(shard_id_for(ids), ids, paths, [self.shards[owner]] if owner >= 0 else [], listing)
+
+
+class _PendingColumns:
+    """Pending photos as they are found, a chunk of columns at a time; :meth:`table` joins them, keeping the first
+    listing of a photo listed twice. Paths are packed into Arrow buffers directly: converting Python lists through
+    Arrow's builders held several times the bytes they keep."""
+
+    def __init__(self):
+        self.parts: list[dict] = []
+
+    def add(self, chunk: list[Listed], keys: np.ndarray, shard: np.ndarray, rows: np.ndarray) -> None:
+        import pyarrow as pa
+
+        if not len(rows):
+            return
+        entries = [chunk[i] for i in rows]
+        etags = [e.etag for e in entries]
+        known = any(e is not None for e in etags)
+        self.parts.append({
+            "key": keys[rows], "owner": shard[rows].astype(np.int32),
+            "path": _binary([e.path.encode("utf-8", "surrogateescape") for e in entries]),
+            "size": np.array([UNKNOWN if e.size is None else e.size for e in entries], np.int64),
+            "mtime": np.array([UNKNOWN if e.mtime_ns is None else e.mtime_ns for e in entries], np.int64),
+            "etag": pa.array(etags, pa.string()) if known else pa.nulls(len(etags), pa.string()),
+        })
+
+    def table(self) -> "pa.Table":
+        import pyarrow as pa
+
+        names = ("key", "owner", "path", "size", "mtime", "etag")
+        if not self.parts:
+            types = (pa.uint64(), pa.int32(), pa.large_binary(), pa.int64(), pa.int64(), pa.string())
+            return pa.table({n: pa.array([], t) for n, t in zip(names, types)})
+        columns = {}
+        for name in names:
+            values = [part.pop(name) for part in self.parts]
+            columns[name] = pa.chunked_array(values) if isinstance(values[0], pa.Array) else np.concatenate(values)
+        self.parts = []
+        _, first = np.unique(columns["key"], return_index=True)
+        table = pa.table(columns)
+        return table if len(first) == table.num_rows else table.take(np.sort(first))
+
+
+def _binary(items: list[bytes]) -> "pa.Array":
+    """``items`` as one Arrow large_binary array, its two buffers made in one pass each."""
+    import pyarrow as pa
+
+    offsets = np.zeros(len(items) + 1, np.int64)
+    np.cumsum([len(item) for item in items], out=offsets[1:])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(items))]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(items), buffers)
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of equal values of a sorted array."""
+    if not len(values):
+        return []
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    return list(zip([0, *cuts.tolist()], [*cuts.tolist(), len(values)]))
+
+
+def _known(values: np.ndarray) -> list[int | None]:
+    return [None if v == UNKNOWN else v for v in values.tolist()]
 
 
 def _chunks(entries: Iterable[Listed]) -> Iterator[list[Listed]]:

@@ -26,7 +26,7 @@ from colortrend.io.fs import is_url, local_path
 from colortrend.io.lock import LOCK_NAME, RunLock
 from colortrend.io.secret import KEY_NAME, output_key
 from colortrend.io.store import FOLDERS, MARKERS, SHARD_TABLES, Store
-from colortrend.pipeline import Pipeline, sort_rows, status_counts
+from colortrend.pipeline import Pipeline, ShardTask, sort_rows, status_counts
 from colortrend.plan import Plan, plan
 
 __all__ = ["Plan", "RunSummary", "plan", "run", "status", "read", "report"]
@@ -169,14 +169,13 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
     tokens = _index_tokens(store, the_plan)
     seen = HashIndex(store, dict(tokens))  # a replaced shard's photos are not earlier copies of themselves
     runner = get_runner(executor, **({"address": address} if executor == "ray" else {}))
-    total = sum(len(t.photo_ids) for t in the_plan.tasks)
     fingerprints = pipeline.fingerprints()
-    by_id = {t.shard_id: t for t in the_plan.tasks}
     started = time.perf_counter()
-    with tqdm(total=total, unit="photo", desc="analyse", disable=None if progress is None else not progress) as bar:
+    quiet = None if progress is None else not progress
+    with tqdm(total=the_plan.tasks.photos, unit="photo", desc="analyse", disable=quiet) as bar:
         for result in runner.execute(pipeline, the_plan.tasks, seen, bar):
-            task = by_id[result.shard_id]
-            result.tables["photos"] = _with_listing(result.tables["photos"], the_plan.listed)
+            task = result.task
+            result.tables["photos"] = _with_listing(result.tables["photos"], task)
             marker = {  # the shard's photo ids are in its photos file (input columns included), not here
                 "fingerprint": the_plan.fingerprint,
                 "stages": fingerprints,
@@ -205,18 +204,18 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
 def _index_tokens(store: Store, the_plan: Plan) -> dict[str, str]:
     """shard -> hash index token of the committed shards this run keeps, indexing those committed before the index
     existed (once); compacted first if a killed run left many deltas."""
-    replaced = {old for task in the_plan.tasks for old in task.replaces}
-    kept = {sid: token for sid, token in the_plan.index_tokens.items() if sid not in replaced}
+    kept = {sid: token for sid, token in the_plan.index_tokens.items() if sid not in the_plan.tasks.replaced}
     unindexed = {sid: marker for sid, token in kept.items() if token is None and (marker := store.read_marker(sid))}
     tokens = {sid: token for sid, token in kept.items() if token} | hash_index.rebuild(store, unindexed)
     hash_index.compact(store, tokens)
     return tokens
 
 
-def _with_listing(photos, listed: dict):
+def _with_listing(photos, task: ShardTask):
     """The photos rows with the size, mtime and ETag their files had when listed (``input_*`` columns)."""
     import pyarrow as pa
 
+    listed = dict(zip(task.photo_ids, task.listed))
     entries = [listed.get(pid) for pid in photos.column("photo_id").to_pylist()]
     values = {"input_bytes": [e and e.size for e in entries], "input_mtime_ns": [e and e.mtime_ns for e in entries],
               "input_etag": [e and e.etag for e in entries]}
@@ -310,7 +309,7 @@ def status(cfg: Config) -> dict:
         "shards_damaged": the_plan.damaged,
         "photos_committed": the_plan.committed_photos,
         "photos_changed": the_plan.changed,
-        "photos_pending": sum(len(t.photo_ids) for t in the_plan.tasks),
+        "photos_pending": the_plan.tasks.photos,
         "photos_by_status": dict(by_status),
         "faces": sum(m.get("rows", {}).get("faces", 0) for m in markers.values()),
         "persons": sum(m.get("rows", {}).get("garments", 0) for m in markers.values()),

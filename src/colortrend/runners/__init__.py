@@ -1,13 +1,13 @@
 """Runners decide only *where* shards are analysed; planning, commits, markers and stats live in ``colortrend.run``."""
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from colortrend.pipeline import FirstCopies, Pipeline, ShardResult, ShardTask
 
 
 class Runner(Protocol):
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         """Yield each shard's result as it completes; the caller commits it."""
 

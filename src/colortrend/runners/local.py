@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from colortrend.config import cpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
@@ -58,10 +58,10 @@ def _run_lane(lane: Lane, batch, upstream: Future | None, finish: Callable | Non
 
 
 class LocalRunner:
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         plan = lanes(pipeline.steps(seen), cpu_workers(pipeline.cfg, pipeline.stages[0].device))
-        shards = ShardAssembler(tasks, pipeline.schemas, progress)
+        shards = ShardAssembler(pipeline.schemas, progress)
         pools = [ThreadPoolExecutor(lane.workers, thread_name_prefix=f"colortrend-{lane.name}") for lane in plan]
         window = sum(lane.workers for lane in plan)
         in_flight: deque[Future] = deque()
@@ -73,7 +73,7 @@ class LocalRunner:
                     yield done
 
         try:
-            for batch in pipeline.batches(tasks):
+            for batch in pipeline.batches(shards.planned(tasks)):
                 future = None
                 for lane, pool in zip(plan, pools):
                     finish = pipeline.shard_parts if lane is plan[-1] else None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from colortrend.config import cpu_workers, gpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
@@ -32,7 +32,7 @@ class RayRunner:
     def __init__(self, address: str | None = None):
         self.address = address
 
-    def execute(self, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         ray, started = self._connect()
         try:
@@ -60,13 +60,14 @@ class RayRunner:
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
         return ray, True
 
-    def _execute(self, ray, pipeline: Pipeline, tasks: list[ShardTask], seen: FirstCopies,
+    def _execute(self, ray, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
                  progress) -> Iterator[ShardResult]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # the duplicate rule needs the planned order
+        shards = ShardAssembler(pipeline.schemas, progress)
         records = [_pack({k: v[i] for k, v in batch.items()})
-                   for batch in pipeline.batches(tasks) for i in range(len(batch["path"]))]
+                   for batch in pipeline.batches(shards.planned(tasks)) for i in range(len(batch["path"]))]
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if pipeline.stages[0].device == "cuda" else 0
         steps = pipeline.steps(seen)
@@ -83,7 +84,6 @@ class RayRunner:
                                 concurrency=actors, num_cpus=cpus, num_gpus=gpu_share)
         ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
-        shards = ShardAssembler(tasks, pipeline.schemas, progress)
         for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
             for blob in frame["part"]:
                 done = shards.add(pickle.loads(blob))

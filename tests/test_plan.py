@@ -1,0 +1,81 @@
+"""Planning: every listed file lands in exactly one shard, in planned order, with the version it was listed with;
+the pending photos are held as columns and each shard's task is made when a runner takes it."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from colortrend.config import load_config
+from colortrend.io.discover import Listed, keyed_photo_id, photo_id_for
+from colortrend.io.secret import output_key
+from colortrend.io.store import Store
+from colortrend.pipeline import Pipeline, shard_id_for
+from colortrend.plan import PlannedShards, _PendingColumns, id_keys, plan
+
+
+def planned(tmp_path, inputs: list[str], shard_size: int):
+    config = tmp_path / "plan.yaml"
+    config.write_text(json.dumps({"name": "plan", "input": {"paths": inputs, "year": 2016},
+                                  "output": str(tmp_path / "out"), "device": "cpu", "shard_size": shard_size}))
+    cfg = load_config(str(config))
+    store, pipeline = Store(cfg.output), Pipeline(cfg)
+    pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
+    return plan(cfg, pipeline, store), pipeline
+
+
+def test_every_listed_file_lands_in_one_shard_in_path_order_with_its_listed_version(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = [f"p{i:02d}.jpg" for i in range(17)] + [f"sub/q{i}.jpg" for i in range(5)]
+    names.append(os.fsdecode(b"latin-1 \xe9t\xe9.jpg"))  # not UTF-8: kept as the bytes it is
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(b"x" * (i + 1))
+    # the sub-folder is named twice (on its own and inside its parent): its files are still planned once
+    the_plan, pipeline = planned(tmp_path, [str(folder), str(folder / "sub")], shard_size=5)
+
+    tasks = list(the_plan.tasks)
+    paths = [p for task in tasks for p in task.paths]
+    expected = sorted(str(folder / name) for name in names)
+    assert the_plan.inputs == the_plan.tasks.photos == len(names) == len(paths)
+    assert sorted(paths) == expected and len(tasks) == len(the_plan.tasks) == 5
+    assert all(task.paths == sorted(task.paths) for task in tasks) and paths[0] < paths[-1]
+    assert [len(task.paths) for task in tasks] == [5, 5, 5, 5, 3]
+    for task in tasks:
+        assert task.photo_ids == [keyed_photo_id(p, pipeline.photo_key) for p in task.paths]
+        assert task.shard_id == shard_id_for(task.photo_ids) and task.replaces == []
+        for path, entry in zip(task.paths, task.listed):
+            st = os.stat(path)
+            assert entry == Listed(path, st.st_size, st.st_mtime_ns, None)
+
+
+def pending_of(rows: list[tuple[str, int]]) -> _PendingColumns:
+    """Pending photos (path, index of the committed shard holding it or -1), as planning adds them."""
+    pending = _PendingColumns()
+    chunk = [Listed(path, 10 + i, 1_000 + i) for i, (path, _) in enumerate(rows)]
+    keys = id_keys([photo_id_for(path) for path, _ in rows])
+    pending.add(chunk, keys, np.array([owner for _, owner in rows]), np.arange(len(rows)))
+    return pending
+
+
+def test_shards_to_redo_come_first_in_id_order_then_new_photos_never_mixed():
+    shards = ["s-c", "s-a", "s-b"]  # committed shards, in the order the index read them
+    rows = [("/n/4", -1), ("/c/2", 0), ("/b/3", 2), ("/n/1", -1), ("/b/1", 2), ("/c/1", 0), ("/n/3", -1),
+            ("/b/2", 2), ("/n/2", -1)]
+    pending = pending_of(rows)
+    again = pending_of([("/b/2", 2), ("/n/3", -1)])  # listed a second time (two inputs naming the same files)
+    pending.parts += again.parts
+    tasks = PlannedShards(pending.table(), shards, shard_size=2)
+
+    got = [(task.paths, task.replaces) for task in tasks]
+    assert got == [(["/b/1", "/b/2"], ["s-b"]), (["/b/3"], ["s-b"]), (["/c/1", "/c/2"], ["s-c"]),
+                   (["/n/1", "/n/2"], []), (["/n/3", "/n/4"], [])]
+    assert tasks.photos == 9 and tasks.new_photos == 4 and tasks.replaced == {"s-b", "s-c"}
+    listed = {entry.path: entry for task in tasks for entry in task.listed}
+    assert listed["/c/1"] == Listed("/c/1", 15, 1_005) and listed["/n/3"] == Listed("/n/3", 16, 1_006)
+
+
+def test_nothing_pending_plans_no_shard():
+    tasks = PlannedShards(_PendingColumns().table(), ["s-a"], shard_size=4)
+    assert len(tasks) == 0 and not tasks and list(tasks) == [] and tasks.photos == 0 and tasks.replaced == set()
