@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -95,7 +96,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     return Plan(inputs, tasks, stale, committed, current, damaged, changed, tokens)
 
 
-class PlannedShards:
+class PlannedShards(Sequence[ShardTask]):
     """The shards a run analyses, in planned order: the photos of each shard to redo (shard by shard, in the order
     of their ids) and then the new photos, each group in path order and cut into ``shard_size`` shards.
 
@@ -132,9 +133,9 @@ class PlannedShards:
 
     def __iter__(self) -> Iterator[ShardTask]:
         for i in range(len(self)):
-            yield self.task(i)
+            yield self[i]
 
-    def task(self, i: int) -> ShardTask:
+    def __getitem__(self, i: int) -> ShardTask:
         a, b = int(self.starts[i]), int(self.ends[i])
         rows = self.table.take(self.order[a:b])
         keys = rows.column("key").to_numpy().astype(">u8").tobytes().hex()

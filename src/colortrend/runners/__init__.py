@@ -1,15 +1,16 @@
 """Runners decide only *where* shards are analysed; planning, commits, markers and stats live in ``colortrend.run``."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, Sequence
 
 from colortrend.pipeline import FirstCopies, Pipeline, ShardResult, ShardTask
 
 
 class Runner(Protocol):
-    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Sequence[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
-        """Yield each shard's result as it completes; the caller commits it."""
+        """Yield each shard's result as it completes; the caller commits it. ``tasks`` is a list or the planner's
+        :class:`~colortrend.plan.PlannedShards`, which makes each task when it is taken."""
 
 
 def get_runner(name: str, **options) -> Runner:

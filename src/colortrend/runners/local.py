@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from colortrend.config import cpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
@@ -58,7 +58,7 @@ def _run_lane(lane: Lane, batch, upstream: Future | None, finish: Callable | Non
 
 
 class LocalRunner:
-    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Sequence[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         plan = lanes(pipeline.steps(seen), cpu_workers(pipeline.cfg, pipeline.stages[0].device))
         shards = ShardAssembler(pipeline.schemas, progress)

@@ -5,8 +5,9 @@ The steps, their order and the shard tables are the pipeline's (:meth:`Pipeline.
 (duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` gets
 ``gpu_workers`` actors per GPU, each holding its own models and a share of its GPU, when the cluster has GPUs and
 the run's device is CUDA (one process's host work cannot keep a GPU busy; one actor on CPUs, which the models
-fill); every other step gets ``cpu_workers`` actors. Shards are committed on the driver as soon as all their
-photos are back.
+fill); every other step gets ``cpu_workers`` actors. The dataset starts from the planned shards' indices and a
+worker turns each into its photos' records, so the driver holds only the shards in flight, whatever the run's size;
+shards are committed on the driver as soon as all their photos are back.
 
 Without ``--address`` the runner starts a Ray instance of its own for the run: every Ray server listens on
 127.0.0.1 only, no dashboard, and it is shut down when the run ends. Ray starts its processes bound to the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Iterable, Iterator
+from typing import Iterator, Sequence
 
 from colortrend.config import cpu_workers, gpu_workers
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
@@ -32,7 +33,7 @@ class RayRunner:
     def __init__(self, address: str | None = None):
         self.address = address
 
-    def execute(self, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
+    def execute(self, pipeline: Pipeline, tasks: Sequence[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         ray, started = self._connect()
         try:
@@ -60,14 +61,11 @@ class RayRunner:
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
         return ray, True
 
-    def _execute(self, ray, pipeline: Pipeline, tasks: Iterable[ShardTask], seen: FirstCopies,
+    def _execute(self, ray, pipeline: Pipeline, tasks: Sequence[ShardTask], seen: FirstCopies,
                  progress) -> Iterator[ShardResult]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # the duplicate rule needs the planned order
-        shards = ShardAssembler(pipeline.schemas, progress)
-        records = [_pack({k: v[i] for k, v in batch.items()})
-                   for batch in pipeline.batches(shards.planned(tasks)) for i in range(len(batch["path"]))]
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if pipeline.stages[0].device == "cuda" else 0
         steps = pipeline.steps(seen)
@@ -75,18 +73,27 @@ class RayRunner:
         per_gpu = gpu_workers(pipeline.cfg, resources.get("CPU", 1) / gpus) if gpus else 1
         # Every step holds an actor at all times (a streaming pipeline): share the CPUs among them and keep one
         # free for Ray's own tasks, or a small cluster cannot place them all and the run waits forever.
-        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(steps) + 2)))
+        cpus = min(1.0, max(0.05, (resources.get("CPU", 1) - 1) / (len(steps) + 3)))
         size = pipeline.cfg.batch_size
-        ds = ray.data.from_items([{"payload": r} for r in records], override_num_blocks=max(1, len(records) // size))
+        # The driver holds no record: each block is one shard's index, turned into its photos' records by a worker
+        # from the plan (put in Ray's object store once), so the driver's memory does not grow with the run.
+        ds = ray.data.range(len(tasks), override_num_blocks=max(1, len(tasks)))
+        ds = ds.map_batches(TaskRecords, fn_constructor_args=(pipeline, tasks), batch_size=1, batch_format="pandas",
+                            concurrency=1, num_cpus=cpus)
         for step in steps:
             actors, gpu_share = placement(step, gpus, per_gpu, workers)
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
                                 concurrency=actors, num_cpus=cpus, num_gpus=gpu_share)
         ds = ds.map_batches(PartsActor, fn_constructor_args=(pipeline,), batch_size=size, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
+        shards = ShardAssembler(pipeline.schemas, progress)
+        planned = shards.planned(tasks)
         for frame in ds.iter_batches(batch_format="pandas", batch_size=None):
             for blob in frame["part"]:
-                done = shards.add(pickle.loads(blob))
+                part = pickle.loads(blob)
+                while part.shard_id not in shards.missing:  # parts come in planned order: it is the next task's
+                    next(planned)
+                done = shards.add(part)
                 if done is not None:
                     yield done
 
@@ -100,6 +107,21 @@ def placement(step: Step, gpus: int, per_gpu: int, cpu_workers: int) -> tuple[in
     if step.uses_accelerator:
         return (gpus * per_gpu, 1.0 / per_gpu) if gpus else (1, 0.0)
     return max(1, cpu_workers), 0.0
+
+
+class TaskRecords:
+    """Each planned shard's photos as the records the steps take, made on a worker from the shard's index."""
+
+    def __init__(self, pipeline: Pipeline, tasks: Sequence[ShardTask]):
+        self.pipeline, self.tasks = pipeline, tasks
+
+    def __call__(self, df):
+        import pandas as pd
+
+        records = [_pack({k: v[i] for k, v in batch.items()})
+                   for index in df["id"] for batch in self.pipeline.batches([self.tasks[int(index)]])
+                   for i in range(len(batch["path"]))]
+        return pd.DataFrame({"payload": records})
 
 
 class StepActor:
