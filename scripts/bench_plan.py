@@ -10,7 +10,9 @@ made up from each file, so N can be 200,000 in a minute), then measures, each in
   peak RSS and wall seconds;
 - ``colortrend status CONFIG --json``: peak RSS and wall seconds;
 - a run with one new photo, a copy of a committed one (analysis made up as above, duplicate marking real): peak
-  RSS and wall seconds of what the coordinator holds to find that it is a duplicate.
+  RSS and wall seconds of what the coordinator holds to find that it is a duplicate;
+- a nightly run with 1,000 new distinct photos, whose hashes touch every partition of the content-hash index:
+  peak RSS and wall seconds.
 
     python scripts/bench_plan.py --photos 20000 200000 --json
 
@@ -30,13 +32,14 @@ import time
 from pathlib import Path
 
 PER_FOLDER = 1000
+NIGHTLY = 1000  # new photos of the nightly run: their hashes touch every one of the index's 256 partitions
 
 
-def fabricate_inputs(folder: Path, n: int) -> None:
-    """``n`` distinct tiny files, 1,000 per sub-folder (as an upload tree would hold them)."""
-    for i in range(n):
+def fabricate_inputs(folder: Path, n: int, start: int = 0) -> None:
+    """``n`` distinct tiny files (numbered from ``start``), 1,000 per sub-folder (as an upload tree would hold them)."""
+    for i in range(start, start + n):
         sub = folder / f"d{i // PER_FOLDER:05d}"
-        if i % PER_FOLDER == 0:
+        if i == start or i % PER_FOLDER == 0:
             sub.mkdir(parents=True, exist_ok=True)
         (sub / f"p{i:08d}.jpg").write_bytes(b"photo %d" % i)
 
@@ -133,18 +136,26 @@ def bench(n: int, work: Path) -> dict:
         new_out = subprocess.run([sys.executable, __file__, "--commit", str(config)], check=True, text=True,
                                  capture_output=True).stdout
         new_s = time.perf_counter() - t0
+        nightly = Path(tmp) / "nightly"
+        fabricate_inputs(nightly, NIGHTLY, start=n)
+        cfg["input"]["paths"].append(str(nightly))
+        config.write_text(json.dumps(cfg))
+        nightly_s, nightly_mb, _ = measured([sys.executable, __file__, "--commit", str(config)])
         import pandas as pd
 
         photos = pd.concat(pd.read_parquet(p, columns=["path", "status"]) for p in (Path(tmp) / "out" /
                                                                                    "photos").glob("*.parquet"))
         if photos[photos.path == str(extra / "copy.jpg")].status.tolist() != ["duplicate"]:
             raise SystemExit("the new copy was not found to be a duplicate")
+        if (photos[photos.path.str.startswith(str(nightly))].status == "no_face").sum() != NIGHTLY:
+            raise SystemExit("the nightly run's new photos were not all analysed as new")
         return {"photos": n, "first_status_s": round(first_status_s, 2),
                 "first_status_peak_mb": round(first_status_mb, 1), "first_run_s": round(first_s, 1),
                 "first_run_peak_mb": round(first_mb, 1), "noop_run_s": round(run_s, 2),
                 "noop_run_peak_mb": round(run_mb, 1), "status_s": round(status_s, 2),
                 "status_peak_mb": round(status_mb, 1), "new_copy_run_s": round(new_s, 2),
-                "new_copy_run_peak_mb": round(json.loads(new_out.splitlines()[-1])["peak_mb"], 1)}
+                "new_copy_run_peak_mb": round(json.loads(new_out.splitlines()[-1])["peak_mb"], 1),
+                "nightly_run_s": round(nightly_s, 2), "nightly_run_peak_mb": round(nightly_mb, 1)}
 
 
 def main() -> None:
@@ -167,7 +178,7 @@ def main() -> None:
     if args.json:
         growth = {k: round(results[-1][k] - results[0][k], 1)
                   for k in ("first_status_peak_mb", "first_run_peak_mb", "noop_run_peak_mb", "status_peak_mb",
-                            "new_copy_run_peak_mb")}
+                            "new_copy_run_peak_mb", "nightly_run_peak_mb")}
         print(json.dumps({"results": results, "growth_mb": growth}))
 
 

@@ -248,6 +248,32 @@ def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
     assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions
 
 
+@pytest.mark.parametrize("ids", ["colortrend", "foreign"])
+def test_a_hash_partition_answers_as_a_dict_in_24_bytes_an_entry(ids, monkeypatch):
+    """Committed first copies (any order of equal hashes: the first counts), then this run's photos, folded into
+    the sorted arrays every few entries: every answer is a dict's."""
+    import random
+
+    from colortrend.io.hash_index import _Partition
+
+    monkeypatch.setattr(_Partition, "FOLD", 7)
+    rng = random.Random(3)
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(120)] + ["not-a-sha256", "Z" * 64]
+    name = (lambda i: f"{i:016x}") if ids == "colortrend" else (lambda i: f"photo-{i}")
+    committed = [(rng.choice(pool[:60]), name(i)) for i in range(80)]  # copies among them: the first counts
+    partition = _Partition([d for d, _ in committed], [p for _, p in committed])
+    expected: dict[str, str] = {}
+    for digest, pid in committed:
+        expected.setdefault(digest, pid)
+    for i in range(400):  # this run: committed bytes, new bytes, and new bytes seen again
+        digest, pid = rng.choice(pool), name(1000 + i)
+        assert partition.setdefault(digest, pid) == expected.setdefault(digest, pid)
+    assert len(partition) == len(expected)
+    if ids == "colortrend":
+        held = partition.hi.nbytes + partition.lo.nbytes + partition.ids.nbytes
+        assert held == 24 * len(partition.hi) and len(partition.added) < 7
+
+
 # ---- What planning holds of the committed photos ------------------------------------------------------------------
 def test_committed_index_is_29_bytes_a_photo_and_tells_each_kind_of_changed_file(store):
     from colortrend.io.discover import Listed
