@@ -12,7 +12,9 @@ made up from each file, so N can be 200,000 in a minute), then measures, each in
 - a run with one new photo, a copy of a committed one (analysis made up as above, duplicate marking real): peak
   RSS and wall seconds of what the coordinator holds to find that it is a duplicate;
 - a nightly run with 1,000 new distinct photos, whose hashes touch every partition of the content-hash index:
-  peak RSS and wall seconds.
+  peak RSS and wall seconds;
+- the content-hash index alone, as duplicate marking reads it for those 1,000 photos (every partition), in a
+  process of its own: its peak RSS, and microseconds per committed hash looked up.
 
     python scripts/bench_plan.py --photos 20000 200000 --json
 
@@ -90,6 +92,30 @@ def commit_all(config: Path) -> None:
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def read_index(config: Path) -> None:
+    """Duplicate marking's reads of the hash index for ``NIGHTLY`` new photos (every partition), then a lookup of
+    every committed hash; prints the peak RSS (MB) after the reads and the lookup's microseconds per hash as JSON."""
+    import pyarrow.parquet as pq
+
+    from colortrend.config import load_config
+    from colortrend.io.hash_index import HashIndex, tokens_of
+    from colortrend.io.store import Store
+
+    store = Store(load_config(str(config)).output)
+    index = HashIndex(store, tokens_of(store.markers()))
+    for i in range(NIGHTLY):
+        index.setdefault(hashlib.sha256(b"nightly %d" % i).hexdigest(), f"{i:016x}")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before this script's own list below
+    committed = [d for f in sorted((Path(store.url) / "photos").glob("*.parquet"))
+                 for d in pq.read_table(f, columns=["content_hash"]).column(0).to_pylist()]
+    t0 = time.perf_counter()
+    found = sum(index.setdefault(d, "new") != "new" for d in committed)
+    us = (time.perf_counter() - t0) / max(1, len(committed)) * 1e6
+    if found != len(committed):
+        raise SystemExit(f"the index found {found} of {len(committed)} committed hashes")
+    print(json.dumps({"lookup_us": round(us, 2), "index_peak_mb": peak_mb}))
+
+
 def measured(cmd: list[str]) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MB) and stdout of ``cmd`` run in a fresh process of its own."""
     wrapper = ("import resource, subprocess, sys, json; p = subprocess.run(sys.argv[1:], capture_output=True, "
@@ -141,6 +167,8 @@ def bench(n: int, work: Path) -> dict:
         cfg["input"]["paths"].append(str(nightly))
         config.write_text(json.dumps(cfg))
         nightly_s, nightly_mb, _ = measured([sys.executable, __file__, "--commit", str(config)])
+        _, _, index_out = measured([sys.executable, __file__, "--index", str(config)])
+        index = json.loads(index_out.splitlines()[-1])
         import pandas as pd
 
         photos = pd.concat(pd.read_parquet(p, columns=["path", "status"]) for p in (Path(tmp) / "out" /
@@ -155,7 +183,8 @@ def bench(n: int, work: Path) -> dict:
                 "noop_run_peak_mb": round(run_mb, 1), "status_s": round(status_s, 2),
                 "status_peak_mb": round(status_mb, 1), "new_copy_run_s": round(new_s, 2),
                 "new_copy_run_peak_mb": round(json.loads(new_out.splitlines()[-1])["peak_mb"], 1),
-                "nightly_run_s": round(nightly_s, 2), "nightly_run_peak_mb": round(nightly_mb, 1)}
+                "nightly_run_s": round(nightly_s, 2), "nightly_run_peak_mb": round(nightly_mb, 1),
+                "hash_index_peak_mb": round(index["index_peak_mb"], 1), "hash_index_lookup_us": index["lookup_us"]}
 
 
 def main() -> None:
@@ -165,9 +194,13 @@ def main() -> None:
                         help="where the fabricated inputs are kept between runs (reused when present)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--commit", type=Path, help=argparse.SUPPRESS)  # the fabricating step, in its own process
+    parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)  # the hash index alone, in its own process
     args = parser.parse_args()
     if args.commit:
         commit_all(args.commit)
+        return
+    if args.index:
+        read_index(args.index)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
@@ -178,7 +211,7 @@ def main() -> None:
     if args.json:
         growth = {k: round(results[-1][k] - results[0][k], 1)
                   for k in ("first_status_peak_mb", "first_run_peak_mb", "noop_run_peak_mb", "status_peak_mb",
-                            "new_copy_run_peak_mb", "nightly_run_peak_mb")}
+                            "new_copy_run_peak_mb", "nightly_run_peak_mb", "hash_index_peak_mb")}
         print(json.dumps({"results": results, "growth_mb": growth}))
 
 
