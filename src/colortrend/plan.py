@@ -67,10 +67,8 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     changed_shards: set[int] = set()
     changed = 0
     for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-        keys = id_keys([keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk])
-        pos, found = index.find(keys)
+        keys, pos, found, shard = index.look_up(chunk, pipeline.photo_key)
         listed[pos[found]] = True
-        shard = np.where(found, index.shard[pos], -1) if len(index.key) else np.full(len(chunk), -1)
         in_fresh = np.zeros(len(chunk), bool)
         in_fresh[found] = fresh[shard[found]]
         is_changed = found & index.changed(pos, chunk)
@@ -82,9 +80,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     if newly_stale:  # a shard holding a changed photo is redone whole: list again for its other photos
         wanted = np.array(sorted(newly_stale), np.int64)
         for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-            keys = id_keys([keyed_photo_id(entry.path, pipeline.photo_key) for entry in chunk])
-            pos, found = index.find(keys)
-            shard = np.where(found, index.shard[pos], -1) if len(index.key) else np.full(len(chunk), -1)
+            keys, pos, found, shard = index.look_up(chunk, pipeline.photo_key)
             pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
 
     redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
@@ -270,6 +266,14 @@ class CommittedIndex:
             return np.zeros(len(keys), np.intp), np.zeros(len(keys), bool)
         pos = np.minimum(np.searchsorted(self.key, keys), len(self.key) - 1)
         return pos, self.key[pos] == keys
+
+    def look_up(self, chunk: list[Listed], photo_key: bytes | None) -> tuple[np.ndarray, ...]:
+        """For each listed file: its photo key, its position in the index, whether it is there, and its shard's
+        index (-1 where it is not)."""
+        keys = id_keys([keyed_photo_id(entry.path, photo_key) for entry in chunk])
+        pos, found = self.find(keys)
+        shard = np.where(found, self.shard[pos], -1) if len(self.key) else np.full(len(chunk), -1)
+        return keys, pos, found, shard
 
     def changed(self, pos: np.ndarray, chunk: list[Listed]) -> np.ndarray:
         """Whether each listed file differs from the one analysed (meaningful where the key was found)."""
