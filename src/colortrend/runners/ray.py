@@ -27,6 +27,8 @@ from colortrend.stages.base import Batch
 log = logging.getLogger(__name__)
 #: Ray's own switch for a single-machine instance: its servers bind the loopback address, not every interface.
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: Blocks the planned shards' indices are cut into (a block per shard would cost the driver one object each).
+INDEX_BLOCKS = 256
 
 
 class RayRunner:
@@ -77,7 +79,7 @@ class RayRunner:
         size = pipeline.cfg.batch_size
         # The driver holds no record: each block is one shard's index, turned into its photos' records by a worker
         # from the plan (put in Ray's object store once), so the driver's memory does not grow with the run.
-        ds = ray.data.range(len(tasks), override_num_blocks=max(1, len(tasks)))
+        ds = ray.data.range(len(tasks), override_num_blocks=min(len(tasks), INDEX_BLOCKS))
         ds = ds.map_batches(TaskRecords, fn_constructor_args=(pipeline, tasks), batch_size=1, batch_format="pandas",
                             concurrency=1, num_cpus=cpus)
         for step in steps:
