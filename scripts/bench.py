@@ -134,10 +134,14 @@ def clock_overhead(calls=20000):  # what the clock adds to the host's side per c
 
 serial_pass()  # warm-up of the torch paths
 overhead = clock_overhead()
+from colortrend.color.torch_ops import DEVICE_COPIES
+
 passes = []  # three, as the host's share is a small difference of two larger times: the medians are reported
 for _ in range(3):
+    uploaded = DEVICE_COPIES.uploaded_bytes
     with TorchClock() as clock:
-        passes.append({"stage_s": serial_pass(clock), "torch_s": clock.seconds, "torch_calls": clock.calls})
+        passes.append({"stage_s": serial_pass(clock), "torch_s": clock.seconds, "torch_calls": clock.calls,
+                       "uploaded_bytes": DEVICE_COPIES.uploaded_bytes - uploaded})
 print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths": passes,
                   "clock_overhead_s": overhead,
                   "model_stages": [stage.name for stage in pipeline.stages if stage.uses_accelerator]}))
@@ -206,6 +210,8 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
             # runs (their launches: torch_calls_per_photo of them).
             "device_paths": {"host_ms_per_photo": host_ms, "host_ms_per_photo_by_stage": host_ms_by_stage,
                              "torch_calls_per_photo": sum(passes[0]["torch_calls"].values()) / n,
+                             # photos crossing to the device after intake (JPEGs decoded there never do)
+                             "uploaded_mb_per_photo": passes[0]["uploaded_bytes"] / n / 1e6,
                              "clock_overhead_us_per_call": overhead * 1e6,
                              "cores_for_2000_photos_per_s": 2000 * host_ms / 1000,
                              "model_stages_host_ms_per_photo": model_ms,

@@ -101,3 +101,37 @@ def test_eval_age_scores_the_ages_a_run_writes(demo_photos, tmp_path):
         assert abs(predicted[name] - age) < 1e-4, name
     none_kept = load_from_dict({**raw, "detect": {"max_faces": 0}})
     assert predict_ages(csv, cfg=none_kept)["predicted_age"].isna().all()
+
+
+def test_on_the_device_paths_a_photo_crosses_to_the_device_once_and_no_stage_writes_to_the_shared_copy(
+        demo_photos, tmp_path):
+    """The whole chain as a GPU host runs it (every torch path, here on the CPU): JPEGs decoded on the device are
+    never uploaded again, a PNG is uploaded once and shared by detect, segment and white balance, every shared copy
+    still holds its photo's pixels when the chain is done, and the copies go when the batch does."""
+    import gc
+
+    import numpy as np
+    from PIL import Image
+
+    from colortrend.color.torch_ops import DEVICE_COPIES
+    from colortrend.config import default_config
+    from colortrend.pipeline import build_stages
+
+    png = tmp_path / "as-png.png"
+    Image.open(demo_photos[0]).convert("RGB").save(png)
+    paths = [str(p) for p in demo_photos[:5]] + [str(png)]
+    held_before = len(DEVICE_COPIES)
+    batch: dict = {"photo_id": paths, "path": paths}
+    uploaded = DEVICE_COPIES.uploaded_bytes
+    for stage in build_stages(default_config(paths[0], device="cpu"), "cpu"):
+        stage.ops_device = "cpu"
+        batch = stage(batch)
+    assert batch["status"] == ["ok"] * len(paths) and sum(len(p) for p in batch["person_parse"]) >= 5
+    assert DEVICE_COPIES.uploaded_bytes - uploaded == batch["image"][-1].nbytes  # the PNG, once
+    for image in batch["image"]:
+        shared = DEVICE_COPIES.get(image, "cpu")
+        assert not image.flags.writeable and np.array_equal(shared.numpy(), image)
+    assert DEVICE_COPIES.uploaded_bytes - uploaded == batch["image"][-1].nbytes
+    del batch, shared, image
+    gc.collect()
+    assert len(DEVICE_COPIES) == held_before

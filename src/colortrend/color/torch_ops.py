@@ -17,6 +17,8 @@ torch is imported by the functions, never by this module's importers: ``--help``
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,6 +119,58 @@ def to_device(array: NDArray, device: str):
     return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
+class DeviceCopies:
+    """Each photo's copy on a device, made once per process and shared by the stages that need it there (detect's
+    pyramid, segment's crops, white balance), so a photo crosses to the GPU once, or never when the GPU decoded it
+    (:meth:`put`). Only read-only arrays (decoded photos are) are shared, since they cannot change; a copy lives as
+    long as its array. The shared tensor must not be written to."""
+
+    def __init__(self):
+        self._copies: dict[tuple[int, str], tuple[weakref.ref, object]] = {}
+        self._lock = threading.RLock()  # re-entrant: an array freed while the lock is held drops its own entry
+        self.uploaded_bytes = 0  # what crossed to a device through :meth:`get` (scripts/bench.py reports it)
+
+    def get(self, image: NDArray, device: str):
+        if image.flags.writeable:
+            with self._lock:
+                self.uploaded_bytes += image.nbytes
+            return to_device(image, device)
+        key = (id(image), str(device))
+        with self._lock:
+            held = self._copies.get(key)
+        if held is not None and held[0]() is image:
+            return held[1]
+        tensor = to_device(image, device)
+        with self._lock:
+            self.uploaded_bytes += image.nbytes
+        self.put(image, tensor, device)
+        return tensor
+
+    def put(self, image: NDArray, tensor, device: str) -> None:
+        """``tensor`` (on ``device``) is ``image``'s copy there."""
+        if image.flags.writeable:
+            return
+        key = (id(image), str(device))
+        with self._lock:
+            self._copies[key] = (weakref.ref(image, lambda _, key=key: self._drop(key)), tensor)
+
+    def _drop(self, key: tuple[int, str]) -> None:
+        with self._lock:
+            self._copies.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+
+#: This process's shared device copies of photos.
+DEVICE_COPIES = DeviceCopies()
+
+
+def photo_on_device(image: NDArray[np.uint8], device: str):
+    """``image`` on ``device``: this process's shared copy (:class:`DeviceCopies`); never write to it."""
+    return DEVICE_COPIES.get(image, device)
+
+
 # ---- white balance ----------------------------------------------------------------------------------------------
 
 def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device: str, *,
@@ -179,7 +233,7 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
             for i in members:
                 results[i] = cpu_wb.estimate_illuminant(images[i], method, excludes[i])
             continue
-        codes = to_device(np.stack([images[i] for i in members]), device)
+        codes = torch.stack([photo_on_device(images[i], device) for i in members])
         linear = opencv_resize(lut[codes.long()], size, "area")
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
@@ -247,7 +301,7 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
     for image, g in zip(images, gains):
         luts = np.stack([cpu_wb.to_uint8(cpu_wb.linear_to_srgb(cpu_wb.srgb_to_linear(codes) * gain)) for gain in g])
         table = torch.from_numpy(luts.reshape(-1)).to(device)
-        pixels = to_device(image, device).long()
+        pixels = photo_on_device(image, device).long()
         pixels += torch.arange(3, device=device) * 256  # channel c reads its own table
         out.append(table[pixels].cpu().numpy())
     return out

@@ -225,7 +225,7 @@ class FaceDetector:
         OpenCV's own resampling weights (area for the photo and its halvings, bilinear for the levels), each copy
         rounded to whole codes before the next is made from it: codes differ by OpenCV's fixed-point rounding only
         (at most 1), which can still tip a borderline candidate (tests/test_detect.py compares the faces)."""
-        from colortrend.color.torch_ops import to_device, opencv_resize
+        from colortrend.color.torch_ops import opencv_resize, photo_on_device
 
         buffer = torch.zeros((int(starts[-1]), 4), dtype=torch.uint8, device=self.device)
         bounds = zip(starts[:-1], starts[1:], canvas_shapes)
@@ -234,7 +234,7 @@ class FaceDetector:
         for p, image in enumerate(images):
             same_size.setdefault(image.shape, []).append(p)
         for group in same_size.values():  # sizes and levels depend only on the photo's size: alike in a group
-            copies = torch.stack([to_device(images[p], self.device) for p in group]).float()  # (n, h, w, 3)
+            copies = torch.stack([photo_on_device(images[p], self.device) for p in group]).float()  # (n, h, w, 3)
             first = group[0]
             for k in range(len(canvas_shapes)):
                 if not exists[first, k]:

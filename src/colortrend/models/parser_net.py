@@ -65,7 +65,7 @@ def cut_crops_on_device(images: list[np.ndarray], photo_of: list[int],
     """:func:`~colortrend.models.parser_crops.cut_crop` of each box of ``images[photo_of[k]]``, made by torch on
     ``device``: (N, H, W, 3) uint8 there. Each photo crosses to the device once; OpenCV's own weights, so codes
     differ only by its fixed-point rounding."""
-    from colortrend.color.torch_ops import to_device, opencv_resize
+    from colortrend.color.torch_ops import opencv_resize, photo_on_device
 
     out = torch.full((len(boxes), geom.input_h, geom.input_w, 3), PAD_VALUE, dtype=torch.uint8, device=device)
     on_device: dict[int, torch.Tensor] = {}
@@ -74,7 +74,7 @@ def cut_crops_on_device(images: list[np.ndarray], photo_of: list[int],
         if window is None:
             continue
         if p not in on_device:
-            on_device[p] = to_device(images[p], device)
+            on_device[p] = photo_on_device(images[p], device)
         (px0, py0, px1, py1), (cx0, cy0, cx1, cy1) = window.photo, window.crop
         part = on_device[p][py0:py1, px0:px1][None].float()
         part = opencv_resize(part, (cx1 - cx0, cy1 - cy0), "area" if window.shrinks else "linear")

@@ -334,7 +334,8 @@ def decode_jpegs(jobs: list[JpegJob], device: str) -> list[np.ndarray | None]:
                     decoded.extend(decode([job]))
                 except Exception:  # the CPU decodes it, or says why it cannot
                     decoded.append(None)
-        results.extend(None if image is None else _finish_jpeg(image, job) for image, job in zip(decoded, chunk))
+        results.extend(None if image is None else _finish_jpeg(image, job, device)
+                       for image, job in zip(decoded, chunk))
     return results
 
 
@@ -355,11 +356,13 @@ def _pixel_chunks(jobs: list[JpegJob]) -> list[list[JpegJob]]:
     return chunks
 
 
-def _finish_jpeg(image, job: JpegJob) -> np.ndarray:
-    """A decoded (3, h, w) tensor oriented by its EXIF tag, reduced to the job's size, as a numpy array."""
+def _finish_jpeg(image, job: JpegJob, device: str) -> np.ndarray:
+    """A decoded (3, h, w) tensor oriented by its EXIF tag, reduced to the job's size, as a read-only numpy array
+    (as Pillow's are) whose copy on ``device`` the later stages share (:class:`~colortrend.color.torch_ops.
+    DeviceCopies`): the photo never crosses to the device again."""
     import torch
 
-    from colortrend.color.torch_ops import opencv_resize
+    from colortrend.color.torch_ops import DEVICE_COPIES, opencv_resize
 
     hwc = image.permute(1, 2, 0)
     hwc = {1: lambda x: x, 2: lambda x: x.flip(1), 3: lambda x: x.flip(0, 1), 4: lambda x: x.flip(0),
@@ -367,7 +370,11 @@ def _finish_jpeg(image, job: JpegJob) -> np.ndarray:
            8: lambda x: torch.rot90(x, 1)}[job.orientation](hwc)
     if (hwc.shape[1], hwc.shape[0]) != job.size:
         hwc = opencv_resize(hwc[None].float(), job.size, "area")[0].round_().clamp_(0, 255).to(torch.uint8)
-    return np.ascontiguousarray(hwc.cpu().numpy())
+    hwc = hwc.contiguous()
+    array = np.ascontiguousarray(hwc.cpu().numpy())
+    array.flags.writeable = False
+    DEVICE_COPIES.put(array, hwc, device)
+    return array
 
 
 # ---- what decoding will cost, from the file's structure -------------------------------------------------------
