@@ -96,18 +96,28 @@ def opencv_resize(images, size: tuple[int, int], interpolation: str):
                              align_corners=False)
         return nchw.permute(0, 2, 3, 1)
     taps = area_taps if size[0] <= width and size[1] <= height else area_fallback_taps
-    return _resample(_resample(images, *taps(height, size[1]), 1), *taps(width, size[0]), 2)
+    rows = _taps_on(taps, height, size[1], images.device, images.dtype, images.dim() - 2)
+    columns = _taps_on(taps, width, size[0], images.device, images.dtype, images.dim() - 3)
+    return _resample(_resample(images, *rows, 1), *columns, 2)
 
 
-def _resample(images, index: NDArray[np.int64], weights: NDArray[np.float32], dim: int):
-    """``images`` resampled along ``dim`` by (target, taps) source indices and weights."""
+@functools.lru_cache(maxsize=1024)
+def _taps_on(taps, source: int, target: int, device, dtype, trailing: int):
+    """``taps(source, target)`` as tensors on ``device``: the flat source indices, and the weights shaped to
+    broadcast over ``trailing`` dimensions after the resampled one. Cached, so a resize of a known size uploads
+    nothing (each upload is a copy the host waits on)."""
     import torch
 
-    target, taps = weights.shape
-    gathered = images.index_select(dim, torch.from_numpy(index.reshape(-1)).to(images.device))
-    gathered = gathered.view(*images.shape[:dim], target, taps, *images.shape[dim + 1:])
-    w = torch.from_numpy(weights).to(images.device, images.dtype).view(target, taps, *([1] * (images.dim() - dim - 1)))
-    return (gathered * w).sum(dim + 1)
+    index, weights = taps(source, target)
+    flat = torch.from_numpy(index.reshape(-1)).to(device)
+    return flat, torch.from_numpy(weights).to(device, dtype).view(*weights.shape, *([1] * trailing))
+
+
+def _resample(images, index, weights, dim: int):
+    """``images`` resampled along ``dim`` by (target, taps) source indices (flat) and weights, on their device."""
+    target, taps = weights.shape[:2]
+    gathered = images.index_select(dim, index).view(*images.shape[:dim], target, taps, *images.shape[dim + 1:])
+    return (gathered * weights).sum(dim + 1)
 
 
 def to_device(array: NDArray, device: str):
