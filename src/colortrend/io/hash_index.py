@@ -43,7 +43,7 @@ DELTAS = f"{HASHES}/delta"
 PREFIX = 2  # hex digits of the hash naming its partition: 256 partitions
 DELTA_LIMIT = 32  # deltas left as they are after a compaction; a reader reads them all
 FANOUT = 4  # files of one size tier in a partition that merge into one
-GROUP_ROWS = 1 << 15  # delta entries split into partitions at a time (bounds compaction's memory: about 10 MB)
+GROUP_ROWS = 1 << 15  # delta entries split into partitions at a time (bounds compaction's memory)
 ANALYSED = ("ok", "no_face")  # statuses whose content hash stands for analysed bytes
 SCHEMA = pa.schema([("content_hash", pa.string()), ("photo_id", pa.string()), ("shard", pa.string()),
                     ("token", pa.string())])
@@ -212,7 +212,7 @@ class _Partition:
     400); this run's new entries wait in a dict and are folded in every ``FOLD``. Two different sha256 hashes that
     share 128 bits are taken for the same bytes: at 10^11 photos, a chance of about 10^-17."""
 
-    FOLD = 256  # this run's entries a partition keeps as strings: at most 256 x 256 of them in all (about 20 MB)
+    FOLD = 256  # this run's entries a partition keeps as strings: at most 256 x 256 of them in all
 
     def __init__(self, digests: list[str], photo_ids: list[str]):
         """``digests`` with their ``photo_ids``, the first of each digest counting (committed order)."""
