@@ -23,7 +23,7 @@ from colortrend.color.space import (
     to_uint8,
     xyz_to_lab,
 )
-from colortrend.color.white_balance import angular_error, apply_cast, white_balance
+from colortrend.color.white_balance import Regions, angular_error, apply_cast, white_balance
 
 CCP = Path(__file__).resolve().parents[1] / "../shared/data/parsing/ccp"
 
@@ -299,10 +299,17 @@ def test_torch_white_balance_equals_numpy_on_demo_photos(method):
 
     images = demo_images()
     rng = np.random.default_rng(1)
-    excludes = [rng.random(image.shape[:2]) < 0.2 if i % 3 == 0 else None for i, image in enumerate(images)]
+    def regions(h: int, w: int) -> Regions:  # as persons' garments come: overlapping crops, one in the corner
+        return Regions(((w // 4, h // 5, rng.random((h // 3, w // 3)) < 0.5),
+                        (w - w // 2, h - h // 2, rng.random((h // 2, w // 2)) < 0.3)))
+
+    # a photo-sized mask, the same as regions (what the stage passes: only its parts cross to the device), or none
+    excludes = [rng.random(image.shape[:2]) < 0.2 if i % 3 == 0 else regions(*image.shape[:2]) if i % 3 == 1 else None
+                for i, image in enumerate(images)]
     # skin: a face on the first photo only (the others fall back to shades_of_gray, batched on the device)
     landmarks = [np.array([[200, 200, 260, 200, 230, 240, 205, 270, 255, 270]], np.float32)] + [None] * 7
-    numpy_path = [white_balance(image, method, landmarks=marks, exclude=exclude)
+    numpy_path = [white_balance(image, method, landmarks=marks,
+                                exclude=exclude.mask(image.shape[:2]) if isinstance(exclude, Regions) else exclude)
                   for image, marks, exclude in zip(images, landmarks, excludes)]
     torch_path = white_balance_batch(images, method, "cpu", landmarks=landmarks, excludes=excludes)
     assert sum(not np.allclose(r.gains, 1) for r in numpy_path) >= 4  # the cast photos were corrected

@@ -185,12 +185,13 @@ def photo_on_device(image: NDArray[np.uint8], device: str):
 
 def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device: str, *,
                         landmarks: Sequence[NDArray | None] | None = None,
-                        excludes: Sequence[NDArray[np.bool_] | None] | None = None, max_gain: float = 3.0,
+                        excludes: Sequence[NDArray[np.bool_] | cpu_wb.Regions | None] | None = None,
+                        max_gain: float = 3.0,
                         min_cast_deg: float = 2.0) -> list[Correction]:
     """``white_balance`` of each photo, estimated and applied on ``device``; returns what it would return.
 
     The ``skin`` method's estimate stays on the CPU (a few small face patches per photo); its fallback and every
-    statistical estimate run batched on ``device``.
+    statistical estimate run batched on ``device``. An exclusion is a photo-sized mask or :class:`Regions`.
     """
     if method not in cpu_wb.WB_METHODS:
         raise ValueError(f"unknown white balance method {method!r}; expected one of {', '.join(cpu_wb.WB_METHODS)}")
@@ -225,7 +226,8 @@ def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device
 
 
 def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[str],
-                         excludes: Sequence[NDArray[np.bool_] | None], device: str) -> list[NDArray | None]:
+                         excludes: Sequence[NDArray[np.bool_] | cpu_wb.Regions | None],
+                         device: str) -> list[NDArray | None]:
     """``estimate_illuminant`` of each photo, photos of one size and method as one stack on ``device``."""
     import torch
 
@@ -241,13 +243,16 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
         if method == "gray_edge" and min(size) <= EDGE_RADIUS:
             # Too small for the blur's mirrored border (torch mirrors once, OpenCV repeatedly): the CPU's code.
             for i in members:
-                results[i] = cpu_wb.estimate_illuminant(images[i], method, excludes[i])
+                results[i] = cpu_wb.estimate_illuminant(images[i], method, _mask(excludes[i], images[i].shape[:2]))
             continue
         codes = torch.stack([photo_on_device(images[i], device) for i in members])
         linear = opencv_resize(lut[codes.long()], size, "area")
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
-            if excludes[i] is not None:
+            if isinstance(excludes[i], cpu_wb.Regions):  # each part crosses to the device, not a photo-sized mask
+                for x0, y0, part in excludes[i].parts:
+                    bad[row, y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= to_device(part, device)
+            elif excludes[i] is not None:
                 bad[row] |= to_device(np.asarray(excludes[i], bool), device)
         # A downscaled pixel is usable only when none of the pixels it averages is bad.
         usable = opencv_resize(bad.float()[..., None], size, "area")[..., 0] == 0
@@ -268,6 +273,10 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
                 continue  # nothing usable, or a black or flat photo: it says nothing about the light
             results[i] = cpu_wb._unit(estimate)
     return results
+
+
+def _mask(exclude, shape: tuple[int, int]) -> NDArray[np.bool_] | None:
+    return exclude.mask(shape) if isinstance(exclude, cpu_wb.Regions) else exclude
 
 
 def _edge_magnitude(linear):

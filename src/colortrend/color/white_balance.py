@@ -56,6 +56,21 @@ class Correction(NamedTuple):
     method: str  # the method actually used: differs from the one asked for after a fallback
 
 
+class Regions(NamedTuple):
+    """Pixels to leave out, as rectangles of the photo: ``(x0, y0, mask)`` each, ``mask`` an (h, w) bool array
+    placed at column ``x0``, row ``y0`` (a person's garment pixels in its crop). Smaller to carry, and to send to a
+    device, than a photo-sized mask."""
+
+    parts: tuple[tuple[int, int, NDArray[np.bool_]], ...]
+
+    def mask(self, shape: tuple[int, int]) -> NDArray[np.bool_]:
+        """The (h, w) mask of every part."""
+        out = np.zeros(shape, bool)
+        for x0, y0, part in self.parts:
+            out[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part
+        return out
+
+
 def white_balance(image: NDArray[np.uint8], method: str, *, landmarks: NDArray | None = None,
                   exclude: NDArray[np.bool_] | None = None, max_gain: float = 3.0,
                   min_cast_deg: float = 2.0) -> Correction:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 
-from colortrend.color.white_balance import WbMethod, white_balance
+from colortrend.color.white_balance import Regions, WbMethod, white_balance
 from colortrend.models.parse_classes import IS_GARMENT
 from colortrend.stages.base import Batch, Stage, ok_indices
 
@@ -56,15 +55,9 @@ class ColorSettings:
                 raise ValueError(f"{key}: must be {limit}, got {getattr(self, key)}")
 
 
-def garment_mask(shape: tuple[int, int], parses: list) -> np.ndarray:
-    """(h, w) bool mask of every person's garment pixels, from a photo's ``person_parse`` entries."""
-    mask = np.zeros(shape, bool)
-    for parse in parses:
-        if parse is not None:
-            x0, y0, labels = parse
-            h, w = labels.shape
-            mask[y0:y0 + h, x0:x0 + w] |= IS_GARMENT[labels]
-    return mask
+def garment_regions(parses: list) -> Regions:
+    """Every person's garment pixels, from a photo's ``person_parse`` entries: what white balance leaves out."""
+    return Regions(tuple((x0, y0, IS_GARMENT[labels]) for x0, y0, labels in (p for p in parses if p is not None)))
 
 
 class CorrectStage(Stage):
@@ -92,14 +85,14 @@ class CorrectStage(Stage):
         exclude = settings.exclude_garments and settings.white_balance != "none"
         todo = ok_indices(batch)
         images = [batch["image"][i] for i in todo]
-        excludes = [garment_mask(image.shape[:2], batch["person_parse"][i]) if exclude else None
-                    for i, image in zip(todo, images)]
+        excludes = [garment_regions(batch["person_parse"][i]) if exclude else None for i in todo]
         landmarks = [batch["landmarks"][i] for i in todo]
         options = {"max_gain": settings.max_gain, "min_cast_deg": settings.min_cast_deg}
         device = self.torch_device()
         if device is None:
-            results = [white_balance(image, settings.white_balance, landmarks=marks, exclude=exclude, **options)
-                       for image, marks, exclude in zip(images, landmarks, excludes)]
+            results = [white_balance(image, settings.white_balance, landmarks=marks,
+                                     exclude=None if regions is None else regions.mask(image.shape[:2]), **options)
+                       for image, marks, regions in zip(images, landmarks, excludes)]
         else:
             from colortrend.color.torch_ops import white_balance_batch
 
