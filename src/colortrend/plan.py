@@ -13,15 +13,15 @@ the one that was analysed (same size and mtime, and ETag where the store gives o
 Memory: the committed side is a few numpy arrays (8-byte photo keys, shard, size, mtime: 29 bytes a photo),
 filled in place shard by shard from the photos files' own columns, and one flag a photo for whether it is still
 listed; the listing is streamed past them and only pending photos are kept, as one Arrow table (their paths and
-about 40 bytes more a photo: :class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of
+about 50 bytes more a photo: :class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of
 paths or ids.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -96,10 +96,10 @@ class PlannedShards(Sequence[ShardTask]):
     """The shards a run analyses, in planned order: the photos of each shard to redo (shard by shard, in the order
     of their ids) and then the new photos, each group in path order and cut into ``shard_size`` shards.
 
-    The pending photos are held as one Arrow table (8-byte key, path as bytes (a file name need not be UTF-8), listed
-    size, mtime and ETag, owning shard):
-    a path's bytes and about 40 more a photo, instead of Python objects; a :class:`ShardTask` is made only when a
-    runner takes it, so the coordinator holds the tasks in flight, not every task of the run."""
+    The pending photos are held as one Arrow table (8-byte key, the path as bytes since a file name need not be
+    UTF-8, listed size, mtime and ETag, owning shard) and their planned order: a path's bytes and about 50 more a
+    photo, instead of Python objects. A :class:`ShardTask` is made only when a runner takes it, so the coordinator
+    holds the tasks in flight, not every task of the run."""
 
     def __init__(self, table: "pa.Table", shards: list[str], shard_size: int):
         import pyarrow.compute as pc

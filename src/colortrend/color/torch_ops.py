@@ -141,13 +141,7 @@ class DeviceCopies:
         self.uploaded_bytes = 0  # what crossed to a device through :meth:`get` (scripts/bench.py reports it)
 
     def get(self, image: NDArray, device: str):
-        if image.flags.writeable:
-            with self._lock:
-                self.uploaded_bytes += image.nbytes
-            return to_device(image, device)
-        key = (id(image), str(device))
-        with self._lock:
-            held = self._copies.get(key)
+        held = None if image.flags.writeable else self._copies.get((id(image), str(device)))
         if held is not None and held[0]() is image:
             return held[1]
         tensor = to_device(image, device)
@@ -197,7 +191,9 @@ def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device
         raise ValueError(f"unknown white balance method {method!r}; expected one of {', '.join(cpu_wb.WB_METHODS)}")
     n = len(images)
     landmarks = landmarks if landmarks is not None else [None] * n
-    excludes = excludes if excludes is not None else [None] * n
+    # A photo-sized mask is one region: the estimate takes regions only.
+    excludes = [cpu_wb.Regions(((0, 0, np.asarray(e, bool)),)) if isinstance(e, np.ndarray) else e
+                for e in (excludes if excludes is not None else [None] * n)]
     methods = [method] * n
     illuminants: list[NDArray[np.float64] | None] = [None] * n
     if method == "skin":
@@ -226,8 +222,7 @@ def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device
 
 
 def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[str],
-                         excludes: Sequence[NDArray[np.bool_] | cpu_wb.Regions | None],
-                         device: str) -> list[NDArray | None]:
+                         excludes: Sequence[cpu_wb.Regions | None], device: str) -> list[NDArray | None]:
     """``estimate_illuminant`` of each photo, photos of one size and method as one stack on ``device``."""
     import torch
 
@@ -243,17 +238,16 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
         if method == "gray_edge" and min(size) <= EDGE_RADIUS:
             # Too small for the blur's mirrored border (torch mirrors once, OpenCV repeatedly): the CPU's code.
             for i in members:
-                results[i] = cpu_wb.estimate_illuminant(images[i], method, _mask(excludes[i], images[i].shape[:2]))
+                exclude = None if excludes[i] is None else excludes[i].mask(images[i].shape[:2])
+                results[i] = cpu_wb.estimate_illuminant(images[i], method, exclude)
             continue
         codes = torch.stack([photo_on_device(images[i], device) for i in members])
         linear = opencv_resize(lut[codes.long()], size, "area")
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
-            if isinstance(excludes[i], cpu_wb.Regions):  # each part crosses to the device, not a photo-sized mask
-                for x0, y0, part in excludes[i].parts:
+            if excludes[i] is not None:
+                for x0, y0, part in excludes[i].parts:  # each person's crop crosses, not a photo-sized mask
                     bad[row, y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= to_device(part, device)
-            elif excludes[i] is not None:
-                bad[row] |= to_device(np.asarray(excludes[i], bool), device)
         # A downscaled pixel is usable only when none of the pixels it averages is bad.
         usable = opencv_resize(bad.float()[..., None], size, "area")[..., 0] == 0
         if method == "gray_world":
@@ -273,10 +267,6 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
                 continue  # nothing usable, or a black or flat photo: it says nothing about the light
             results[i] = cpu_wb._unit(estimate)
     return results
-
-
-def _mask(exclude, shape: tuple[int, int]) -> NDArray[np.bool_] | None:
-    return exclude.mask(shape) if isinstance(exclude, cpu_wb.Regions) else exclude
 
 
 def _edge_magnitude(linear):

@@ -178,10 +178,6 @@ class HashIndex:
         return partition.setdefault(digest, photo_id)
 
     @property
-    def entries_held(self) -> int:
-        return sum(len(p) for p in self._partitions.values())
-
-    @property
     def partitions_read(self) -> int:
         return len(self._partitions)
 
@@ -232,7 +228,8 @@ class _Partition:
         added = self.added.get(digest)
         if added is not None:
             return added
-        (hi,), (lo,) = _digest_keys([digest])
+        key = _digest16(digest)
+        hi, lo = np.uint64(int.from_bytes(key[:8], "big")), np.uint64(int.from_bytes(key[8:], "big"))
         i = int(np.searchsorted(self.hi, hi))
         while i < len(self.hi) and self.hi[i] == hi:
             if self.lo[i] == lo:
@@ -255,19 +252,16 @@ class _Partition:
         self.added = {}
 
 
+def _digest16(digest: str) -> bytes:
+    """The first 16 bytes of a sha256 hex digest (of any other string: the first 16 of its own sha256)."""
+    if len(digest) == 64 and _HEX.match(digest):
+        return bytes.fromhex(digest[:32])
+    return hashlib.sha256(digest.encode()).digest()[:16]
+
+
 def _digest_keys(digests: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The first 16 bytes of each sha256 hex digest as two uint64 columns (any other string: its blake2b)."""
-    if all(len(d) == 64 for d in digests):
-        try:
-            raw = bytes.fromhex("".join(d[:32] for d in digests))
-        except ValueError:
-            raw = b""
-        if len(raw) == 16 * len(digests):
-            packed = np.frombuffer(raw, ">u8").astype(np.uint64).reshape(-1, 2)
-            return packed[:, 0].copy(), packed[:, 1].copy()
-    raw = b"".join(hashlib.sha256(d.encode()).digest()[:16] if len(d) != 64 or not _HEX.match(d)
-                   else bytes.fromhex(d[:32]) for d in digests)
-    packed = np.frombuffer(raw, ">u8").astype(np.uint64).reshape(-1, 2)
+    """Each digest's 16 bytes (:func:`_digest16`) as two uint64 columns."""
+    packed = np.frombuffer(b"".join(map(_digest16, digests)), ">u8").astype(np.uint64).reshape(-1, 2)
     return packed[:, 0].copy(), packed[:, 1].copy()
 
 
