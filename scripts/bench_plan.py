@@ -18,6 +18,13 @@ made up from each file, so N can be 200,000 in a minute), then measures, each in
 
     python scripts/bench_plan.py --photos 20000 200000 --json
 
+``--pending N [N ...]`` measures instead a first ``colortrend status`` (every photo pending: the whole plan is
+made, as a first run makes it) over a manifest of N paths, one file each (planning never opens them, so they are
+not written; each is listed as a file that cannot be read): peak RSS, wall seconds, and whether the plan spilled
+to its temporary file.
+
+    python scripts/bench_plan.py --pending 200000 2000000 10000000 --json
+
 Prints one line per N and, with ``--json``, one JSON object on the last line.
 """
 from __future__ import annotations
@@ -187,9 +194,34 @@ def bench(n: int, work: Path) -> dict:
                 "hash_index_peak_mb": round(index["index_peak_mb"], 1), "hash_index_lookup_us": index["lookup_us"]}
 
 
+def bench_pending(n: int, work: Path) -> dict:
+    """A first ``colortrend status`` over a manifest of ``n`` paths, on an empty output."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = work / f"manifest-{n}.parquet"
+    if not manifest.exists():
+        paths = pa.array([f"/uploads/2016/d{i // PER_FOLDER:06d}/p{i:09d}.jpg" for i in range(n)])
+        pq.write_table(pa.table({"path": paths}), manifest.with_suffix(".tmp"))
+        manifest.with_suffix(".tmp").rename(manifest)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        config = Path(tmp) / "bench.yaml"
+        config.write_text(json.dumps({"name": "bench", "input": {"paths": [str(manifest)], "year": 2016},
+                                      "output": str(Path(tmp) / "out"), "device": "cpu", "shard_size": 256}))
+        wall, peak, out = measured([sys.executable, "-m", "colortrend.cli", "status", str(config), "--json"])
+        if json.loads(out.splitlines()[-1])["photos_pending"] != n:
+            raise SystemExit(f"status does not count {n} photos pending")
+    import colortrend.plan
+
+    limit = getattr(colortrend.plan, "SPILL_ROWS", None)  # (a tree from before plans could spill: never)
+    return {"pending": n, "first_status_s": round(wall, 2), "first_status_peak_mb": round(peak, 1),
+            "spilled": limit is not None and n > limit}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, nargs="+", default=[20000, 200000])
+    parser.add_argument("--pending", type=int, nargs="+", help="a first status over manifests of N paths instead")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "colortrend-bench-plan",
                         help="where the fabricated inputs are kept between runs (reused when present)")
     parser.add_argument("--json", action="store_true")
@@ -203,6 +235,14 @@ def main() -> None:
         read_index(args.index)
         return
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.pending:
+        results = [bench_pending(n, args.work) for n in args.pending]
+        for result in results:
+            print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        if args.json:
+            print(json.dumps({"results": results, "growth_mb": round(
+                results[-1]["first_status_peak_mb"] - results[0]["first_status_peak_mb"], 1)}))
+        return
     results = []
     for n in args.photos:
         result = bench(n, args.work)

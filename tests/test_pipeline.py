@@ -206,6 +206,31 @@ def test_tables_are_the_same_whatever_the_number_of_cpu_workers(demo, tmp_path):
     assert len(duplicates) and duplicates.equals(read(str(demo["out"]), "photos").query("status == 'duplicate'"))
 
 
+def test_a_plan_too_large_for_memory_is_spilled_and_gives_the_same_rows(demo, tmp_path, monkeypatch):
+    # Past its limit the plan lives in a temporary file, in ranges of photo ids: every photo analysed once with the
+    # same rows (a duplicate may name another copy as the first, since the planned order is another), a rerun with
+    # nothing to do, and no temporary file left behind.
+    import tempfile
+
+    import colortrend.plan
+
+    monkeypatch.setattr(colortrend.plan, "SPILL_ROWS", 3)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out = tmp_path / "spilled"
+    config = write_config(tmp_path, demo["photos"], out)
+    summary = run(load_config(config), progress=False)
+    assert summary.shards > len(list((demo["out"] / "_markers").glob("*.json")))  # cut within each range
+    same, spilled = tables(demo["out"]), tables(out)
+    for name in ("faces", "garments"):
+        pd.testing.assert_frame_equal(same[name], spilled[name], check_exact=False, rtol=1e-4, atol=1e-3, obj=name)
+    columns = ["photo_id", "path", "status", "content_hash", "n_faces", "n_persons"]
+    a, b = same["photos"], spilled["photos"]
+    assert a[columns].replace("duplicate", "ok").equals(b[columns].replace("duplicate", "ok"))
+    assert (a.status == "duplicate").sum() == (b.status == "duplicate").sum() > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("colortrend-plan-")] == []
+    assert run(load_config(config), progress=False).shards == 0
+
+
 def test_the_models_run_in_one_lane_and_the_work_after_them_in_parallel(demo):
     from colortrend.pipeline import Pipeline
     from colortrend.runners.local import lanes

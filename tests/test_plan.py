@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from colortrend.io.discover import Listed, keyed_photo_id, photo_id_for
 from colortrend.io.secret import output_key
 from colortrend.io.store import Store
 from colortrend.pipeline import Pipeline, shard_id_for
-from colortrend.plan import PlannedShards, _PendingColumns, id_keys, plan
+from colortrend.plan import PlannedShards, _Pending, id_keys, plan
 
 
 def planned(tmp_path, inputs: list[str], shard_size: int):
@@ -50,10 +51,9 @@ def test_every_listed_file_lands_in_one_shard_in_path_order_with_its_listed_vers
             assert entry == Listed(path, st.st_size, st.st_mtime_ns, None)
 
 
-def pending_of(rows: list[tuple[str, int]]) -> _PendingColumns:
-    """Pending photos (path, index of the committed shard holding it or -1), as planning adds them."""
-    pending = _PendingColumns()
-    chunk = [Listed(path, 10 + i, 1_000 + i) for i, (path, _) in enumerate(rows)]
+def add_pending(pending: _Pending, rows: list[tuple[str, int]], size: int = 10) -> _Pending:
+    """Pending photos (path, index of the committed shard holding it or -1), added as planning adds them."""
+    chunk = [Listed(path, size + i, 1_000 + i) for i, (path, _) in enumerate(rows)]
     keys = id_keys([photo_id_for(path) for path, _ in rows])
     pending.add(chunk, keys, np.array([owner for _, owner in rows]), np.arange(len(rows)))
     return pending
@@ -63,10 +63,9 @@ def test_shards_to_redo_come_first_in_id_order_then_new_photos_never_mixed():
     shards = ["s-c", "s-a", "s-b"]  # committed shards, in the order the index read them
     rows = [("/n/4", -1), ("/c/2", 0), ("/b/3", 2), ("/n/1", -1), ("/b/1", 2), ("/c/1", 0), ("/n/3", -1),
             ("/b/2", 2), ("/n/2", -1)]
-    pending = pending_of(rows)
-    again = pending_of([("/b/2", 2), ("/n/3", -1)])  # listed a second time (two inputs naming the same files)
-    pending.parts += again.parts
-    tasks = PlannedShards(pending.table(), shards, shard_size=2)
+    pending = add_pending(_Pending(shards), rows)
+    add_pending(pending, [("/b/2", 2), ("/n/3", -1)], size=50)  # listed again (two inputs naming the same files)
+    tasks = PlannedShards(pending, shards, shard_size=2)
 
     got = [(task.paths, task.replaces) for task in tasks]
     assert got == [(["/b/1", "/b/2"], ["s-b"]), (["/b/3"], ["s-b"]), (["/c/1", "/c/2"], ["s-c"]),
@@ -77,5 +76,46 @@ def test_shards_to_redo_come_first_in_id_order_then_new_photos_never_mixed():
 
 
 def test_nothing_pending_plans_no_shard():
-    tasks = PlannedShards(_PendingColumns().table(), ["s-a"], shard_size=4)
+    tasks = PlannedShards(_Pending(["s-a"]), ["s-a"], shard_size=4)
     assert len(tasks) == 0 and not tasks and list(tasks) == [] and tasks.photos == 0 and tasks.replaced == set()
+
+
+def test_a_plan_past_the_memory_limit_spills_to_a_temporary_file_with_the_same_shards_to_redo(tmp_path):
+    """Past its limit the plan goes to disk in ranges: the same photos, each once with its first listing, shards
+    to redo as in memory, new photos in path order within each range of keys, and the files gone once closed."""
+    shards = [f"s-{i:03d}" for i in range(40)][::-1]  # committed shards, read in no particular order
+    rows = [(f"/r/{s:02d}/{p}", s) for s in range(40) for p in range(3)]
+    rows += [(f"/n/{i:04d}.jpg", -1) for i in range(1000)]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    again = rows[::7]  # listed a second time, with another size: the first listing stays
+
+    def plan_of(limit):
+        pending = _Pending(shards, limit=limit)
+        for start in range(0, len(rows), 50):
+            add_pending(pending, rows[start:start + 50])
+        add_pending(pending, again, size=10_000)
+        return PlannedShards(pending, shards, shard_size=16)
+
+    in_memory, spilled = plan_of(limit=10 ** 6), plan_of(limit=64)
+    assert not in_memory.spilled and spilled.spilled
+    folder = spilled._spill.folder
+    assert os.listdir(folder) == ["plan.arrow"]  # the pending photos' file is gone once ordered
+    memory_tasks, spilled_tasks = list(in_memory), list(spilled)
+    redo = [(t.paths, t.replaces) for t in memory_tasks if t.replaces]
+    assert [(t.paths, t.replaces) for t in spilled_tasks if t.replaces] == redo and len(redo) == 40
+    assert [t.replaces for t in spilled_tasks[:40]] == [[s] for s in sorted(shards)]  # redone shards first
+    new = [t for t in spilled_tasks if not t.replaces]
+    assert all(len(t.paths) <= 16 and t.paths == sorted(t.paths) for t in new)
+    assert sorted(p for t in new for p in t.paths) == [f"/n/{i:04d}.jpg" for i in range(1000)]
+    assert len(new) > len([t for t in memory_tasks if not t.replaces])  # shards are cut within each range
+    for tasks in (in_memory, spilled):
+        assert tasks.photos == len(rows) and tasks.new_photos == 1000 and tasks.replaced == set(shards)
+        listed = [entry for task in tasks for entry in task.listed]
+        assert len({e.path for e in listed}) == len(rows) and max(e.size for e in listed) < 10_000
+        for task in tasks:
+            assert task.photo_ids == [photo_id_for(p) for p in task.paths] and task.shard_id == shard_id_for(
+                task.photo_ids)
+    # A Ray worker takes the shards from the pickled plan: the same tasks, read from the same file.
+    assert [t.paths for t in pickle.loads(pickle.dumps(spilled))] == [t.paths for t in spilled_tasks]
+    spilled.close()
+    assert not os.path.exists(folder)

@@ -4,7 +4,7 @@ A listed photo is *done* when a committed shard holds it under the current stage
 the one that was analysed (same size and mtime, and ETag where the store gives one, as recorded in
 ``photos.input_bytes`` / ``input_mtime_ns`` / ``input_etag``). Everything else is pending:
 
-- new photos (no committed row) go into new shards, in path order;
+- new photos (no committed row) go into new shards, in path order (past ``SPILL_ROWS``, range of ids by range);
 - the listed photos of a *stale* shard (other fingerprints, or ``--full``) or of a shard holding a *changed*
   photo (replaced bytes, a file truncated mid-copy that is now whole) are reanalysed into shards that replace it;
 - a *damaged* shard (a file its marker names missing or altered: ``Store.damage``) counts as not committed: the
@@ -12,14 +12,19 @@ the one that was analysed (same size and mtime, and ETag where the store gives o
 
 Memory: the committed side is a few numpy arrays (8-byte photo keys, shard, size, mtime: 29 bytes a photo),
 filled in place shard by shard from the photos files' own columns, and one flag a photo for whether it is still
-listed; the listing is streamed past them and only pending photos are kept, as one Arrow table (their paths and
-about 50 bytes more a photo: :class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of
-paths or ids.
+listed; the listing is streamed past them and only pending photos are kept: up to ``SPILL_ROWS`` as one Arrow
+table (their paths and about 50 bytes more a photo), past it in a temporary file, ordered a range at a time
+(:class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of paths or ids, and a first
+run over millions of new photos holds a range of them, not all.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -39,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 UNKNOWN = np.iinfo(np.int64).min  # a size, mtime or ETag the listing or an old row does not give
 CHUNK = 8192  # listed files compared with the committed ones at a time
+SPILL_ROWS = 1 << 18  # pending photos planning holds in memory; past it, it spills them to a temporary file
+BUCKET_BITS = 8
+BUCKETS = 1 << BUCKET_BITS  # ranges of new photos (by key) and of photos to redo (by shard) a spilled plan is cut in
 INPUT_COLUMNS = ("input_bytes", "input_mtime_ns", "input_etag")  # the version of each input as listed when planned
 
 
@@ -62,7 +70,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     index = CommittedIndex.read(store, healthy, damaged)
     fresh = np.array([healthy[sid].get("fingerprint") == current and not full for sid in index.shards], bool)
 
-    pending = _PendingColumns()  # new photos and photos of shards to redo, a chunk of columns at a time
+    pending = _Pending(index.shards)  # new photos and photos of shards to redo, a chunk of columns at a time
     listed = np.zeros(len(index.key), bool)  # which committed photos the listing still names
     changed_shards: set[int] = set()
     changed = 0
@@ -84,7 +92,7 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
             pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
 
     redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
-    tasks = PlannedShards(pending.table(), index.shards, cfg.shard_size)
+    tasks = PlannedShards(pending, index.shards, cfg.shard_size)
     stale = sorted(index.shards[s] for s in redone)
     committed = sum(int(index.rows[s]) for s in range(len(index.shards)) if s not in redone)
     inputs = int(np.count_nonzero(listed)) + tasks.new_photos
@@ -96,44 +104,61 @@ class PlannedShards(Sequence[ShardTask]):
     """The shards a run analyses, in planned order: the photos of each shard to redo (shard by shard, in the order
     of their ids) and then the new photos, each group in path order and cut into ``shard_size`` shards.
 
-    The pending photos are held as one Arrow table (8-byte key, the path as bytes since a file name need not be
-    UTF-8, listed size, mtime and ETag, owning shard) and their planned order: a path's bytes and about 50 more a
-    photo, instead of Python objects. A :class:`ShardTask` is made only when a runner takes it, so the coordinator
-    holds the tasks in flight, not every task of the run."""
+    Up to ``SPILL_ROWS`` pending photos the plan is one Arrow table in memory (8-byte key, the path as bytes since a
+    file name need not be UTF-8, listed size, mtime and ETag, owning shard) and its planned order: a path's bytes and
+    about 50 more a photo. Beyond, :class:`_Pending` has spilled them to a temporary file in ranges, and each range
+    is ordered and cut in turn into a second file, one record batch per shard: the coordinator then holds a range
+    at a time while planning and a shard at a time while running, whatever the number of photos. (Spilled, new
+    photos come range of keys by range of keys, each range in path order.) A :class:`ShardTask` is made only when a
+    runner takes it."""
 
-    def __init__(self, table: "pa.Table", shards: list[str], shard_size: int):
-        import pyarrow.compute as pc
-
-        rank = np.empty(len(shards), np.int64)  # each committed shard's place in id order
-        rank[sorted(range(len(shards)), key=shards.__getitem__)] = np.arange(len(shards))
-        owner = table.column("owner").to_numpy()
-        group = np.where(owner >= 0, rank[np.maximum(owner, 0)] if len(shards) else 0, len(shards))
-        # By path, then (stably) by group: one column's sort at a time (a two-key table sort holds far more).
-        by_path = pc.sort_indices(table.column("path")).to_numpy()
-        self.order = by_path[np.argsort(group[by_path], kind="stable")]
-        group = group[self.order]
-        starts, ends = [], []
-        for a, b in _runs(group):  # a shard never spans two groups
-            for start in range(a, b, shard_size):
-                starts.append(start)
-                ends.append(min(start + shard_size, b))
-        self.table, self.shards = table, shards
-        self.starts, self.ends = np.array(starts, np.int64), np.array(ends, np.int64)
-        self.owner = owner[self.order[self.starts]] if len(self.starts) else np.zeros(0, np.int32)
-        self.photos = table.num_rows
-        self.new_photos = int(np.count_nonzero(owner < 0))
+    def __init__(self, pending: "_Pending", shards: list[str], shard_size: int):
+        self.shards = shards
+        self.photos = self.new_photos = 0
+        self.replaced: set[str] = set()
+        self._spill = pending.spill  # owns the temporary folder a spilled plan lives in
+        self._plan_path = None if self._spill is None else self._spill.plan_path
+        self._table = self._order = self._reader = None
+        starts, ends, owners = [], [], []
+        writer = None
+        for table in pending.ranges():
+            table = _first_listings(table)
+            owner = table.column("owner").to_numpy()
+            order, cuts = _cut(table.column("path"), pending.group(owner), shard_size)
+            owners.append(owner[order[cuts[:-1]]])
+            self.photos += table.num_rows
+            self.new_photos += int(np.count_nonzero(owner < 0))
+            if self._spill is None:  # the one range: kept as it is, each shard taken from it when asked for
+                self._table, self._order = table, order
+                starts, ends = cuts[:-1], cuts[1:]
+                continue
+            if writer is None:
+                writer = self._spill.plan_writer(table.schema)
+            table = table.combine_chunks()  # the range's record batches as one: each shard's take reads its rows
+            for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):  # record batch i is shard i
+                writer.write_batch(table.take(order[a:b]).combine_chunks().to_batches()[0])
+        if writer is not None:
+            writer.close()
+        self.owner = np.concatenate(owners) if owners else np.zeros(0, np.int32)
+        self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         self.replaced = {shards[int(s)] for s in np.unique(self.owner[self.owner >= 0])}
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.owner)
 
     def __iter__(self) -> Iterator[ShardTask]:
         for i in range(len(self)):
             yield self[i]
 
     def __getitem__(self, i: int) -> ShardTask:
-        a, b = int(self.starts[i]), int(self.ends[i])
-        rows = self.table.take(self.order[a:b])
+        if self._table is not None:
+            rows = self._table.take(self._order[int(self.starts[i]):int(self.ends[i])])
+        else:
+            if self._reader is None:  # opened in the process that takes the shards (a Ray worker, say)
+                import pyarrow as pa
+
+                self._reader = pa.ipc.open_file(pa.OSFile(self._plan_path, "rb"))
+            rows = self._reader.get_batch(i)
         keys = rows.column("key").to_numpy().astype(">u8").tobytes().hex()
         ids = [keys[j:j + 16] for j in range(0, len(keys), 16)]  # a pending photo's id is its key in hex
         paths = [path.decode("utf-8", "surrogateescape") for path in rows.column("path").to_pylist()]
@@ -142,14 +167,39 @@ class PlannedShards(Sequence[ShardTask]):
         owner = int(self.owner[i])
         return ShardTask(shard_id_for(ids), ids, paths, [self.shards[owner]] if owner >= 0 else [], listing)
 
+    @property
+    def spilled(self) -> bool:
+        return self._plan_path is not None
 
-class _PendingColumns:
-    """Pending photos as they are found, a chunk of columns at a time; :meth:`table` joins them, keeping the first
-    listing of a photo listed twice. Paths are packed into Arrow buffers directly: converting Python lists through
-    Arrow's builders held several times the bytes they keep."""
+    def close(self) -> None:
+        """Removes a spilled plan's temporary files (also done when the plan is collected or the process exits)."""
+        if self._spill is not None:
+            self._spill.remove()
 
-    def __init__(self):
+    def __getstate__(self):  # to a Ray worker: the spilled plan's path, not its folder's owner or an open file
+        return dict(self.__dict__, _reader=None, _spill=None)
+
+
+class _Pending:
+    """Pending photos as they are found, a chunk of columns at a time. Up to ``limit`` photos they are held in
+    memory and make one range; past it, they are written (``limit / 4`` at a time) to a temporary Arrow file in
+    ``BUCKETS`` ranges of photos to redo (by their shard's place in id order) and ``BUCKETS`` of new photos (by
+    their key's top bits), and :meth:`ranges` reads back neighbouring ranges together up to about ``limit``
+    photos. A photo listed twice lands twice in one range (same key, same shard); the plan keeps its first
+    listing. Paths are packed into Arrow buffers directly: Arrow's builders held several times the bytes they keep."""
+
+    def __init__(self, shards: list[str], limit: int | None = None):
+        self.rank = np.empty(len(shards), np.int64)  # each committed shard's place in id order
+        self.rank[sorted(range(len(shards)), key=shards.__getitem__)] = np.arange(len(shards))
+        self.limit = SPILL_ROWS if limit is None else limit
         self.parts: list[dict] = []
+        self.held = 0
+        self.spill: _Spill | None = None
+
+    def group(self, owner: np.ndarray) -> np.ndarray:
+        """Each photo's group: its shard's place in id order, or after every shard for a new photo."""
+        n = len(self.rank)
+        return np.where(owner >= 0, self.rank[np.maximum(owner, 0)] if n else 0, n)
 
     def add(self, chunk: list[Listed], keys: np.ndarray, shard: np.ndarray, rows: np.ndarray) -> None:
         import pyarrow as pa
@@ -166,8 +216,29 @@ class _PendingColumns:
             "mtime": np.array([UNKNOWN if e.mtime_ns is None else e.mtime_ns for e in entries], np.int64),
             "etag": pa.array(etags, pa.string()) if known else pa.nulls(len(etags), pa.string()),
         })
+        self.held += len(rows)
+        if self.held > (self.limit if self.spill is None else max(1, self.limit // 4)):
+            self._write()
 
-    def table(self) -> "pa.Table":
+    def ranges(self) -> Iterator["pa.Table"]:
+        """The pending photos, a range at a time in planned order (one range when nothing was spilled)."""
+        if self.spill is None:
+            yield self._joined()
+            return
+        if self.parts:
+            self._write()
+        yield from self.spill.ranges(self.limit)
+
+    def _write(self) -> None:
+        table = self._joined().combine_chunks()  # one chunk: each range's take below reads only its own rows
+        if self.spill is None:
+            self.spill = _Spill(table.schema)
+        owner = table.column("owner").to_numpy()
+        new_range = BUCKETS + (table.column("key").to_numpy() >> np.uint64(64 - BUCKET_BITS)).astype(np.int64)
+        redo_range = self.group(owner) * BUCKETS // max(1, len(self.rank))
+        self.spill.write(table, np.where(owner >= 0, redo_range, new_range))
+
+    def _joined(self) -> "pa.Table":
         import pyarrow as pa
 
         names = ("key", "owner", "path", "size", "mtime", "etag")
@@ -178,10 +249,78 @@ class _PendingColumns:
         for name in names:
             values = [part.pop(name) for part in self.parts]
             columns[name] = pa.chunked_array(values) if isinstance(values[0], pa.Array) else np.concatenate(values)
-        self.parts = []
-        _, first = np.unique(columns["key"], return_index=True)
-        table = pa.table(columns)
-        return table if len(first) == table.num_rows else table.take(np.sort(first))
+        self.parts, self.held = [], 0
+        return pa.table(columns)
+
+
+class _Spill:
+    """A spilled plan's temporary folder (under ``TMPDIR``): the pending photos, one record batch per range and
+    write, then the ordered plan, one record batch per shard. Removed by :meth:`remove`, when collected, or when
+    the process exits."""
+
+    def __init__(self, schema: "pa.Schema"):
+        import pyarrow as pa
+
+        self.folder = tempfile.mkdtemp(prefix="colortrend-plan-")
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self.pending_path = os.path.join(self.folder, "pending.arrow")
+        self.plan_path = os.path.join(self.folder, "plan.arrow")
+        self._writer = pa.ipc.new_file(self.pending_path, schema)
+        self.batches: list[list[int]] = [[] for _ in range(2 * BUCKETS)]  # each range's record batches
+        self.rows = np.zeros(2 * BUCKETS, np.int64)
+        self.written = 0
+
+    def write(self, table: "pa.Table", ranges: np.ndarray) -> None:
+        order = np.argsort(ranges, kind="stable")  # stable: a range keeps its photos in listing order
+        for a, b in _runs(ranges[order]):  # a range's photos copied at a time, not the whole table's
+            r = int(ranges[order[a]])
+            for batch in table.take(order[a:b]).to_batches():
+                self._writer.write_batch(batch)
+                self.batches[r].append(self.written)
+                self.written += 1
+            self.rows[r] += b - a
+
+    def ranges(self, limit: int) -> Iterator["pa.Table"]:
+        """Neighbouring ranges read back together, up to about ``limit`` photos (or one range, if larger)."""
+        import pyarrow as pa
+
+        self._writer.close()
+        reader = pa.ipc.open_file(pa.OSFile(self.pending_path, "rb"))
+        group: list[int] = []
+        for r in [*np.flatnonzero(self.rows).tolist(), None]:
+            full = group and (r is None or r == BUCKETS or self.rows[group].sum() + self.rows[r] > limit)
+            if full:  # (photos to redo and new photos are never read together)
+                yield pa.Table.from_batches([reader.get_batch(i) for g in group for i in self.batches[g]])
+                group = []
+            if r is not None:
+                group.append(r)
+        os.remove(self.pending_path)
+
+    def plan_writer(self, schema: "pa.Schema"):
+        import pyarrow as pa
+
+        return pa.ipc.new_file(self.plan_path, schema)
+
+    def remove(self) -> None:
+        self._remove()
+
+
+def _first_listings(table: "pa.Table") -> "pa.Table":
+    """The table without later listings of a photo listed twice (two inputs naming the same file)."""
+    _, first = np.unique(table.column("key").to_numpy(), return_index=True)
+    return table if len(first) == table.num_rows else table.take(np.sort(first))
+
+
+def _cut(paths: "pa.ChunkedArray", group: np.ndarray, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The planned order (by group, then path) and where its shards start, with the end last: a shard never
+    spans two groups."""
+    import pyarrow.compute as pc
+
+    # By path, then (stably) by group: one column's sort at a time (a two-key table sort holds far more).
+    by_path = pc.sort_indices(paths).to_numpy()
+    order = by_path[np.argsort(group[by_path], kind="stable")]
+    cuts = [start for a, b in _runs(group[order]) for start in range(a, b, shard_size)]
+    return order, np.array([*cuts, len(order)], np.int64)
 
 
 def _binary(items: list[bytes]) -> "pa.Array":

@@ -143,8 +143,11 @@ def run(cfg: Config, executor: str = "local", full: bool = False, address: str |
             # Its files are colortrend's (its marker names them); its photos are already planned as new.
             log.warning("shard %s is damaged (%s): its photos are analysed again", shard_id, problem)
             store.drop_shard(shard_id)
-        if the_plan.tasks:
-            _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
+        try:
+            if the_plan.tasks:
+                _analyse(cfg, pipeline, store, the_plan, executor, address, progress, summary)
+        finally:
+            the_plan.tasks.close()  # a spilled plan's temporary files (its counts stay)
         # The models of this run go into the report directly: _runs/latest.json is written after it.
         try:
             summary.aggregates = build_aggregates(cfg, store, force=bool(the_plan.tasks or the_plan.damaged) or full,
@@ -297,6 +300,7 @@ def status(cfg: Config) -> dict:
     pipeline.check_models()
     pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
     the_plan = plan(cfg, pipeline, store)
+    the_plan.tasks.close()  # only its counts are wanted
     markers = {sid: m for sid, m in store.markers().items() if sid not in the_plan.damaged}
     by_status = Counter()
     for _, photos in store.iter_table("photos", columns=["status"], markers=markers):

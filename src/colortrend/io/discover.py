@@ -24,6 +24,7 @@ from colortrend.io.fs import filesystem, is_url, local_path
 log = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 MANIFEST_BATCH_ROWS = 65536
+FOLDERS_REMEMBERED = 65536  # folders of a manifest whose place (inside the output or not) is remembered at a time
 
 
 class Listed(NamedTuple):
@@ -237,6 +238,8 @@ def _manifest_rows(manifest: str, key: str, output: _Output) -> Iterator[Listed]
     inside_output: dict[str, bool] = {}  # per folder: are its files inside the output (one realpath per folder)
     skipped = 0
     for batch in _manifest_batches(manifest, key):
+        if len(inside_output) > FOLDERS_REMEMBERED:  # a manifest may name a folder per file: memory stays bounded
+            inside_output.clear()
         for path in batch:
             if is_url(path):
                 yield Listed(path, None, None)
