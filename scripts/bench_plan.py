@@ -25,6 +25,13 @@ to its temporary file.
 
     python scripts/bench_plan.py --pending 200000 2000000 10000000 --json
 
+``--hash-index N [N ...]`` measures the content-hash index alone at N committed hashes: N entries written as
+shard-sized deltas through the project's commit code (``write_delta``) and compacted (``compact``), as commits
+leave them, then, in a fresh process, every partition read (as duplicate marking reads them for a nightly run's
+new photos): peak RSS, the process's RSS before reading, seconds, and microseconds a lookup.
+
+    python scripts/bench_plan.py --hash-index 1000000 4000000 --json
+
 Prints one line per N and, with ``--json``, one JSON object on the last line.
 """
 from __future__ import annotations
@@ -218,10 +225,68 @@ def bench_pending(n: int, work: Path) -> dict:
             "spilled": limit is not None and n > limit}
 
 
+def fabricate_index(root: Path, n: int, per: int = 256) -> dict[str, str]:
+    """``n`` index entries (``n // per`` shards of ``per``) as commits and compaction leave them; their tokens."""
+    import pyarrow as pa
+
+    from colortrend.io import hash_index
+    from colortrend.io.store import Store
+
+    store = Store(str(root))
+    store.prepare()
+    tokens = {}
+    for s in range(n // per):
+        ids = [f"{(s * per + i) * 2654435761 % (1 << 64):016x}" for i in range(per)]
+        photos = pa.table({"photo_id": ids, "status": ["ok"] * per,
+                           "content_hash": [hashlib.sha256(b"%d" % (s * per + i)).hexdigest() for i in range(per)]})
+        tokens[f"shard-{s:06d}"] = hash_index.new_token()
+        hash_index.write_delta(store, f"shard-{s:06d}", tokens[f"shard-{s:06d}"], photos)
+        if s % 1024 == 1023:
+            hash_index.compact(store, tokens)
+    hash_index.compact(store, tokens)
+    return tokens
+
+
+def read_whole_index(root: Path) -> None:
+    """Every partition of the fabricated index read as duplicate marking reads them; prints figures as JSON."""
+    from colortrend.io.hash_index import HashIndex
+    from colortrend.io.store import Store
+
+    tokens = json.loads((root / "tokens.json").read_text())
+    before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    index = HashIndex(Store(str(root)), tokens)
+    t0 = time.perf_counter()
+    for p in range(256):
+        index.setdefault(f"{p:02x}" + "f" * 62, "new")
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = len(tokens) * 256
+    probe = [hashlib.sha256(b"%d" % i).hexdigest() for i in range(0, n, max(1, n // 20000))]
+    t0 = time.perf_counter()
+    found = sum(index.setdefault(d, "new") != "new" for d in probe)
+    us = (time.perf_counter() - t0) / len(probe) * 1e6
+    if found != len(probe):
+        raise SystemExit(f"the index found {found} of {len(probe)} committed hashes")
+    print(json.dumps({"rss_before_mb": round(before_mb, 1), "peak_mb": round(peak_mb, 1),
+                      "read_all_s": round(seconds, 2), "lookup_us": round(us, 2)}))
+
+
+def bench_index(n: int, work: Path) -> dict:
+    root = work / f"index-{n}"
+    if not (root / "tokens.json").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        tokens = fabricate_index(root, n)
+        (root / "tokens.json").write_text(json.dumps(tokens))
+    _, _, out = measured([sys.executable, __file__, "--read-index", str(root)])
+    return {"hashes": n, **json.loads(out.splitlines()[-1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, nargs="+", default=[20000, 200000])
     parser.add_argument("--pending", type=int, nargs="+", help="a first status over manifests of N paths instead")
+    parser.add_argument("--hash-index", type=int, nargs="+", help="the hash index alone at N committed hashes")
+    parser.add_argument("--read-index", type=Path, help=argparse.SUPPRESS)  # its reading, in its own process
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "colortrend-bench-plan",
                         help="where the fabricated inputs are kept between runs (reused when present)")
     parser.add_argument("--json", action="store_true")
@@ -234,7 +299,17 @@ def main() -> None:
     if args.index:
         read_index(args.index)
         return
+    if args.read_index:
+        read_whole_index(args.read_index)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.hash_index:
+        results = [bench_index(n, args.work) for n in args.hash_index]
+        for result in results:
+            print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+        if args.json:
+            print(json.dumps({"results": results}))
+        return
     if args.pending:
         results = [bench_pending(n, args.work) for n in args.pending]
         for result in results:

@@ -248,20 +248,28 @@ def test_hash_index_reads_only_the_partitions_asked_for(store, monkeypatch):
     assert {rel.split("/")[2] for rel in read} == {"28", "ab"}  # of 256 partitions
 
 
+@pytest.mark.parametrize("source", ["lists", "index file columns"])
 @pytest.mark.parametrize("ids", ["colortrend", "foreign"])
-def test_a_hash_partition_answers_as_a_dict_in_24_bytes_an_entry(ids, monkeypatch):
+def test_a_hash_partition_answers_as_a_dict_in_24_bytes_an_entry(ids, source, monkeypatch):
     """Committed first copies (any order of equal hashes: the first counts), then this run's photos, folded into
-    the sorted arrays every few entries: every answer is a dict's."""
+    the sorted arrays every few entries: every answer is a dict's, whether the committed entries come as lists or
+    as an index file's Arrow columns (decoded from their buffers; hashes and ids of other shapes as strings)."""
     import random
+
+    import pyarrow as pa
 
     from colortrend.io.hash_index import _Partition
 
     monkeypatch.setattr(_Partition, "FOLD", 7)
     rng = random.Random(3)
-    pool = [f"{rng.getrandbits(256):064x}" for _ in range(120)] + ["not-a-sha256", "Z" * 64]
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(120)] + ["not-a-sha256", "Z" * 64, "AB" * 32]
     name = (lambda i: f"{i:016x}") if ids == "colortrend" else (lambda i: f"photo-{i}")
-    committed = [(rng.choice(pool[:60]), name(i)) for i in range(80)]  # copies among them: the first counts
-    partition = _Partition([d for d, _ in committed], [p for _, p in committed])
+    kinds = pool[:60] if ids == "colortrend" else pool[:60] + pool[-3:]
+    committed = [(rng.choice(kinds), name(i)) for i in range(80)]  # copies among them: the first counts
+    digests, photo_ids = [d for d, _ in committed], [p for _, p in committed]
+    if source != "lists":
+        digests, photo_ids = (pa.chunked_array([column[:30], column[30:]]) for column in (digests, photo_ids))
+    partition = _Partition(digests, photo_ids)
     expected: dict[str, str] = {}
     for digest, pid in committed:
         expected.setdefault(digest, pid)

@@ -115,15 +115,17 @@ class _Valid:
 
     def __init__(self, tokens: dict[str, str]):
         self.tokens = tokens
-        self._keys = None
+        self._shards = self._tokens = None
 
     def __call__(self, table: pa.Table) -> pa.Table:
         import pyarrow.compute as pc
 
-        if self._keys is None:
-            self._keys = pa.array([f"{s}.{t}" for s, t in self.tokens.items()], pa.string())
-        keys = pc.binary_join_element_wise(table["shard"], table["token"], ".")
-        return table.filter(pc.is_in(keys, self._keys))
+        if self._shards is None:  # once: the committed shards and, in the same order, their tokens
+            self._shards = pa.array(list(self.tokens), pa.string())
+            self._tokens = pa.array(list(self.tokens.values()), pa.string())
+        at = pc.index_in(table["shard"], value_set=self._shards)  # null where the shard is not committed
+        keep = pc.fill_null(pc.equal(table["token"], self._tokens.take(at)), False)
+        return table.filter(keep)
 
 
 def _read(store: "Store", rel: str) -> pa.Table:
@@ -164,6 +166,7 @@ class HashIndex:
         self.store, self.tokens = store, tokens
         self._deltas: dict[str, pa.Table] | None = None  # partition -> valid delta entries
         self._partitions: dict[str, _Partition] = {}
+        self._valid = _Valid(tokens)
 
     def __getstate__(self):
         return {"store": self.store, "tokens": self.tokens}
@@ -184,7 +187,7 @@ class HashIndex:
     def _load(self, prefix: str) -> "_Partition":
         import pyarrow.compute as pc
 
-        valid = _Valid(self.tokens)
+        valid = self._valid
         if self._deltas is None:
             names = (n for n in self.store.list(DELTAS, ".parquet") if (d := delta_of(n)) and
                      self.tokens.get(d[0]) == d[1])
@@ -198,8 +201,8 @@ class HashIndex:
                  if _PART_NAME.match(n)]
         table = _concat([self._deltas.get(prefix, SCHEMA.empty_table()),
                          *(valid(_read(self.store, rel)) for rel in files)])
-        table = table.sort_by([("shard", "ascending"), ("photo_id", "ascending")])
-        return _Partition(table["content_hash"].to_pylist(), table["photo_id"].to_pylist())
+        order = pc.sort_indices(table, sort_keys=[("shard", "ascending"), ("photo_id", "ascending")])
+        return _Partition(table["content_hash"].take(order), table["photo_id"].take(order))
 
 
 class _Partition:
@@ -210,15 +213,16 @@ class _Partition:
 
     FOLD = 256  # this run's entries a partition keeps as strings: at most 256 x 256 of them in all
 
-    def __init__(self, digests: list[str], photo_ids: list[str]):
-        """``digests`` with their ``photo_ids``, the first of each digest counting (committed order)."""
+    def __init__(self, digests: "list[str] | pa.ChunkedArray", photo_ids: "list[str] | pa.ChunkedArray"):
+        """``digests`` with their ``photo_ids`` (lists, or an index file's Arrow columns, decoded without making a
+        string of each), the first of each digest counting (committed order)."""
         hi, lo = _digest_keys(digests)
         order = np.lexsort((lo, hi))  # stable: of equal hashes, the first listed stays first
         hi, lo = hi[order], lo[order]
         first = np.ones(len(hi), bool)
         first[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
         self.hi, self.lo = hi[first], lo[first]
-        self.ids = _packed_ids([photo_ids[i] for i in order[first]])
+        self.ids = _packed_ids(photo_ids)[order[first]]
         self.added: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -259,18 +263,53 @@ def _digest16(digest: str) -> bytes:
     return hashlib.sha256(digest.encode()).digest()[:16]
 
 
-def _digest_keys(digests: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _digest_keys(digests: "list[str] | pa.ChunkedArray") -> tuple[np.ndarray, np.ndarray]:
     """Each digest's 16 bytes (:func:`_digest16`) as two uint64 columns."""
+    if not isinstance(digests, list):
+        words = _hex_words(digests, 64, 2)  # every one a sha256 hex digest, as intake writes them
+        if words is not None:
+            return words[:, 0].copy(), words[:, 1].copy()
+        digests = digests.to_pylist()
     packed = np.frombuffer(b"".join(map(_digest16, digests)), ">u8").astype(np.uint64).reshape(-1, 2)
     return packed[:, 0].copy(), packed[:, 1].copy()
 
 
-def _packed_ids(photo_ids: list[str]) -> np.ndarray:
+def _packed_ids(photo_ids: "list[str] | pa.ChunkedArray") -> np.ndarray:
     """Photo ids as uint64 where every one is 16 lowercase hex digits (as colortrend writes them), else as strings."""
+    if not isinstance(photo_ids, list):
+        words = _hex_words(photo_ids, 16, 1)
+        if words is not None:
+            return words[:, 0].copy()
+        photo_ids = photo_ids.to_pylist()
     joined = "".join(photo_ids)
     if all(len(pid) == 16 for pid in photo_ids) and _HEX.match(joined):
         return np.frombuffer(bytes.fromhex(joined), ">u8").astype(np.uint64)
     return np.array(photo_ids, dtype=object)
+
+
+def _hex_words(column: "pa.ChunkedArray | pa.Array", chars: int, words: int) -> np.ndarray | None:
+    """The first ``words`` 64-bit words of each value, read from the string column's own buffer, where every value
+    is exactly ``chars`` lowercase hex digits; None where one is not (or is null)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.null_count or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        return None
+    if not len(array):
+        return np.zeros((0, words), np.uint64)
+    width = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    offsets = np.frombuffer(array.buffers()[1], width)[array.offset:array.offset + len(array) + 1]
+    if not (np.diff(offsets) == chars).all():
+        return None
+    text = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    if ((text >= ord("A")) & (text <= ord("F"))).any():  # fromhex takes upper case too; these are not ours
+        return None
+    try:
+        raw = bytes.fromhex(text.tobytes().decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if len(raw) * 2 != len(text):  # (fromhex skips spaces between digit pairs)
+        return None
+    packed = np.frombuffer(raw, np.uint8).reshape(-1, chars // 2)[:, :8 * words]
+    return np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
 
 
 def _as_strings(ids: np.ndarray) -> np.ndarray:
