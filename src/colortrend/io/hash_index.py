@@ -199,8 +199,9 @@ class HashIndex:
                     self._deltas[p] = deltas.filter(pc.equal(by, p))
         files = [f"{HASHES}/{prefix}/{n}" for n in self.store.list(f"{HASHES}/{prefix}", ".parquet")
                  if _PART_NAME.match(n)]
-        table = _concat([self._deltas.get(prefix, SCHEMA.empty_table()),
-                         *(valid(_read(self.store, rel)) for rel in files)])
+        # Checked once for the whole partition: a lookup table of the committed shards is built per call.
+        table = valid(_concat([self._deltas.get(prefix, SCHEMA.empty_table()),
+                               *(_read(self.store, rel) for rel in files)]))
         order = pc.sort_indices(table, sort_keys=[("shard", "ascending"), ("photo_id", "ascending")])
         return _Partition(table["content_hash"].take(order), table["photo_id"].take(order))
 
