@@ -328,6 +328,50 @@ def test_a_full_disk_while_the_report_is_written_is_one_line_and_the_next_run_fi
     assert os.path.exists(os.path.join(out, "report", "index.html"))
 
 
+def test_a_full_disk_under_the_plans_temporary_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    # Past its limit a plan spills to TMPDIR; that disk filling up mid-write (pyarrow raises OSError ENOSPC with no
+    # file name) is one line that names the folder and the fix, and leaves no temporary file behind.
+    import errno
+    import gc
+    import tempfile
+
+    import pyarrow as pa
+
+    import colortrend.plan
+
+    (tmp_path / "today").mkdir()
+    for i in range(12):
+        (tmp_path / "today" / f"p{i:02d}.jpg").write_bytes(b"x")
+    path, _ = config(tmp_path, inputs=f"[{tmp_path / 'today'}]")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(colortrend.plan, "SPILL_ROWS", 4)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real_new_file = pa.ipc.new_file
+
+    class FillsUp:
+        def __init__(self, *args):
+            self.writer, self.written = real_new_file(*args), 0
+
+        def write_batch(self, batch):
+            if self.written == 2:
+                raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+            self.written += 1
+            self.writer.write_batch(batch)
+
+        def close(self):
+            self.writer.close()
+
+    monkeypatch.setattr(pa.ipc, "new_file", FillsUp)
+    for command in ("status", "run"):
+        one_line_error(invoke(command, path), "planning: disk full in", str(scratch), "set TMPDIR")
+        gc.collect()  # (the plan's folder goes with its owner)
+        assert list(scratch.iterdir()) == []
+    monkeypatch.setattr(pa.ipc, "new_file", real_new_file)
+    result = invoke("status", path, "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["photos_pending"] == 12, result.output
+
+
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory):
     """An output with one committed shard (a photo without a face: the models run once, on little)."""

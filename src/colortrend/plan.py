@@ -19,6 +19,7 @@ run over millions of new photos holds a range of them, not all.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -120,25 +121,26 @@ class PlannedShards(Sequence[ShardTask]):
         self._plan_path = None if self._spill is None else self._spill.plan_path
         self._table = self._order = self._reader = None
         starts, ends, owners = [], [], []
-        writer = None
-        for table in pending.ranges():
-            table = _first_listings(table)
-            owner = table.column("owner").to_numpy()
-            order, cuts = _cut(table.column("path"), pending.group(owner), shard_size)
-            owners.append(owner[order[cuts[:-1]]])
-            self.photos += table.num_rows
-            self.new_photos += int(np.count_nonzero(owner < 0))
-            if self._spill is None:  # the one range: kept as it is, each shard taken from it when asked for
-                self._table, self._order = table, order
-                starts, ends = cuts[:-1], cuts[1:]
-                continue
-            if writer is None:
-                writer = self._spill.plan_writer(table.schema)
-            table = table.combine_chunks()  # the range's record batches as one: each shard's take reads its rows
-            for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):  # record batch i is shard i
-                writer.write_batch(table.take(order[a:b]).combine_chunks().to_batches()[0])
-        if writer is not None:
-            writer.close()
+        with _temporary_files():
+            writer = None
+            for table in pending.ranges():
+                table = _first_listings(table)
+                owner = table.column("owner").to_numpy()
+                order, cuts = _cut(table.column("path"), pending.group(owner), shard_size)
+                owners.append(owner[order[cuts[:-1]]])
+                self.photos += table.num_rows
+                self.new_photos += int(np.count_nonzero(owner < 0))
+                if self._spill is None:  # the one range: kept as it is, each shard taken from it when asked for
+                    self._table, self._order = table, order
+                    starts, ends = cuts[:-1], cuts[1:]
+                    continue
+                if writer is None:
+                    writer = self._spill.plan_writer(table.schema)
+                table = table.combine_chunks()  # the range's record batches as one: each shard's take reads its rows
+                for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):  # record batch i is shard i
+                    writer.write_batch(table.take(order[a:b]).combine_chunks().to_batches()[0])
+            if writer is not None:
+                writer.close()
         self.owner = np.concatenate(owners) if owners else np.zeros(0, np.int32)
         self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         self.replaced = {shards[int(s)] for s in np.unique(self.owner[self.owner >= 0])}
@@ -154,11 +156,12 @@ class PlannedShards(Sequence[ShardTask]):
         if self._table is not None:
             rows = self._table.take(self._order[int(self.starts[i]):int(self.ends[i])])
         else:
-            if self._reader is None:  # opened in the process that takes the shards (a Ray worker, say)
-                import pyarrow as pa
+            with _temporary_files():
+                if self._reader is None:  # opened in the process that takes the shards (a Ray worker, say)
+                    import pyarrow as pa
 
-                self._reader = pa.ipc.open_file(pa.OSFile(self._plan_path, "rb"))
-            rows = self._reader.get_batch(i)
+                    self._reader = pa.ipc.open_file(pa.OSFile(self._plan_path, "rb"))
+                rows = self._reader.get_batch(i)
         keys = rows.column("key").to_numpy().astype(">u8").tobytes().hex()
         ids = [keys[j:j + 16] for j in range(0, len(keys), 16)]  # a pending photo's id is its key in hex
         paths = [path.decode("utf-8", "surrogateescape") for path in rows.column("path").to_pylist()]
@@ -231,12 +234,13 @@ class _Pending:
 
     def _write(self) -> None:
         table = self._joined().combine_chunks()  # one chunk: each range's take below reads only its own rows
-        if self.spill is None:
-            self.spill = _Spill(table.schema)
         owner = table.column("owner").to_numpy()
         new_range = BUCKETS + (table.column("key").to_numpy() >> np.uint64(64 - BUCKET_BITS)).astype(np.int64)
         redo_range = self.group(owner) * BUCKETS // max(1, len(self.rank))
-        self.spill.write(table, np.where(owner >= 0, redo_range, new_range))
+        with _temporary_files():
+            if self.spill is None:
+                self.spill = _Spill(table.schema)
+            self.spill.write(table, np.where(owner >= 0, redo_range, new_range))
 
     def _joined(self) -> "pa.Table":
         import pyarrow as pa
@@ -251,6 +255,19 @@ class _Pending:
             columns[name] = pa.chunked_array(values) if isinstance(values[0], pa.Array) else np.concatenate(values)
         self.parts, self.held = [], 0
         return pa.table(columns)
+
+
+@contextlib.contextmanager
+def _temporary_files() -> Iterator[None]:
+    """A spilled plan's disk refusing it (full, read-only, its file gone) becomes one line naming ``TMPDIR``."""
+    try:
+        yield
+    except OSError as exc:
+        from colortrend.errors import ConfigError, environment_problem
+
+        raise ConfigError(f"planning: {environment_problem(exc, tempfile.gettempdir())}; past {SPILL_ROWS:,} photos "
+                          "to analyse it keeps them there (about 150 bytes a photo): set TMPDIR to a folder with "
+                          "room") from None
 
 
 class _Spill:
