@@ -79,13 +79,12 @@ class RayRunner:
         size = pipeline.cfg.batch_size
         # The driver holds no record: each block is one shard's index, turned into its photos' records by a worker
         # from the plan (put in Ray's object store once), so the driver's memory does not grow with the run.
-        # Its worker runs on the driver's machine: a plan too large for memory is a file there.
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # Its worker runs on the driver's machine (Ray labels each node with its id): a plan too large for memory
+        # is a file there.
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         ds = ray.data.range(len(tasks), override_num_blocks=min(len(tasks), INDEX_BLOCKS))
         ds = ds.map_batches(TaskRecords, fn_constructor_args=(pipeline, tasks), batch_size=1, batch_format="pandas",
-                            concurrency=1, num_cpus=cpus, scheduling_strategy=here)
+                            concurrency=1, num_cpus=cpus, label_selector=here)
         for step in steps:
             actors, gpu_share = placement(step, gpus, per_gpu, workers)
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
