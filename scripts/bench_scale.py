@@ -16,6 +16,8 @@ Planning (``colortrend.plan.plan``, what every run and ``status`` do first) runs
 output with one new photo to list: it reads the committed photos' ids and input columns, never the rows.
 Prints one JSON object on the last line: ``aggregate_s``, ``aggregate_peak_mb`` (cold), ``aggregate_warm_s``,
 ``aggregate_warm_peak_mb``, ``plan_s``, ``plan_peak_mb``, and the ``baseline_`` figures when asked.
+``--plan-only`` measures planning alone (with ``--shard-size 256``, a run's default: as many commit records as a
+real output of that size holds).
 """
 from __future__ import annotations
 
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=10_000, help="persons per committed shard")
     parser.add_argument("--out", type=Path, default=None, help="where the fabricated output lives (kept)")
     parser.add_argument("--baseline-src", type=Path, default=None, help="another source tree to measure beside")
+    parser.add_argument("--plan-only", action="store_true", help="measure planning only, not aggregation")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     out = args.out or Path(tempfile.gettempdir()) / f"colortrend-bench-scale-{args.persons}-{args.shard_size}"
@@ -147,17 +150,20 @@ def main() -> None:
     result = {"persons": args.persons, "shards": -(-args.persons // args.shard_size), "shard_size": args.shard_size,
               "fabricate_s": None if fabricate_s is None else round(fabricate_s, 1)}
     if args.baseline_src:
-        base = measure(out, args.baseline_src)
-        result |= {"baseline_aggregate_s": round(base["s"], 2), "baseline_aggregate_peak_mb": round(base["peak_mb"])}
+        if not args.plan_only:
+            base = measure(out, args.baseline_src)
+            result |= {"baseline_aggregate_s": round(base["s"], 2),
+                       "baseline_aggregate_peak_mb": round(base["peak_mb"])}
         try:  # a tree from before markers stopped listing photo ids cannot plan over this output
             base = measure(out, args.baseline_src, MEASURE_PLAN)
             result |= {"baseline_plan_s": round(base["s"], 2), "baseline_plan_peak_mb": round(base["peak_mb"])}
         except SystemExit as exc:
             result |= {"baseline_plan_error": str(exc).strip().splitlines()[-1][:200]}
-    shutil.rmtree(out / "_partials", ignore_errors=True)  # cold: every shard read once
-    cold, warm = measure(out, SRC), measure(out, SRC)
-    result |= {"aggregate_s": round(cold["s"], 2), "aggregate_peak_mb": round(cold["peak_mb"]),
-               "aggregate_warm_s": round(warm["s"], 2), "aggregate_warm_peak_mb": round(warm["peak_mb"])}
+    if not args.plan_only:
+        shutil.rmtree(out / "_partials", ignore_errors=True)  # cold: every shard read once
+        cold, warm = measure(out, SRC), measure(out, SRC)
+        result |= {"aggregate_s": round(cold["s"], 2), "aggregate_peak_mb": round(cold["peak_mb"]),
+                   "aggregate_warm_s": round(warm["s"], 2), "aggregate_warm_peak_mb": round(warm["peak_mb"])}
     planned = measure(out, SRC, MEASURE_PLAN)
     result |= {"plan_s": round(planned["s"], 2), "plan_peak_mb": round(planned["peak_mb"]),
                "plan_tasks": planned["tasks"]}

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import secrets
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -255,12 +256,17 @@ class Store:
         who moves the file away gets that shard redone by the next run.
         """
         out = {}
+        shared: dict[str, str] = {}  # one copy of the keys and short values (fingerprints, tokens) every record holds
+
+        def compact(pairs: list[tuple]) -> dict:
+            return {sys.intern(k): shared.setdefault(v, v) if type(v) is str and len(v) <= 16 else v for k, v in pairs}
+
         for name in self.list(MARKERS, ".json"):
             shard_id = name[: -len(".json")]
             rel = f"{MARKERS}/{name}"
             try:
                 text = self.fs.cat_file(self.path(rel)).decode("utf-8")
-                marker = json.loads(text)
+                marker = json.loads(text, object_pairs_hook=compact)
             except FileNotFoundError:
                 continue  # dropped by a concurrent replacement between listing and reading
             except (OSError, UnicodeDecodeError, ValueError) as exc:
