@@ -15,6 +15,7 @@ driver's life (Linux ``PR_SET_PDEATHSIG``), so a killed run leaves none behind e
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import pickle
@@ -79,12 +80,9 @@ class RayRunner:
         size = pipeline.cfg.batch_size
         # The driver holds no record: each block is one shard's index, turned into its photos' records by a worker
         # from the plan (put in Ray's object store once), so the driver's memory does not grow with the run.
-        # Its worker runs on the driver's machine (Ray labels each node with its id): a plan too large for memory
-        # is a file there.
-        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         ds = ray.data.range(len(tasks), override_num_blocks=min(len(tasks), INDEX_BLOCKS))
         ds = ds.map_batches(TaskRecords, fn_constructor_args=(pipeline, tasks), batch_size=1, batch_format="pandas",
-                            concurrency=1, num_cpus=cpus, label_selector=here)
+                            concurrency=1, num_cpus=cpus, **on_driver_node(ray, ds.map_batches))
         for step in steps:
             actors, gpu_share = placement(step, gpus, per_gpu, workers)
             ds = ds.map_batches(StepActor, fn_constructor_args=(step,), batch_size=size, batch_format="pandas",
@@ -101,6 +99,18 @@ class RayRunner:
                 done = shards.add(part)
                 if done is not None:
                     yield done
+
+
+def on_driver_node(ray, map_batches) -> dict:
+    """``map_batches`` options that keep its workers on the driver's machine, where a plan too large for memory is
+    a file: Ray's node-id label where ``map_batches`` takes a label selector (its remote arguments are deprecated
+    there), else a node-affinity strategy."""
+    node = ray.get_runtime_context().get_node_id()
+    if "label_selector" in inspect.signature(map_batches).parameters:
+        return {"label_selector": {"ray.io/node-id": node}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 def placement(step: Step, gpus: int, per_gpu: int, cpu_workers: int) -> tuple[int, float]:
