@@ -116,7 +116,6 @@ class PlannedShards(Sequence[ShardTask]):
     def __init__(self, pending: "_Pending", shards: list[str], shard_size: int):
         self.shards = shards
         self.photos = self.new_photos = 0
-        self.replaced: set[str] = set()
         self._spill = pending.spill  # owns the temporary folder a spilled plan lives in
         self._plan_path = None if self._spill is None else self._spill.plan_path
         self._table = self._order = self._reader = None
@@ -138,12 +137,12 @@ class PlannedShards(Sequence[ShardTask]):
                     writer = self._spill.plan_writer(table.schema)
                 table = table.combine_chunks()  # the range's record batches as one: each shard's take reads its rows
                 for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):  # record batch i is shard i
-                    writer.write_batch(table.take(order[a:b]).combine_chunks().to_batches()[0])
+                    writer.write_table(table.take(order[a:b]), max_chunksize=b - a)
             if writer is not None:
                 writer.close()
         self.owner = np.concatenate(owners) if owners else np.zeros(0, np.int32)
         self.starts, self.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
-        self.replaced = {shards[int(s)] for s in np.unique(self.owner[self.owner >= 0])}
+        self.replaced: set[str] = {shards[int(s)] for s in np.unique(self.owner[self.owner >= 0])}
 
     def __len__(self) -> int:
         return len(self.owner)
