@@ -106,8 +106,9 @@ def test_eval_age_scores_the_ages_a_run_writes(demo_photos, tmp_path):
 def test_on_the_device_paths_a_photo_crosses_to_the_device_once_and_no_stage_writes_to_the_shared_copy(
         demo_photos, tmp_path):
     """The whole chain as a GPU host runs it (every torch path, here on the CPU): JPEGs decoded on the device are
-    never uploaded again, a PNG is uploaded once and shared by detect, segment and white balance, every shared copy
-    still holds its photo's pixels when the chain is done, and the copies go when the batch does."""
+    never uploaded again, a PNG is uploaded once and shared by detect, segment and white balance, each person's label
+    map once for white balance and the dominant stage, the white-balanced photos never cross; every shared copy still
+    holds its array when the chain is done, and the copies go when the batch does."""
     import gc
 
     import numpy as np
@@ -127,11 +128,14 @@ def test_on_the_device_paths_a_photo_crosses_to_the_device_once_and_no_stage_wri
         stage.ops_device = "cpu"
         batch = stage(batch)
     assert batch["status"] == ["ok"] * len(paths) and sum(len(p) for p in batch["person_parse"]) >= 5
-    assert DEVICE_COPIES.uploaded_bytes - uploaded == batch["image"][-1].nbytes  # the PNG, once
-    for image in batch["image"]:
-        shared = DEVICE_COPIES.get(image, "cpu")
-        assert not image.flags.writeable and np.array_equal(shared.numpy(), image)
-    assert DEVICE_COPIES.uploaded_bytes - uploaded == batch["image"][-1].nbytes
-    del batch, shared, image
+    labels = [parse[2] for parses in batch["person_parse"] for parse in parses if parse is not None]
+    crossed = batch["image"][-1].nbytes + sum(label.nbytes for label in labels)  # the PNG and each label map, once
+    assert DEVICE_COPIES.uploaded_bytes - uploaded == crossed
+    # Photos, white-balanced photos (made on the device) and label maps: each shared copy is its array.
+    for array in [*batch["image"], *batch["image_wb"], *labels]:
+        shared = DEVICE_COPIES.get(array, "cpu")
+        assert not array.flags.writeable and np.array_equal(shared.numpy(), array)
+    assert DEVICE_COPIES.uploaded_bytes - uploaded == crossed
+    del batch, shared, array, labels
     gc.collect()
     assert len(DEVICE_COPIES) == held_before

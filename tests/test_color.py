@@ -303,9 +303,14 @@ def test_torch_white_balance_equals_numpy_on_demo_photos(method):
         return Regions(((w // 4, h // 5, rng.random((h // 3, w // 3)) < 0.5),
                         (w - w // 2, h - h // 2, rng.random((h // 2, w // 2)) < 0.3)))
 
-    # a photo-sized mask, the same as regions (what the stage passes: only its parts cross to the device), or none
-    excludes = [rng.random(image.shape[:2]) < 0.2 if i % 3 == 0 else regions(*image.shape[:2]) if i % 3 == 1 else None
-                for i, image in enumerate(images)]
+    def label_regions(h: int, w: int) -> Regions:  # as the correct stage passes them: label maps and a class table
+        return Regions(((w // 3, h // 4, rng.integers(0, 7, (h // 3, w // 4), dtype=np.uint8)),
+                        (0, h // 2, rng.integers(0, 7, (h // 2, w // 2), dtype=np.uint8))),
+                       np.isin(np.arange(256), (3, 4)))
+
+    # a photo-sized mask, the same as regions (only their parts cross to the device), or none
+    excludes = [rng.random(image.shape[:2]) < 0.2 if i % 4 == 0 else regions(*image.shape[:2]) if i % 4 == 1
+                else label_regions(*image.shape[:2]) if i % 4 == 2 else None for i, image in enumerate(images)]
     # skin: a face on the first photo only (the others fall back to shades_of_gray, batched on the device)
     landmarks = [np.array([[200, 200, 260, 200, 230, 240, 205, 270, 255, 270]], np.float32)] + [None] * 7
     numpy_path = [white_balance(image, method, landmarks=marks,

@@ -89,10 +89,9 @@ def palettes(pixel_sets: Sequence[NDArray[np.uint8]], k: int = 5, max_pixels: in
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
         x, w = _pad([bins[i] for i in chunk])
-        centres, counts = _lloyd(x, w, _kmeanspp(x, w, k, draws), max_iter)
-        centres, counts = _merge_close(centres, counts, merge_delta_e)
-        for row, i in enumerate(chunk):
-            results[i] = _palette(centres[row], counts[row])
+        centres, counts = _merge_close(*_lloyd(x, w, _kmeanspp(x, w, k, draws), max_iter), merge_delta_e)
+        for i, palette in zip(chunk, palettes_of_clusters(centres, counts)):
+            results[i] = palette
     return results
 
 
@@ -239,8 +238,13 @@ def _merge_close(centres: NDArray[np.float64], counts: NDArray[np.float64],
     return centres, counts
 
 
-def _palette(centres: NDArray[np.float64], counts: NDArray[np.float64]) -> Palette:
-    keep = np.flatnonzero(counts > 0)
-    order = keep[np.argsort(-counts[keep], kind="stable")]
-    lab = centres[order]
-    return Palette(lab=lab, rgb=to_uint8(lab_to_rgb(lab)), share=counts[order] / counts[order].sum())
+def palettes_of_clusters(centres: NDArray[np.float64], counts: NDArray[np.float64]) -> list[Palette]:
+    """Each person's palette from their clusters' CIELAB centres (P, k, 3) and weights (P, k): the clusters with
+    weight, largest first (ties keep cluster order). The sRGB of every centre is converted at once."""
+    order = np.argsort(-counts, axis=1, kind="stable")
+    centres = np.take_along_axis(centres, order[..., None], 1)
+    counts = np.take_along_axis(counts, order, 1)
+    rgb = to_uint8(lab_to_rgb(centres))
+    kept = (counts > 0).sum(1)  # sorted by weight, so the clusters with weight come first
+    return [Palette(lab=centres[p, :m], rgb=rgb[p, :m], share=counts[p, :m] / counts[p, :m].sum())
+            for p, m in enumerate(kept)]

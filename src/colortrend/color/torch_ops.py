@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from colortrend.color import kmeans as cpu_kmeans
+from colortrend.color import space
 from colortrend.color import white_balance as cpu_wb
 from colortrend.color.white_balance import Correction
 
@@ -131,9 +132,10 @@ def to_device(array: NDArray, device: str):
 
 class DeviceCopies:
     """Each photo's copy on a device, made once per process and shared by the stages that need it there (detect's
-    pyramid, segment's crops, white balance), so a photo crosses to the GPU once, or never when the GPU decoded it
-    (:meth:`put`). Only read-only arrays (decoded photos are) are shared, since they cannot change; a copy lives as
-    long as its array. The shared tensor must not be written to."""
+    pyramid, segment's crops, white balance, dominant), so a photo crosses to the GPU once, or never when the GPU
+    decoded it or made it (:meth:`put`); the persons' label maps likewise cross once for white balance and the
+    dominant stage. Only read-only arrays (decoded photos and label maps are) are shared, since they cannot change;
+    a copy lives as long as its array. The shared tensor must not be written to."""
 
     def __init__(self):
         self._copies: dict[tuple[int, str], tuple[weakref.ref, object]] = {}
@@ -221,6 +223,14 @@ def white_balance_batch(images: Sequence[NDArray[np.uint8]], method: str, device
     return results
 
 
+@functools.lru_cache(maxsize=64)
+def _table_on(table: bytes, device: str):
+    """A bool lookup table (as bytes) on ``device``, uploaded once."""
+    import torch
+
+    return torch.frombuffer(bytearray(table), dtype=torch.bool).to(device)
+
+
 def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[str],
                          excludes: Sequence[cpu_wb.Regions | None], device: str) -> list[NDArray | None]:
     """``estimate_illuminant`` of each photo, photos of one size and method as one stack on ``device``."""
@@ -245,9 +255,15 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
         linear = opencv_resize(lut[codes.long()], size, "area")
         bad = codes.amax(-1) >= cpu_wb.CLIP_CODE
         for row, i in enumerate(members):
-            if excludes[i] is not None:
-                for x0, y0, part in excludes[i].parts:  # each person's crop crosses, not a photo-sized mask
-                    bad[row, y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= to_device(part, device)
+            regions = excludes[i]
+            if regions is None:
+                continue
+            table = None if regions.table is None else _table_on(regions.table.tobytes(), device)
+            for x0, y0, part in regions.parts:  # each person's crop crosses, not a photo-sized mask
+                part_on_device = photo_on_device(part, device)
+                if table is not None:
+                    part_on_device = table[part_on_device.long()]
+                bad[row, y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part_on_device
         # A downscaled pixel is usable only when none of the pixels it averages is bad.
         usable = opencv_resize(bad.float()[..., None], size, "area")[..., 0] == 0
         if method == "gray_world":
@@ -312,7 +328,11 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
         table = torch.from_numpy(luts.reshape(-1)).to(device)
         pixels = photo_on_device(image, device).long()
         pixels += torch.arange(3, device=device) * 256  # channel c reads its own table
-        out.append(table[pixels].cpu().numpy())
+        corrected = table[pixels]
+        on_host = corrected.cpu().numpy()
+        on_host.flags.writeable = False  # shared with its device copy, which the dominant stage reads
+        DEVICE_COPIES.put(on_host, corrected, device)
+        out.append(on_host)
     return out
 
 
@@ -320,25 +340,118 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
 
 def palettes(pixel_sets: Sequence[NDArray[np.uint8]], device: str, k: int = 5, max_pixels: int = 4000,
              merge_delta_e: float = 6.0, max_iter: int = 30, seed: int = 0) -> list[cpu_kmeans.Palette | None]:
-    """``kmeans.palettes`` with seeding and Lloyd iterations on ``device``."""
+    """``kmeans.palettes`` on ``device``: the host samples and concatenates the pixel lists, the device does the
+    rest (:func:`sample_palettes`)."""
     import torch
 
-    samples = [cpu_kmeans.drop_highlights(cpu_kmeans.sample_pixels(p, max_pixels)) for p in pixel_sets]
-    results: list[cpu_kmeans.Palette | None] = [None] * len(samples)
-    todo = [i for i, s in enumerate(samples) if len(s)]
-    if not todo:
-        return results
-    bins = dict(zip(todo, cpu_kmeans._colour_bins([samples[i] for i in todo])))
-    todo.sort(key=lambda i: len(bins[i][1]))
+    samples = [cpu_kmeans.sample_pixels(p, max_pixels) for p in pixel_sets]
+    sizes = torch.tensor([len(s) for s in samples], dtype=torch.long)
+    pixels = np.concatenate(samples) if samples else np.zeros((0, 3), np.uint8)
+    jobs = torch.repeat_interleave(torch.arange(len(samples)), sizes, output_size=len(pixels)).to(device)
+    return sample_palettes(to_device(pixels, device), jobs, len(samples), k=k, merge_delta_e=merge_delta_e,
+                           max_iter=max_iter, seed=seed)
+
+
+def garment_palettes(images: Sequence[NDArray[np.uint8]], people: Sequence[tuple[int, int, int, NDArray[np.uint8]]],
+                     parts: Sequence[tuple[NDArray[np.bool_], int]], device: str, max_pixels: int = 4000,
+                     **options) -> list[list[cpu_kmeans.Palette | None]]:
+    """For each person ``(image index, x0, y0, labels)`` (a label map of their box at (x0, y0) in the image), the
+    palette of each part's pixels of that image, or None where the part has fewer pixels than it needs.
+
+    A part is ``(table, min_pixels)``: ``table[label]`` says whether a pixel of that label belongs to it. What the
+    dominant stage's host path does person by person (find the part's pixels, sample ``max_pixels`` of them evenly
+    in row-major order, read them from the image) is here one pass over all label maps on ``device``; the photos
+    are read from their shared device copies (:func:`photo_on_device`), the label maps cross in one upload.
+    """
+    import torch
+
+    n_people, n_parts = len(people), len(parts)
+    if not n_people:
+        return []
+    labels = torch.cat([photo_on_device(p[3], device).reshape(-1) for p in people])  # shared with white balance
+    area = torch.tensor([p[3].size for p in people])
+    person = torch.repeat_interleave(torch.arange(n_people), area, output_size=int(area.sum())).to(device)
+    tables = _table_on(np.stack([table for table, _ in parts]).tobytes(), device).view(n_parts, -1)
+    # Every part's pixels of every person, in (part, person, row-major) order: job = part * n_people + person.
+    part, at = tables[:, labels.long()].nonzero(as_tuple=True)
+    jobs = part * n_people + person[at]
+    found = torch.bincount(jobs, minlength=n_parts * n_people)
+    needed = torch.tensor([need for _, need in parts], device=device).repeat_interleave(n_people)
+    taken = torch.where(found >= needed, found.clamp(max=max_pixels), 0)
+    # kmeans.sample_pixels of each job's positions: the (t * found) // taken-th of them, t < taken.
+    n_taken = int(taken.sum())
+    job = torch.repeat_interleave(torch.arange(len(taken), device=device), taken, output_size=n_taken)
+    t = torch.arange(n_taken, device=device) - (torch.cumsum(taken, 0) - taken)[job]
+    at = at[(torch.cumsum(found, 0) - found)[job] + t * found[job] // taken[job]]
+    # Label-map position -> the photo's pixel, photos concatenated.
+    meta = torch.tensor([[p[1], p[2], p[3].shape[1], images[p[0]].shape[1], 0] for p in people], dtype=torch.long)
+    photo_of = [p[0] for p in people]
+    used = sorted(set(photo_of))
+    starts = np.cumsum([0] + [images[i].shape[0] * images[i].shape[1] for i in used])
+    meta[:, 4] = torch.from_numpy(starts[np.searchsorted(used, photo_of)])
+    x0, y0, width, photo_width, start = meta.to(device)[job % n_people].unbind(1)
+    first = torch.cumsum(area, 0).to(device)[job % n_people] - area.to(device)[job % n_people]
+    row, col = torch.div(at - first, width, rounding_mode="floor"), (at - first) % width
+    pixels = torch.cat([photo_on_device(images[i], device).reshape(-1, 3) for i in used])
+    pixels = pixels[start + (y0 + row) * photo_width + x0 + col]
+    flat = sample_palettes(pixels, job, n_parts * n_people, **options)
+    return [[flat[q * n_people + p] for q in range(n_parts)] for p in range(n_people)]
+
+
+def sample_palettes(pixels, jobs, n_jobs: int, k: int = 5, merge_delta_e: float = 6.0, max_iter: int = 30,
+                    seed: int = 0) -> list[cpu_kmeans.Palette | None]:
+    """The palette of each job's pixels (``kmeans.palettes`` after its sampling), None for a job without any:
+    (M, 3) uint8 pixels of every job on the device, and each pixel's job (M,) in 0..n_jobs-1. Highlights, colour
+    bins, seeding and Lloyd iterations run there for all jobs at once; merging close clusters on the host."""
+    import torch
+
+    device = pixels.device
+    results: list[cpu_kmeans.Palette | None] = [None] * n_jobs
+    # kmeans.drop_highlights, job by job: clipped pixels go unless they are the majority of the job's.
+    clipped = pixels.amax(1) >= cpu_kmeans.CLIP_CODE
+    total = torch.bincount(jobs, minlength=n_jobs)
+    keep = ~clipped | (2 * torch.bincount(jobs[clipped], minlength=n_jobs) >= total)[jobs]
+    pixels, jobs = pixels[keep], jobs[keep]
+    # kmeans._colour_bins: (job, 8x8x8 code) keys, sorted as the host's dense bincount orders each job's bins.
+    q = (pixels >> 3).long()
+    keys = jobs * (1 << 15) + ((q[:, 0] << 10) | (q[:, 1] << 5) | q[:, 2])
+    keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+    sums = torch.zeros((len(keys), 3), dtype=torch.float64, device=device).index_add_(0, inverse, pixels.double())
+    lab = rgb_to_lab(sums / counts[:, None]).float()
+    bin_job = torch.div(keys, 1 << 15, rounding_mode="floor")
+    per_job = torch.bincount(bin_job, minlength=n_jobs)
+    rank = torch.arange(len(keys), device=device) - (torch.cumsum(per_job, 0) - per_job)[bin_job]
+    per_job_host = per_job.cpu().numpy()
+    todo = np.flatnonzero(per_job_host)
+    todo = todo[np.argsort(per_job_host[todo], kind="stable")]  # chunks of similar bin counts waste little padding
     draws = torch.from_numpy(cpu_kmeans._seed_draws(k, seed)).to(device)
-    for start in range(0, len(todo), DEVICE_CHUNK):
-        chunk = todo[start:start + DEVICE_CHUNK]
-        x, w = (torch.from_numpy(a).to(device) for a in cpu_kmeans._pad([bins[i] for i in chunk]))
-        centres, counts = _lloyd(x, w, _kmeanspp(x, w, k, draws), max_iter)
-        centres, counts = cpu_kmeans._merge_close(centres.cpu().numpy(), counts.cpu().numpy(), merge_delta_e)
-        for row, i in enumerate(chunk):
-            results[i] = cpu_kmeans._palette(centres[row], counts[row])
+    for begin in range(0, len(todo), DEVICE_CHUNK):
+        chunk = todo[begin:begin + DEVICE_CHUNK]
+        row_of = torch.full((n_jobs,), -1, dtype=torch.long)
+        row_of[torch.from_numpy(chunk)] = torch.arange(len(chunk))
+        rows = row_of.to(device)[bin_job]
+        mine = rows >= 0
+        x = torch.zeros((len(chunk), int(per_job_host[chunk].max()), 3), dtype=torch.float32, device=device)
+        w = torch.zeros(x.shape[:2], dtype=torch.float32, device=device)
+        x[rows[mine], rank[mine]] = lab[mine]
+        w[rows[mine], rank[mine]] = counts[mine].float()
+        centres, weights = _lloyd(x, w, _kmeanspp(x, w, k, draws), max_iter)
+        centres, weights = cpu_kmeans._merge_close(centres.cpu().numpy(), weights.cpu().numpy(), merge_delta_e)
+        for i, palette in zip(chunk, cpu_kmeans.palettes_of_clusters(centres, weights)):
+            results[i] = palette
     return results
+
+
+def rgb_to_lab(rgb):
+    """``space.rgb_to_lab`` of a float64 tensor of 0-255 sRGB (..., 3), on its device."""
+    import torch
+
+    v = rgb / 255.0
+    linear = torch.where(v <= 0.04045, v / 12.92, ((v.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
+    xyz = linear @ torch.from_numpy(space.RGB_TO_XYZ.T).to(rgb.device)
+    t = xyz / torch.from_numpy(space.D65_WHITE).to(rgb.device)
+    f = torch.where(t > space._EPS, t.clamp(min=0) ** (1 / 3), (space._KAPPA * t + 16) / 116)
+    return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
 
 
 def _sq_dist(x, c):

@@ -57,16 +57,23 @@ class Correction(NamedTuple):
 
 
 class Regions(NamedTuple):
-    """Pixels to leave out, as rectangles of the photo: ``(x0, y0, mask)`` each, ``mask`` an (h, w) bool array
-    placed at column ``x0``, row ``y0`` (a person's garment pixels in its crop). Smaller to carry, and to send to a
-    device, than a photo-sized mask."""
+    """Pixels to leave out, as rectangles of the photo: ``(x0, y0, part)`` each, ``part`` an (h, w) array placed at
+    column ``x0``, row ``y0`` (a person's crop). Smaller to carry, and to send to a device, than a photo-sized
+    mask. Each part is a bool mask, or with ``table`` a label map whose pixels ``table[label]`` leaves out (the
+    persons' garments: a label map crosses to a device once for white balance and the dominant stage)."""
 
-    parts: tuple[tuple[int, int, NDArray[np.bool_]], ...]
+    parts: tuple[tuple[int, int, NDArray], ...]
+    table: NDArray[np.bool_] | None = None
+
+    def part_masks(self):
+        """Each part as ``(x0, y0, bool mask)``."""
+        for x0, y0, part in self.parts:
+            yield x0, y0, part if self.table is None else self.table[part]
 
     def mask(self, shape: tuple[int, int]) -> NDArray[np.bool_]:
         """The (h, w) mask of every part."""
         out = np.zeros(shape, bool)
-        for x0, y0, part in self.parts:
+        for x0, y0, part in self.part_masks():
             out[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] |= part
         return out
 

@@ -57,7 +57,7 @@ class ColorSettings:
 
 def garment_regions(parses: list) -> Regions:
     """Every person's garment pixels, from a photo's ``person_parse`` entries: what white balance leaves out."""
-    return Regions(tuple((x0, y0, IS_GARMENT[labels]) for x0, y0, labels in (p for p in parses if p is not None)))
+    return Regions(tuple(p for p in parses if p is not None), IS_GARMENT)
 
 
 class CorrectStage(Stage):

@@ -26,6 +26,8 @@ COLUMNS = (
     *(f"dominant_{c}" for c in _RGB), "dominant_lab_l", "dominant_lab_a", "dominant_lab_b", "dominant_share",
     "palette", *(f"upper_{c}" for c in _RGB), *(f"lower_{c}" for c in _RGB), "color_name", "color_name_zh",
 )
+#: The pixels measured of each person: each part's table says which labels belong to it.
+PARTS = (("all", IS_GARMENT), ("upper", np.arange(256) == UPPER), ("lower", np.arange(256) == LOWER))
 
 
 class DominantStage(Stage):
@@ -56,44 +58,49 @@ class DominantStage(Stage):
         for column in COLUMNS:
             batch[column] = [[None] * len(parses[i]) for i in range(n_photos)]
 
-        # One pixel list per (photo, face, part) to measure; part is "all", "upper" or "lower".
-        jobs: list[tuple[int, int, str]] = []
-        pixel_sets: list[np.ndarray] = []
-        for i in ok_indices(batch):
-            flat_image = batch["image_wb"][i].reshape(-1, 3)
-            width = batch["image_wb"][i].shape[1]
-            for j, parse in enumerate(parses[i]):
-                if parse is None:
-                    continue
-                x0, y0, labels = parse
-                parts = {"all": np.flatnonzero(IS_GARMENT[labels]),
-                         "upper": np.flatnonzero(labels == UPPER), "lower": np.flatnonzero(labels == LOWER)}
-                for part, idx in parts.items():
-                    # The segment stage parses only persons with enough garment pixels (segment.min_clothing_px);
-                    # a garment part of its own needs color.min_part_px.
-                    if len(idx) < (1 if part == "all" else s.min_part_px):
-                        continue
-                    # Sample label positions first, then read only those pixels of the photo.
-                    idx = sample_pixels(idx, s.max_pixels)
-                    rows, cols = np.divmod(idx, labels.shape[1])
-                    jobs.append((i, j, part))
-                    pixel_sets.append(flat_image[(y0 + rows) * width + x0 + cols])
-
         options = {"k": s.k, "max_pixels": s.max_pixels, "merge_delta_e": s.merge_delta_e, "seed": s.seed}
+        people = [(i, j, parse) for i in ok_indices(batch) for j, parse in enumerate(parses[i]) if parse is not None]
+        # Each part's label table and the pixels it needs: the segment stage parses only persons with enough garment
+        # pixels (segment.min_clothing_px); a garment part of its own needs color.min_part_px.
+        parts = [(table, 1 if name == "all" else s.min_part_px) for name, table in PARTS]
         device = self.torch_device()
         if device is None:
-            results = palettes(pixel_sets, **options)
+            found = self._part_pixels(batch["image_wb"], people, parts, s.max_pixels)
+            flat = iter(palettes([pixels for person in found for pixels in person if pixels is not None], **options))
+            results = [[None if pixels is None else next(flat) for pixels in person] for person in found]
         else:
-            from colortrend.color.torch_ops import palettes as device_palettes
+            from colortrend.color.torch_ops import garment_palettes
 
-            results = device_palettes(pixel_sets, device, **options)
-        for (i, j, part), palette in zip(jobs, results):  # no palette is None: every pixel list is non-empty
-            if part == "all":
-                self._write_person(batch, i, j, palette)
-            else:
-                for c, value in zip(_RGB, palette.dominant_rgb):
-                    batch[f"{part}_{c}"][i][j] = int(value)
+            results = garment_palettes(batch["image_wb"], [(i, *parse) for i, _, parse in people], parts, device,
+                                       **options)
+        for (i, j, _), person in zip(people, results):
+            for (part, _), palette in zip(PARTS, person):
+                if palette is None:
+                    continue
+                if part == "all":
+                    self._write_person(batch, i, j, palette)
+                else:
+                    for c, value in zip(_RGB, palette.dominant_rgb):
+                        batch[f"{part}_{c}"][i][j] = int(value)
         return batch
+
+    @staticmethod
+    def _part_pixels(images: list, people: list, parts: list, max_pixels: int) -> list[list[np.ndarray | None]]:
+        """Per person, each part's pixels of the photo (at most ``max_pixels``, evenly sampled in the label map's
+        row-major order), or None where the part has too few."""
+        found = []
+        for i, _, (x0, y0, labels) in people:
+            flat_image, width = images[i].reshape(-1, 3), images[i].shape[1]
+            found.append([])
+            for table, needed in parts:
+                idx = np.flatnonzero(table[labels])
+                if len(idx) < needed:
+                    found[-1].append(None)
+                    continue
+                # Sample label positions first, then read only those pixels of the photo.
+                rows, cols = np.divmod(sample_pixels(idx, max_pixels), labels.shape[1])
+                found[-1].append(flat_image[(y0 + rows) * width + x0 + cols])
+        return found
 
     @staticmethod
     def _write_person(batch: Batch, i: int, j: int, palette: Palette) -> None:

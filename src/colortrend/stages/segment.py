@@ -100,7 +100,9 @@ def assign_pixels(regions: list[tuple[int, int, np.ndarray, np.ndarray]], height
             out.append(None)
             continue
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        out.append((x0 + c0, y0 + r0, np.ascontiguousarray(label[r0:r1, c0:c1])))
+        trimmed = np.ascontiguousarray(label[r0:r1, c0:c1])
+        trimmed.flags.writeable = False  # final: white balance and the dominant stage share its device copy
+        out.append((x0 + c0, y0 + r0, trimmed))
     return out
 
 
