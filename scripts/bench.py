@@ -102,15 +102,28 @@ for hook in hooks:
 # balance, k-means, the parser's mapping back), here on this CPU, and every outermost torch call is clocked. What
 # is left of a stage's time is work only the host can do (Python, numpy, OpenCV, reading files): on a GPU the
 # torch calls become launches of device work, so the figure leaves out the launches themselves (counted).
+# Reading a tensor's attribute (.shape, .dtype) goes through the clock too: host work, not a launch.
+# Forward passes of the networks are also clocked whole: the budget the issue sets is the host's work outside them.
+# (Inside them, the Python between layers reads several times slower here than a GPU host would spend, as it runs
+# with caches the CPU's own arithmetic has just flushed: the parser's 135 calls leave 17 ms between them at 16
+# crops, 1.8 ms at one 32-px input.)
 for stage in pipeline.stages:
     stage.ops_device = "cpu"
 
 class TorchClock(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
-        self.depth, self.stage, self.seconds, self.calls = 0, None, {}, {}
+        self.depth, self.stage, self.in_network, self.network_t0 = 0, None, 0, 0.0
+        self.figures = {}  # (stage, what) -> calls or seconds
+
+    def add(self, what, value):
+        key = (self.stage, what)
+        self.figures[key] = self.figures.get(key, 0) + value
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.depth == 0 and getattr(func, "__name__", None) == "__get__":
+            self.add("attribute_reads", 1)
+            return func(*args, **(kwargs or {}))
         self.depth += 1
         t0 = time.perf_counter() if self.depth == 1 else 0.0
         try:
@@ -118,8 +131,21 @@ class TorchClock(torch.overrides.TorchFunctionMode):
         finally:
             self.depth -= 1
             if self.depth == 0:
-                self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + time.perf_counter() - t0
-                self.calls[self.stage] = self.calls.get(self.stage, 0) + 1
+                elapsed = time.perf_counter() - t0
+                where = "in_networks" if self.in_network else "outside_networks"
+                self.add("calls_" + where, 1)
+                self.add("torch_s_" + where, elapsed)
+
+    def enter_network(self, module, args):
+        self.in_network += 1
+        if self.in_network == 1:
+            self.add("forwards", 1)
+            self.network_t0 = time.perf_counter()
+
+    def leave_network(self, module, args, out):
+        self.in_network -= 1
+        if self.in_network == 0:
+            self.add("network_s", time.perf_counter() - self.network_t0)
 
 def clock_overhead(calls=20000):  # what the clock adds to the host's side per call: tiny calls, with it and without
     x = torch.zeros(4)
@@ -140,8 +166,18 @@ passes = []  # three, as the host's share is a small difference of two larger ti
 for _ in range(3):
     uploaded = DEVICE_COPIES.uploaded_bytes
     with TorchClock() as clock:
-        passes.append({"stage_s": serial_pass(clock), "torch_s": clock.seconds, "torch_calls": clock.calls,
-                       "uploaded_bytes": DEVICE_COPIES.uploaded_bytes - uploaded})
+        hooks = (torch.nn.modules.module.register_module_forward_pre_hook(clock.enter_network),
+                 torch.nn.modules.module.register_module_forward_hook(clock.leave_network))
+        try:
+            seconds = serial_pass(clock)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    clocked = {}
+    for (stage, what), value in clock.figures.items():
+        clocked.setdefault(stage, {})[what] = value
+    passes.append({"stage_s": seconds, "clocked": clocked,
+                   "uploaded_bytes": DEVICE_COPIES.uploaded_bytes - uploaded})
 print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths": passes,
                   "clock_overhead_s": overhead,
                   "model_stages": [stage.name for stage in pipeline.stages if stage.uses_accelerator]}))
@@ -193,12 +229,30 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
     n, stage_s, network_s = result["photos"], result["stage_s"], result["network_s"]
     outside_ms = (sum(stage_s.values()) - sum(network_s.values())) / n * 1000
     passes = result["device_paths"]
-    # A stage's host share: its time less its torch calls' and less what clocking them added (calibrated per call).
     overhead = result["clock_overhead_s"]
-    host_ms_by_stage = {k: statistics.median((p["stage_s"][k] - p["torch_s"].get(k, 0.0)
-                                              - overhead * p["torch_calls"].get(k, 0)) / n * 1000 for p in passes)
-                        for k in passes[0]["stage_s"]}
+
+    def host_share(count_forwards_whole: bool) -> dict[str, float]:
+        """Each stage's host-only work, ms a photo (median of the passes): its time less its clocked torch calls and
+        what clocking them added (calibrated per call); with ``count_forwards_whole``, less its networks' forward
+        passes too (the issue's budget), otherwise with the Python inside them kept as host work."""
+        def one(p: dict, stage: str) -> float:
+            c = p["clocked"].get(stage, {})
+            clocked = c.get("torch_s_outside_networks", 0.0) + overhead * (c.get("calls_outside_networks", 0)
+                                                                           + c.get("attribute_reads", 0))
+            if count_forwards_whole:
+                clocked += c.get("network_s", 0.0)
+            else:
+                clocked += c.get("torch_s_in_networks", 0.0) + overhead * c.get("calls_in_networks", 0)
+            return (p["stage_s"][stage] - clocked) / n * 1000
+        return {k: statistics.median(one(p, k) for p in passes) for k in passes[0]["stage_s"]}
+
+    def per_photo(key: str) -> float:
+        return sum(c.get(key, 0) for c in passes[0]["clocked"].values()) / n
+
+    host_ms_by_stage = host_share(count_forwards_whole=True)
     host_ms = sum(host_ms_by_stage.values())
+    with_forwards_by_stage = host_share(count_forwards_whole=False)
+    with_forwards = sum(with_forwards_by_stage.values())
     # The model stages' share runs in the processes that hold the models: what one of them spends a photo caps
     # what it can feed its GPU (Ray gives each GPU gpu_workers of them; the local runner is one process).
     model_ms = sum(host_ms_by_stage.get(name, 0.0) for name in result["model_stages"])
@@ -206,11 +260,19 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
             "stage_ms_per_photo": {k: v / n * 1000 for k, v in stage_s.items()},
             "cpu_ms_per_photo_outside_networks": outside_ms,
             "cores_for_2000_photos_per_s": 2000 * outside_ms / 1000,
-            # The chain on its device paths: the host's own work per photo, leaving out the torch calls a GPU
-            # runs (their launches: torch_calls_per_photo of them).
+            # The chain on its device paths: the host's own work per photo outside the networks' forward passes,
+            # leaving out the torch calls a GPU runs (their launches: torch_calls_per_photo of them).
             "device_paths": {"host_ms_per_photo": host_ms, "host_ms_per_photo_by_stage": host_ms_by_stage,
-                             "torch_calls_per_photo": sum(passes[0]["torch_calls"].values()) / n,
-                             # photos crossing to the device after intake (JPEGs decoded there never do)
+                             # launches on a GPU: outside the forward passes, and inside them
+                             "torch_calls_per_photo": per_photo("calls_outside_networks")
+                             + per_photo("calls_in_networks"),
+                             "torch_calls_in_forwards_per_photo": per_photo("calls_in_networks"),
+                             "network_forwards_per_photo": per_photo("forwards"),
+                             # the same with the Python inside the forward passes kept as host work, as this CPU
+                             # runs it (an upper bound: see the comment in BUDGET)
+                             "host_ms_per_photo_with_python_in_forwards": with_forwards,
+                             "host_ms_per_photo_by_stage_with_python_in_forwards": with_forwards_by_stage,
+                             # what crosses to the device after intake (photos not decoded there, label maps)
                              "uploaded_mb_per_photo": passes[0]["uploaded_bytes"] / n / 1e6,
                              "clock_overhead_us_per_call": overhead * 1e6,
                              "cores_for_2000_photos_per_s": 2000 * host_ms / 1000,
@@ -277,8 +339,9 @@ def main() -> None:
         print(f"outside networks    {budget['cpu_ms_per_photo_outside_networks']:.1f} ms/photo of one core: "
               f"{budget['cores_for_2000_photos_per_s']:.0f} cores feed 2,000 photos/s")
         paths = budget["device_paths"]
-        print(f"on device paths     {paths['host_ms_per_photo']:.1f} ms/photo of host-only work "
-              f"({paths['torch_calls_per_photo']:.0f} torch calls a photo left to the device)")
+        print(f"on device paths     {paths['host_ms_per_photo']:.1f} ms/photo of host-only work outside forward passes "
+              f"({paths['host_ms_per_photo_with_python_in_forwards']:.1f} with the Python inside them; "
+              f"{paths['torch_calls_per_photo']:.0f} torch calls a photo left to the device)")
         print(f"model stages        {paths['model_stages_host_ms_per_photo']:.1f} ms/photo of it: one process feeds "
               f"a GPU at most {paths['photos_per_s_one_model_process_feeds']:.0f} photos/s "
               f"({paths['model_processes_for_2000_photos_per_s']:.0f} of them for 2,000/s)")
