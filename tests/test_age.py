@@ -187,6 +187,26 @@ def test_age_stage_batches_faces_of_several_photos(tmp_path):
 
 
 @needs_age_data
+def test_the_device_path_cuts_the_same_chips_and_gives_the_same_ages(tmp_path):
+    """What the age stage does on a cuda device (chips cut from the photos' device copies), here on this CPU,
+    against OpenCV's chips: every network's chips within one code, the ages within 0.05 years."""
+    labels = read_age_labels(few_faces_csv(tmp_path, per_set=3))
+    batch = analyse_labelled(labelled_stages("align"), labels["file"].tolist())
+    photos = [i for i, marks in enumerate(batch["landmarks"]) if len(marks)]
+    host, device = AgeStage(), AgeStage()
+    host.setup()
+    device._models, device.ops_device = host._models, "cpu"
+    for size, scale in host.chip_geometry:
+        ours, reference = device.chips(batch, photos, size, scale).numpy(), host.chips(batch, photos, size, scale)
+        assert ours.shape == reference.shape
+        assert np.abs(ours.astype(int) - reference).max() <= 1
+    on_host, on_device = host(dict(batch)), device(dict(batch))
+    assert sum(len(a) for a in on_host["age"]) >= 6
+    for a, b in zip(on_host["age"], on_device["age"]):
+        np.testing.assert_allclose(b, a, atol=0.05)
+
+
+@needs_age_data
 def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     from colortrend.stages.age import FINETUNED_WEIGHTS
     from colortrend.stages.align import TEMPLATE_SCALE, chip_template, cut_chips
@@ -196,7 +216,7 @@ def test_age_is_the_mixture_of_every_network_and_chip_scale(tmp_path):
     photos = [i for i, marks in enumerate(batch["landmarks"]) if len(marks)]
     aligned = np.concatenate([cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2),
                                         template=chip_template(scale=TEMPLATE_SCALE)) for i in photos])
-    np.testing.assert_array_equal(AgeStage.chips(batch, photos), aligned)  # 64 px at scale 1: align's chip
+    np.testing.assert_array_equal(AgeStage().chips(batch, photos), aligned)  # 64 px at scale 1: align's chip
     scales = (0.94, 1.0, 1.06)
     views = [AgeStage(AgeSettings(weights=str(w), scales=(s,)))(dict(batch)) for w in FINETUNED_WEIGHTS for s in scales]
     averaged = AgeStage(AgeSettings(scales=scales))(dict(batch))

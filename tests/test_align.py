@@ -63,6 +63,40 @@ def test_pyramid_keeps_large_and_small_copies_of_a_face_alike():
     assert np.abs(chip_small - chip_large).mean() < 3.0  # a plain bilinear warp of the large copy gives 10.6
 
 
+def test_the_device_pyramid_is_opencvs_exactly():
+    import torch
+
+    from colortrend.stages.align import _pyr_down
+
+    rng = np.random.default_rng(3)
+    for shape in [(2, 2), (2, 7), (3, 5), (8, 8), (33, 64), (101, 57)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        np.testing.assert_array_equal(_pyr_down(torch.from_numpy(image).int()).numpy(), cv2.pyrDown(image))
+
+
+def test_chips_cut_on_the_device_are_opencvs():
+    """Faces small and large (from none to three pyramid levels), turned, past the photo's edge and outside it, from
+    two photos at once: within one code of OpenCV's chips, nearly all pixels identical."""
+    import torch
+
+    from colortrend.stages.align import cut_chips_on_device
+
+    rng = np.random.default_rng(4)
+    photos = [cv2.resize(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), (800, 600), interpolation=cv2.INTER_CUBIC),
+              rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)]
+    faces = [(0, place(chip_template(), 0.0, 1.0, (2000.0, 2000.0)))]  # entirely outside: black
+    for scale, angle, shift in [(0.8, 0.0, (300, 200)), (2.5, 12.0, (100, 50)), (6.0, -20.0, (20, 10)),
+                                (11.0, 5.0, (-300, -100)), (1.5, 40.0, (550, 400))]:
+        faces += [(p, place(chip_template(), angle, scale, shift)) for p in (0, 1)]
+    copies = [torch.from_numpy(p) for p in photos]
+    for size, chip_scale in [(64, 1.0), (96, 0.8), (112, 1.25)]:
+        ours = cut_chips_on_device(copies, faces, size, chip_scale).numpy()
+        reference = np.concatenate([cut_chips(photos[p], points[None], size, scale=chip_scale) for p, points in faces])
+        difference = np.abs(ours.astype(int) - reference)
+        assert difference.max() <= 1 and (difference == 0).mean() > 0.999
+        assert ours[0].max() == 0
+
+
 def test_chip_outside_the_photo_is_black():
     image = np.full((100, 100, 3), 200, np.uint8)
     points = place(chip_template(), 0.0, 1.0, (1000.0, 1000.0))

@@ -193,9 +193,11 @@ def architecture_of(state: dict[str, torch.Tensor]) -> str:
     return "lite0" if any(key.startswith("encoder.") for key in state) else "aresnet10"
 
 
-def chips_to_tensor(chips: np.ndarray, device: str = "cpu") -> torch.Tensor:
+def chips_to_tensor(chips: np.ndarray | torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """(N, S, S, 3) uint8 chips -> (N, 3, S, S) uint8 tensor on ``device`` (normalised inside the network)."""
-    return torch.from_numpy(np.ascontiguousarray(chips)).to(device).permute(0, 3, 1, 2)
+    if not isinstance(chips, torch.Tensor):
+        chips = torch.from_numpy(np.ascontiguousarray(chips))
+    return chips.to(device).permute(0, 3, 1, 2)
 
 
 def build_age_net(state: dict[str, torch.Tensor]) -> AgeModel:

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from colortrend.errors import ConfigError
 from colortrend.models import WEIGHTS_DIR
-from colortrend.stages.align import CHIP_SIZE, cut_chips
+from colortrend.stages.align import CHIP_SIZE, cut_chips, cut_chips_on_device
 from colortrend.stages.base import Batch, Stage, ok_indices
 
 #: Networks shipped with the package, averaged by default (the README gives each one's ``train age`` command): their
@@ -82,9 +82,10 @@ def resolve_weights(weights: str | tuple[str, ...]) -> list[Path]:
 
 
 def age_distributions(
-    model, chips: np.ndarray, device: str, batch_size: int = 4096, flip_average: bool = True
+    model, chips, device: str, batch_size: int = 4096, flip_average: bool = True
 ) -> np.ndarray:
-    """(n, classes) float32 probabilities over a loaded :class:`AgeModel`'s ages for (n, S, S, 3) uint8 chips."""
+    """(n, classes) float32 probabilities over a loaded :class:`AgeModel`'s ages for (n, S, S, 3) uint8 chips
+    (a numpy array, or a tensor on the model's device)."""
     import torch
 
     from colortrend.models.age_net import chips_to_tensor
@@ -159,9 +160,17 @@ class AgeStage(Stage):
             start += n
         return batch
 
-    @staticmethod
-    def chips(batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0) -> np.ndarray:
-        """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1: the aligner's)."""
+    def chips(self, batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0):
+        """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1: the aligner's):
+        (n, size, size, 3) uint8, cut by OpenCV, or on the device from the photos' shared copies there."""
+        device = self.torch_device()
+        if device is not None:
+            from colortrend.color.torch_ops import photo_on_device
+
+            copies = [photo_on_device(batch["image"][i], device) for i in photos]
+            faces = [(k, points) for k, i in enumerate(photos)
+                     for points in np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2)]
+            return cut_chips_on_device(copies, faces, size, scale)
         return np.concatenate([
             cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2), size, scale=scale)
             for i in photos

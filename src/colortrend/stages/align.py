@@ -114,37 +114,154 @@ def cut_chips(
     return chips
 
 
-def _cut_one(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+def _pyramid_window(matrix: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int, int] | None:
+    """How a chip is cut: ``(levels, x0, y0, x1, y1)``, the photo's crop to halve ``levels`` times before the warp
+    (0: the photo is warped directly), or None for a chip entirely outside the photo."""
     scale = transform_scale(matrix)
     # Halve the photo as long as the chip still samples it at half its resolution or less, so bilinear sampling
     # never skips pixels (aliasing); faces already near chip size are warped directly.
     levels = max(0, math.floor(-math.log2(scale))) if scale > 0 else 0
     if levels == 0:
-        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
-
+        return 0, 0, 0, width, height
     # Only the chip's footprint plus the reach of the pyramid kernels is halved, not the whole photo.
     inverse = cv2.invertAffineTransform(matrix)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ inverse.T
     margin = 4 * 2**levels
-    h, w = image.shape[:2]
     x0 = max(0, math.floor(corners[:, 0].min()) - margin)
     y0 = max(0, math.floor(corners[:, 1].min()) - margin)
-    x1 = min(w, math.ceil(corners[:, 0].max()) + margin)
-    y1 = min(h, math.ceil(corners[:, 1].max()) + margin)
-    if x1 <= x0 or y1 <= y0:  # chip entirely outside the photo
-        return np.zeros((size, size, 3), dtype=np.uint8)
+    x1 = min(width, math.ceil(corners[:, 0].max()) + margin)
+    y1 = min(height, math.ceil(corners[:, 1].max()) + margin)
+    if x1 <= x0 or y1 <= y0:
+        return None
     # Snap the crop to multiples of 2**levels: its pyramid then equals the whole photo's pyramid (away from the
     # crop edges), so a chip does not depend on where the crop happened to start.
-    x0 -= x0 % 2**levels
-    y0 -= y0 % 2**levels
+    return levels, x0 - x0 % 2**levels, y0 - y0 % 2**levels, x1, y1
+
+
+def _local_matrix(matrix: np.ndarray, factor: int, x0: int, y0: int) -> np.ndarray:
+    """``matrix`` as seen from a crop at (x0, y0) halved to 1/``factor``: pyramid pixel r sits at photo pixel
+    (x0, y0) + factor * r (pyrDown keeps pixel 2j as its pixel j)."""
+    return np.hstack([matrix[:, :2] * factor, (matrix[:, :2] @ np.array([x0, y0]) + matrix[:, 2])[:, None]])
+
+
+def _cut_one(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    window = _pyramid_window(matrix, size, *image.shape[:2])
+    if window is None:
+        return np.zeros((size, size, 3), dtype=np.uint8)
+    levels, x0, y0, x1, y1 = window
+    if levels == 0:
+        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
     region, factor = image[y0:y1, x0:x1], 1
     for _ in range(levels):
         if min(region.shape[:2]) < 2:
             break
         region, factor = cv2.pyrDown(region), factor * 2
-    # Pyramid pixel r sits at photo pixel (x0, y0) + factor * r (pyrDown keeps pixel 2j as its pixel j).
-    local = np.hstack([matrix[:, :2] * factor, (matrix[:, :2] @ np.array([x0, y0]) + matrix[:, 2])[:, None]])
-    return cv2.warpAffine(region, local, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    return cv2.warpAffine(region, _local_matrix(matrix, factor, x0, y0), (size, size), flags=cv2.INTER_LINEAR,
+                          borderValue=0)
+
+
+def cut_chips_on_device(photos: list, faces: list[tuple[int, np.ndarray]], size: int = CHIP_SIZE,
+                        scale: float = 1.0):
+    """:func:`cut_chips` of many photos' faces at once, on the device that holds the photos: ``photos`` (H, W, 3)
+    uint8 tensors, ``faces`` (photo index, (5, 2) landmarks) -> (n, size, size, 3) uint8 tensor.
+
+    The pyramid is ``cv2.pyrDown``'s integer arithmetic, reproduced exactly (its 5-tap kernel, rounding and
+    mirrored border); the warp is bilinear in floating point as OpenCV 5's ``warpAffine`` is, within one code of
+    it. Each face's pyramid is its own few calls; the warps of every chip are one gather.
+    """
+    template = chip_template(size, scale=TEMPLATE_SCALE * scale)
+    device = photos[0].device if photos else "cpu"
+    sources, matrices = [], []  # per chip: the (h, w, 3) image it samples, and the transform onto it
+    for p, points in faces:
+        matrix = chip_transform(points, size, template)
+        height, width = photos[p].shape[:2]
+        window = _pyramid_window(matrix, size, height, width)
+        if window is None:
+            sources.append(None)
+            matrices.append(matrix)
+            continue
+        levels, x0, y0, x1, y1 = window
+        region, factor = photos[p], 1
+        if levels:
+            region = photos[p][y0:y1, x0:x1].int()
+            for _ in range(levels):
+                if min(region.shape[:2]) < 2:
+                    break
+                region, factor = _pyr_down(region), factor * 2
+            region = region.to(photos[p].dtype)
+        sources.append(region)
+        matrices.append(_local_matrix(matrix, factor, x0, y0) if levels else matrix)
+    return _warp_bilinear(sources, np.stack(matrices) if matrices else np.zeros((0, 2, 3)), size, device)
+
+
+def _pyr_down(image):
+    """``cv2.pyrDown`` of an (h, w, 3) int32 tensor: rows then columns with the kernel (1, 4, 6, 4, 1), the border
+    mirrored without repeating the edge (BORDER_REFLECT_101), rounded once at the end."""
+    import torch
+
+    taps = torch.tensor([1, 4, 6, 4, 1], dtype=torch.int32, device=image.device)
+    for dim in (0, 1):
+        n = image.shape[dim]
+        at = 2 * torch.arange((n + 1) // 2, device=image.device)[:, None] + torch.arange(-2, 3, device=image.device)
+        at = torch.where(at < 0, -at, at)
+        at = torch.where(at >= n, 2 * n - 2 - at, at).clamp(0, n - 1)
+        picked = image.index_select(dim, at.reshape(-1))
+        shape = (len(at), 5, *image.shape[1:]) if dim == 0 else (image.shape[0], len(at), 5, 3)
+        image = (picked.view(shape) * taps.view(5, 1, 1) if dim == 0 else
+                 picked.view(shape) * taps.view(5, 1)).sum(dim + 1, dtype=torch.int32)
+    return (image + 128) >> 8
+
+
+def _inverted(matrices: np.ndarray) -> np.ndarray:
+    """(n, 2, 3) transforms inverted as ``cv2.warpAffine`` inverts its matrix, operation for operation."""
+    m = matrices.reshape(-1, 6).copy()
+    det = m[:, 0] * m[:, 4] - m[:, 1] * m[:, 3]
+    d = np.divide(1.0, det, out=np.zeros_like(det), where=det != 0)
+    a11, a22 = m[:, 4] * d, m[:, 0] * d
+    m[:, 0], m[:, 1], m[:, 3], m[:, 4] = a11, m[:, 1] * -d, m[:, 3] * -d, a22
+    m[:, 2], m[:, 5] = -m[:, 0] * m[:, 2] - m[:, 1] * m[:, 5], -m[:, 3] * m[:, 2] - m[:, 4] * m[:, 5]
+    return m.reshape(-1, 2, 3)
+
+
+def _warp_bilinear(sources: list, matrices: np.ndarray, size: int, device):
+    """``cv2.warpAffine(source, matrix, (size, size), INTER_LINEAR, borderValue=0)`` of each (source, matrix), as
+    OpenCV 5 computes it: bilinear in floating point, rounded; pixels outside the source black. A None source gives
+    a black chip."""
+    import torch
+
+    n = len(sources)
+    chips = torch.zeros((n, size, size, 3), dtype=torch.uint8, device=device)
+    kept = [k for k, source in enumerate(sources) if source is not None]
+    if not kept:
+        return chips
+    # Every distinct source once (a photo serves all its faces' chips), one after another.
+    distinct: dict[int, int] = {}
+    for k in kept:
+        distinct.setdefault(id(sources[k]), len(distinct))
+    order = list({id(sources[k]): sources[k] for k in kept}.values())
+    sizes = [int(source.shape[0] * source.shape[1]) for source in order]
+    flat = torch.cat([source.reshape(-1, 3) for source in order])
+    begins = np.cumsum([0] + sizes[:-1])
+    which = [distinct[id(sources[k])] for k in kept]
+    table = torch.tensor([(begins[d], order[d].shape[0], order[d].shape[1]) for d in which], dtype=torch.long)
+    starts, h, w = table.to(device).unbind(1)
+    h, w = h[:, None, None], w[:, None, None]
+    m = torch.from_numpy(_inverted(matrices[kept])).to(device)  # (k, 2, 3) float64: chip pixel -> source pixel
+    steps = torch.arange(size, device=device, dtype=torch.float64)
+    x = m[:, 0, 0, None, None] * steps + m[:, 0, 1, None, None] * steps[:, None] + m[:, 0, 2, None, None]
+    y = m[:, 1, 0, None, None] * steps + m[:, 1, 1, None, None] * steps[:, None] + m[:, 1, 2, None, None]
+    ix, iy = x.floor(), y.floor()
+    fx, fy = (x - ix).float()[..., None], (y - iy).float()[..., None]
+    ix, iy = ix.long(), iy.long()
+    total = torch.zeros(ix.shape + (3,), dtype=torch.float32, device=device)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = iy + dy, ix + dx
+            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            at = torch.where(inside, starts[:, None, None] + yy * w + xx, 0)
+            total += flat[at].float() * inside[..., None] * (wy * wx)
+    chips[kept] = total.round().clamp(0, 255).to(torch.uint8)
+    return chips
 
 
 # ---------------------------------------------------------------------------------------------------------------
