@@ -72,19 +72,25 @@ def chip_transform(landmarks: np.ndarray, size: int = CHIP_SIZE, template: np.nd
     :func:`chip_template`). Returns the (2, 3) matrix for ``cv2.warpAffine`` (closed-form least squares, so the
     result does not depend on a random sample as RANSAC estimators would).
     """
-    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    return chip_transforms(np.asarray(landmarks)[None], size, template)[0]
+
+
+def chip_transforms(landmarks: np.ndarray, size: int = CHIP_SIZE, template: np.ndarray | None = None) -> np.ndarray:
+    """:func:`chip_transform` of (n, 5, 2) landmarks at once -> (n, 2, 3)."""
+    src = np.asarray(landmarks, dtype=np.float64).reshape(-1, 5, 2)
     dst = chip_template(size) if template is None else np.asarray(template, dtype=np.float64)
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    s, d = src - src_mean, dst - dst_mean
+    src_mean, dst_mean = src.mean(axis=1), dst.mean(axis=0)
+    s, d = src - src_mean[:, None], dst - dst_mean
     # For 2-D similarity the optimum has a closed form in the complex plane: dst ~ z * src.
-    a = (s[:, 0] * d[:, 0] + s[:, 1] * d[:, 1]).sum()
-    b = (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum()
-    norm = (s**2).sum()
-    if norm <= 0:
+    a = (s[..., 0] * d[:, 0] + s[..., 1] * d[:, 1]).sum(1)
+    b = (s[..., 0] * d[:, 1] - s[..., 1] * d[:, 0]).sum(1)
+    norm = (s**2).sum((1, 2))
+    if (norm <= 0).any():
         raise ValueError("degenerate landmarks: all five points coincide")
     a, b = a / norm, b / norm
-    linear = np.array([[a, -b], [b, a]])
-    return np.hstack([linear, (dst_mean - linear @ src_mean)[:, None]])
+    mx, my = src_mean[:, 0], src_mean[:, 1]
+    shift = np.stack([dst_mean[0] - (a * mx + -b * my), dst_mean[1] - (b * mx + a * my)], -1)  # dst - linear @ src
+    return np.stack([np.stack([a, -b, shift[:, 0]], -1), np.stack([b, a, shift[:, 1]], -1)], 1)
 
 
 def transform_scale(matrix: np.ndarray) -> float:
@@ -165,33 +171,27 @@ def cut_chips_on_device(photos: list, faces: list[tuple[int, np.ndarray]], size:
     """:func:`cut_chips` of many photos' faces at once, on the device that holds the photos: ``photos`` (H, W, 3)
     uint8 tensors, ``faces`` (photo index, (5, 2) landmarks) -> (n, size, size, 3) uint8 tensor.
 
-    The pyramid is ``cv2.pyrDown``'s integer arithmetic, reproduced exactly (its 5-tap kernel, rounding and
-    mirrored border); the warp is bilinear in floating point as OpenCV 5's ``warpAffine`` is, within one code of
-    it. Each face's pyramid is its own few calls; the warps of every chip are one gather.
+    Each photo is halved as often as its smallest face needs, once for all its faces: with :func:`cut_chips`'s
+    crops snapped to the pyramid's grid and their margins wider than its kernels' reach, a chip cut from the whole
+    photo's pyramid is the chip cut from its crop's. The halving is ``cv2.pyrDown``'s integer arithmetic,
+    reproduced exactly (its 5-tap kernel, rounding and mirrored border); the warp is bilinear in floating point as
+    OpenCV 5's ``warpAffine`` is, within one code of it, every chip in one gather.
     """
     template = chip_template(size, scale=TEMPLATE_SCALE * scale)
     device = photos[0].device if photos else "cpu"
-    sources, matrices = [], []  # per chip: the (h, w, 3) image it samples, and the transform onto it
-    for p, points in faces:
-        matrix = chip_transform(points, size, template)
-        height, width = photos[p].shape[:2]
-        window = _pyramid_window(matrix, size, height, width)
-        if window is None:
-            sources.append(None)
-            matrices.append(matrix)
-            continue
-        levels, x0, y0, x1, y1 = window
-        region, factor = photos[p], 1
-        if levels:
-            region = photos[p][y0:y1, x0:x1].int()
-            for _ in range(levels):
-                if min(region.shape[:2]) < 2:
-                    break
-                region, factor = _pyr_down(region), factor * 2
-            region = region.to(photos[p].dtype)
-        sources.append(region)
-        matrices.append(_local_matrix(matrix, factor, x0, y0) if levels else matrix)
-    return _warp_bilinear(sources, np.stack(matrices) if matrices else np.zeros((0, 2, 3)), size, device)
+    matrices = chip_transforms(np.array([points for _, points in faces]).reshape(-1, 5, 2), size, template)
+    scales = np.hypot(matrices[:, 0, 0], matrices[:, 1, 0])
+    levels = np.where(scales > 0, np.maximum(0, np.floor(-np.log2(np.where(scales > 0, scales, 1)))), 0).astype(int)
+    pyramids: dict[int, list] = {}
+    sources = []
+    for k, (p, _) in enumerate(faces):
+        pyramid = pyramids.setdefault(p, [photos[p]])
+        while len(pyramid) <= levels[k] and min(pyramid[-1].shape[:2]) >= 2:
+            pyramid.append(_pyr_down(pyramid[-1].int()).to(photos[p].dtype))
+        level = min(levels[k], len(pyramid) - 1)
+        sources.append(pyramid[level])
+        matrices[k, :, :2] *= 2**level  # pyramid pixel r sits at photo pixel 2**level * r
+    return _warp_bilinear(sources, matrices, size, device)
 
 
 def _pyr_down(image):
