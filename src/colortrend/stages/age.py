@@ -160,9 +160,11 @@ class AgeStage(Stage):
             start += n
         return batch
 
-    def chips(self, batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0):
+    def chips(self, batch: Batch, photos: list[int], size: int = CHIP_SIZE, scale: float = 1.0,
+              pyramids: dict | None = None):
         """The ``size``-px chips of every face of ``photos`` at chip ``scale`` (64 px at scale 1: the aligner's):
-        (n, size, size, 3) uint8, cut by OpenCV, or on the device from the photos' shared copies there."""
+        (n, size, size, 3) uint8, cut by OpenCV, or on the device from the photos' shared copies there (calls with
+        the same ``pyramids`` share the photos' halvings)."""
         device = self.torch_device()
         if device is not None:
             from colortrend.color.torch_ops import photo_on_device
@@ -170,7 +172,7 @@ class AgeStage(Stage):
             copies = [photo_on_device(batch["image"][i], device) for i in photos]
             faces = [(k, points) for k, i in enumerate(photos)
                      for points in np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2)]
-            return cut_chips_on_device(copies, faces, size, scale)
+            return cut_chips_on_device(copies, faces, size, scale, pyramids)
         return np.concatenate([
             cut_chips(batch["image"][i], np.asarray(batch["landmarks"][i]).reshape(-1, 5, 2), size, scale=scale)
             for i in photos
@@ -181,11 +183,12 @@ class AgeStage(Stage):
         the distributions of every network at every scale."""
         views: list[np.ndarray] = []
         cut: dict[tuple[int, float], np.ndarray] = {}  # networks of the same chip geometry share their chips
+        pyramids: dict = {}  # and on the device, every geometry shares the photos' halvings
         for model, (size, chip_scale) in zip(self._models, self.chip_geometry):
             for scale in self.settings.scales:
                 key = (size, chip_scale * scale)
                 if key not in cut:
-                    cut[key] = self.chips(batch, photos, *key)
+                    cut[key] = self.chips(batch, photos, *key, pyramids=pyramids)
                 views.append(age_distributions(model, cut[key], self.device, self.settings.batch_size,
                                                self.settings.flip_average))
         classes = max(view.shape[1] for view in views)  # heads differ in length (dlib's ends at 80 years)

@@ -167,7 +167,7 @@ def _cut_one(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
 
 
 def cut_chips_on_device(photos: list, faces: list[tuple[int, np.ndarray]], size: int = CHIP_SIZE,
-                        scale: float = 1.0):
+                        scale: float = 1.0, pyramids: dict[int, list] | None = None):
     """:func:`cut_chips` of many photos' faces at once, on the device that holds the photos: ``photos`` (H, W, 3)
     uint8 tensors, ``faces`` (photo index, (5, 2) landmarks) -> (n, size, size, 3) uint8 tensor.
 
@@ -175,14 +175,15 @@ def cut_chips_on_device(photos: list, faces: list[tuple[int, np.ndarray]], size:
     crops snapped to the pyramid's grid and their margins wider than its kernels' reach, a chip cut from the whole
     photo's pyramid is the chip cut from its crop's. The halving is ``cv2.pyrDown``'s integer arithmetic,
     reproduced exactly (its 5-tap kernel, rounding and mirrored border); the warp is bilinear in floating point as
-    OpenCV 5's ``warpAffine`` is, within one code of it, every chip in one gather.
+    OpenCV 5's ``warpAffine`` is, within one code of it, every chip in one gather. Calls given the same
+    ``pyramids`` (photo index -> its halvings) share them: chips of several sizes halve each photo once.
     """
     template = chip_template(size, scale=TEMPLATE_SCALE * scale)
     device = photos[0].device if photos else "cpu"
     matrices = chip_transforms(np.array([points for _, points in faces]).reshape(-1, 5, 2), size, template)
     scales = np.hypot(matrices[:, 0, 0], matrices[:, 1, 0])
     levels = np.where(scales > 0, np.maximum(0, np.floor(-np.log2(np.where(scales > 0, scales, 1)))), 0).astype(int)
-    pyramids: dict[int, list] = {}
+    pyramids = {} if pyramids is None else pyramids
     sources = []
     for k, (p, _) in enumerate(faces):
         pyramid = pyramids.setdefault(p, [photos[p]])
@@ -251,15 +252,14 @@ def _warp_bilinear(sources: list, matrices: np.ndarray, size: int, device):
     x = m[:, 0, 0, None, None] * steps + m[:, 0, 1, None, None] * steps[:, None] + m[:, 0, 2, None, None]
     y = m[:, 1, 0, None, None] * steps + m[:, 1, 1, None, None] * steps[:, None] + m[:, 1, 2, None, None]
     ix, iy = x.floor(), y.floor()
-    fx, fy = (x - ix).float()[..., None], (y - iy).float()[..., None]
-    ix, iy = ix.long(), iy.long()
-    total = torch.zeros(ix.shape + (3,), dtype=torch.float32, device=device)
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            yy, xx = iy + dy, ix + dx
-            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            at = torch.where(inside, starts[:, None, None] + yy * w + xx, 0)
-            total += flat[at].float() * inside[..., None] * (wy * wx)
+    fx, fy = (x - ix).float(), (y - iy).float()
+    # The four neighbours of every chip pixel at once: (4, k, size, size), top-left, top-right, bottom-left, ...
+    xx = ix.long() + torch.tensor([0, 1, 0, 1], device=device).view(4, 1, 1, 1)
+    yy = iy.long() + torch.tensor([0, 0, 1, 1], device=device).view(4, 1, 1, 1)
+    inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    at = torch.where(inside, starts[:, None, None] + yy * w + xx, 0)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]) * inside
+    total = (flat[at].float() * weights[..., None]).sum(0)
     chips[kept] = total.round().clamp(0, 255).to(torch.uint8)
     return chips
 
