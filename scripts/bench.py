@@ -57,11 +57,13 @@ cfg = default_config(sys.argv[1], device=sys.argv[2])
 pipeline = Pipeline(cfg, device=sys.argv[2])
 local = threading.local()
 network = {}
+networks = {}  # every module called outermost: the networks, hooked alone in the device-path passes
 
 def pre(module, args):  # only the outermost module call counts: a network, not its layers
     local.depth = getattr(local, "depth", 0) + 1
     if local.depth == 1:
         local.t0, local.owner = time.perf_counter(), type(module).__name__
+        networks[id(module)] = module
 
 def post(module, args, out):
     local.depth -= 1
@@ -166,8 +168,9 @@ passes = []  # three, as the host's share is a small difference of two larger ti
 for _ in range(3):
     uploaded = DEVICE_COPIES.uploaded_bytes
     with TorchClock() as clock:
-        hooks = (torch.nn.modules.module.register_module_forward_pre_hook(clock.enter_network),
-                 torch.nn.modules.module.register_module_forward_hook(clock.leave_network))
+        # Hooks on the networks alone: global ones would also run at every layer, inside the forward passes.
+        hooks = [hook for net in networks.values() for hook in (net.register_forward_pre_hook(clock.enter_network),
+                                                                 net.register_forward_hook(clock.leave_network))]
         try:
             seconds = serial_pass(clock)
         finally:
