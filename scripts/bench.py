@@ -149,19 +149,22 @@ class TorchClock(torch.overrides.TorchFunctionMode):
         if self.in_network == 0:
             self.add("network_s", time.perf_counter() - self.network_t0)
 
-def clock_overhead(calls=20000):  # what the clock adds to the host's side per call: tiny calls, with it and without
+def clock_overhead(calls=20000):  # what the clock adds to the host's side: tiny calls and attribute reads
     x = torch.zeros(4)
-    walls = []
-    for clocked in (False, True):
-        with TorchClock() if clocked else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                x.add(1)
-            walls.append(time.perf_counter() - t0)
-    return max(0.0, (walls[1] - walls[0]) / calls)
+    added = []
+    for work in (lambda: x.add(1), lambda: x.shape):
+        walls = []
+        for clocked in (False, True):
+            with TorchClock() if clocked else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    work()
+                walls.append(time.perf_counter() - t0)
+        added.append(max(0.0, (walls[1] - walls[0]) / calls))
+    return added  # per call, per attribute read
 
 serial_pass()  # warm-up of the torch paths
-overhead = clock_overhead()
+overhead, read_overhead = clock_overhead()
 from colortrend.color.torch_ops import DEVICE_COPIES
 
 passes = []  # three, as the host's share is a small difference of two larger times: the medians are reported
@@ -182,7 +185,7 @@ for _ in range(3):
     passes.append({"stage_s": seconds, "clocked": clocked,
                    "uploaded_bytes": DEVICE_COPIES.uploaded_bytes - uploaded})
 print(json.dumps({"photos": len(paths), "stage_s": stage_s, "network_s": network, "device_paths": passes,
-                  "clock_overhead_s": overhead,
+                  "clock_overhead_s": overhead, "read_overhead_s": read_overhead,
                   "model_stages": [stage.name for stage in pipeline.stages if stage.uses_accelerator]}))
 """
 
@@ -232,7 +235,7 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
     n, stage_s, network_s = result["photos"], result["stage_s"], result["network_s"]
     outside_ms = (sum(stage_s.values()) - sum(network_s.values())) / n * 1000
     passes = result["device_paths"]
-    overhead = result["clock_overhead_s"]
+    overhead, read_overhead = result["clock_overhead_s"], result["read_overhead_s"]
 
     def host_share(count_forwards_whole: bool) -> dict[str, float]:
         """Each stage's host-only work, ms a photo (median of the passes): its time less its clocked torch calls and
@@ -240,8 +243,8 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
         passes too (the issue's budget), otherwise with the Python inside them kept as host work."""
         def one(p: dict, stage: str) -> float:
             c = p["clocked"].get(stage, {})
-            clocked = c.get("torch_s_outside_networks", 0.0) + overhead * (c.get("calls_outside_networks", 0)
-                                                                           + c.get("attribute_reads", 0))
+            clocked = (c.get("torch_s_outside_networks", 0.0) + overhead * c.get("calls_outside_networks", 0)
+                       + read_overhead * c.get("attribute_reads", 0))
             if count_forwards_whole:
                 clocked += c.get("network_s", 0.0)
             else:
@@ -278,6 +281,8 @@ def run_budget(photos: Path, device: str, threads: int, env: dict) -> dict:
                              # what crosses to the device after intake (photos not decoded there, label maps)
                              "uploaded_mb_per_photo": passes[0]["uploaded_bytes"] / n / 1e6,
                              "clock_overhead_us_per_call": overhead * 1e6,
+                             "clock_overhead_us_per_attribute_read": read_overhead * 1e6,
+                             "attribute_reads_per_photo": per_photo("attribute_reads"),
                              "cores_for_2000_photos_per_s": 2000 * host_ms / 1000,
                              "model_stages_host_ms_per_photo": model_ms,
                              "photos_per_s_one_model_process_feeds": 1000 / model_ms if model_ms else None,

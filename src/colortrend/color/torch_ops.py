@@ -279,9 +279,10 @@ def estimate_illuminants(images: Sequence[NDArray[np.uint8]], methods: Sequence[
         weight = usable[..., None].double()
         count = weight.sum((1, 2))  # (N, 1)
         norm = ((values.double() ** p * weight).sum((1, 2)) / count.clamp(min=1)) ** (1 / p)
+        norms, counts = norm.cpu().numpy(), count[:, 0].cpu().numpy()  # one copy back for the group, not one a photo
         for row, i in enumerate(members):
-            estimate = norm[row].cpu().numpy()
-            if count[row, 0] == 0 or not np.isfinite(estimate).all() or estimate.max() <= 0:
+            estimate = norms[row]
+            if counts[row] == 0 or not np.isfinite(estimate).all() or estimate.max() <= 0:
                 continue  # nothing usable, or a black or flat photo: it says nothing about the light
             results[i] = cpu_wb._unit(estimate)
     return results
@@ -323,13 +324,16 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
     """``apply_gains`` of each photo on ``device``: the CPU's 8-bit tables, looked up there."""
     import torch
 
-    codes = np.arange(256, dtype=np.uint8)
+    if not images:
+        return []
+    # Every photo's three tables at once, element for element what apply_gains computes; one upload for all.
+    linear = cpu_wb.srgb_to_linear(np.arange(256, dtype=np.uint8))
+    luts = cpu_wb.to_uint8(cpu_wb.linear_to_srgb(linear * np.asarray(gains, dtype=np.float64)[..., None]))
+    tables = torch.from_numpy(luts.reshape(len(images), -1)).to(device)
+    channel = torch.arange(3, device=device) * 256  # channel c reads its own table
     out = []
-    for image, g in zip(images, gains):
-        luts = np.stack([cpu_wb.to_uint8(cpu_wb.linear_to_srgb(cpu_wb.srgb_to_linear(codes) * gain)) for gain in g])
-        table = torch.from_numpy(luts.reshape(-1)).to(device)
-        pixels = photo_on_device(image, device).long()
-        pixels += torch.arange(3, device=device) * 256  # channel c reads its own table
+    for image, table in zip(images, tables):
+        pixels = photo_on_device(image, device).long() + channel
         corrected = table[pixels]
         on_host = corrected.cpu().numpy()
         on_host.flags.writeable = False  # shared with its device copy, which the dominant stage reads

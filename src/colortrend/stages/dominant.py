@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from colortrend.color.kmeans import Palette, palettes, sample_pixels
-from colortrend.color.names import nearest_name
+from colortrend.color.names import NAMED_COLORS, ColorName, nearest_index
 from colortrend.models.parse_classes import IS_GARMENT, LOWER, UPPER
 from colortrend.stages.base import Batch, Stage, ok_indices
 from colortrend.stages.correct import ColorSettings
@@ -73,13 +73,13 @@ class DominantStage(Stage):
 
             results = garment_palettes(batch["image_wb"], [(i, *parse) for i, _, parse in people], parts, device,
                                        **options)
+        wholes = [(i, j, person[0]) for (i, j, _), person in zip(people, results) if person[0] is not None]
+        names = nearest_index(np.array([p.dominant_lab for _, _, p in wholes]).reshape(-1, 3))  # all at once
+        for (i, j, palette), name in zip(wholes, names):
+            self._write_person(batch, i, j, palette, NAMED_COLORS[int(name)])
         for (i, j, _), person in zip(people, results):
-            for (part, _), palette in zip(PARTS, person):
-                if palette is None:
-                    continue
-                if part == "all":
-                    self._write_person(batch, i, j, palette)
-                else:
+            for (part, _), palette in zip(PARTS[1:], person[1:]):
+                if palette is not None:
                     for c, value in zip(_RGB, palette.dominant_rgb):
                         batch[f"{part}_{c}"][i][j] = int(value)
         return batch
@@ -103,7 +103,7 @@ class DominantStage(Stage):
         return found
 
     @staticmethod
-    def _write_person(batch: Batch, i: int, j: int, palette: Palette) -> None:
+    def _write_person(batch: Batch, i: int, j: int, palette: Palette, name: ColorName) -> None:
         for c, value in zip(_RGB, palette.dominant_rgb):
             batch[f"dominant_{c}"][i][j] = int(value)
         for c, value in zip("lab", palette.dominant_lab):
@@ -111,5 +111,4 @@ class DominantStage(Stage):
         batch["dominant_share"][i][j] = palette.dominant_share
         batch["palette"][i][j] = [{"r": int(r), "g": int(g), "b": int(b), "share": float(share)}
                                   for (r, g, b), share in zip(palette.rgb, palette.share)]
-        name = nearest_name(palette.dominant_lab, space="lab")
         batch["color_name"][i][j], batch["color_name_zh"][i][j] = name.en, name.zh
