@@ -366,8 +366,9 @@ def garment_palettes(images: Sequence[NDArray[np.uint8]], people: Sequence[tuple
 
     A part is ``(table, min_pixels)``: ``table[label]`` says whether a pixel of that label belongs to it. What the
     dominant stage's host path does person by person (find the part's pixels, sample ``max_pixels`` of them evenly
-    in row-major order, read them from the image) is here one pass over all label maps on ``device``; the photos
-    are read from their shared device copies (:func:`photo_on_device`), the label maps cross in one upload.
+    in row-major order, read them from the image) is here one pass over all label maps on ``device``. Photos and
+    label maps are read from their shared device copies (:func:`photo_on_device`): a label map white balance has
+    already sent does not cross again.
     """
     import torch
 

@@ -3,7 +3,8 @@
 Reads ``person_parse`` (segment) and ``image_wb`` (correct). For every person with a parse it gathers up to
 ``color.max_pixels`` garment pixels (upper + lower classes, evenly sampled) of the white-balanced photo, plus the
 upper and lower garments on their own, and clusters all of them, for every person of the batch, in one batched
-k-means (``colortrend.color.kmeans``). The largest cluster is the dominant colour, named by the curated palette.
+k-means (``colortrend.color.kmeans``; on a GPU, gathering and clustering both run there for the whole batch,
+``torch_ops.garment_palettes``). The largest cluster is the dominant colour, named by the curated palette.
 
 Face-level output columns are, per photo, lists with one entry per face; entries are None for faces without a
 parse, and the upper/lower colours are None where that garment has fewer than ``color.min_part_px`` pixels.
