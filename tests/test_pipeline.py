@@ -182,13 +182,15 @@ def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
 
 
 def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
-    config = write_config(tmp_path, demo["photos"], tmp_path / "killed", shard_size=1, batch_size=1)
+    # The reference run's batches: the networks' float arithmetic changes with the batch size on some CPUs (a
+    # parsed pixel may then flip and a dominant colour move by one code), which is not what this test is about.
+    config = write_config(tmp_path, demo["photos"], tmp_path / "killed")
     proc = run_until_committed(config, tmp_path / "killed")
     markers = tmp_path / "killed" / "_markers"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     committed = len(list(markers.glob("*.json")))
-    assert 0 < committed < len(read(str(demo["out"]), "photos"))
+    assert 0 < committed < len(read(str(demo["out"]), "photos")) / 4  # shards of 4
     rerun = run_cli(config)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-3000:]

@@ -240,11 +240,13 @@ def _merge_close(centres: NDArray[np.float64], counts: NDArray[np.float64],
 
 def palettes_of_clusters(centres: NDArray[np.float64], counts: NDArray[np.float64]) -> list[Palette]:
     """Each person's palette from their clusters' CIELAB centres (P, k, 3) and weights (P, k): the clusters with
-    weight, largest first (ties keep cluster order). The sRGB of every centre is converted at once."""
-    order = np.argsort(-counts, axis=1, kind="stable")
-    centres = np.take_along_axis(centres, order[..., None], 1)
-    counts = np.take_along_axis(counts, order, 1)
-    rgb = to_uint8(lab_to_rgb(centres))
-    kept = (counts > 0).sum(1)  # sorted by weight, so the clusters with weight come first
-    return [Palette(lab=centres[p, :m], rgb=rgb[p, :m], share=counts[p, :m] / counts[p, :m].sum())
-            for p, m in enumerate(kept)]
+    weight, largest first (ties keep cluster order). Each person's colours are converted on their own: a matrix
+    product over the whole chunk could round differently with the chunk's size, and a palette must not depend on
+    who else was in the batch."""
+    palettes = []
+    for lab_all, weight in zip(centres, counts):
+        keep = np.flatnonzero(weight > 0)
+        order = keep[np.argsort(-weight[keep], kind="stable")]
+        lab = lab_all[order]
+        palettes.append(Palette(lab=lab, rgb=to_uint8(lab_to_rgb(lab)), share=weight[order] / weight[order].sum()))
+    return palettes

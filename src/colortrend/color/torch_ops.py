@@ -455,7 +455,11 @@ def rgb_to_lab(rgb):
 
     v = rgb / 255.0
     linear = torch.where(v <= 0.04045, v / 12.92, ((v.clamp(min=0.04045) + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ torch.from_numpy(space.RGB_TO_XYZ.T).to(rgb.device)
+    # The matrix product written out element by element: a matmul's rounding may change with the number of rows,
+    # and a person's colours must not depend on how many others share the batch.
+    m = space.RGB_TO_XYZ
+    r, g, b = linear.unbind(-1)
+    xyz = torch.stack([m[i, 0] * r + m[i, 1] * g + m[i, 2] * b for i in range(3)], -1)
     t = xyz / torch.from_numpy(space.D65_WHITE).to(rgb.device)
     f = torch.where(t > space._EPS, t.clamp(min=0) ** (1 / 3), (space._KAPPA * t + 16) / 116)
     return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
