@@ -65,12 +65,44 @@ def tables(output: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+#: Columns the networks' rounding moves when the same photos come in other batches: on some CPUs their kernels
+#: round differently with the batch size (aefd253 too), which moves an age by a few thousandths of a year and may
+#: flip a few parsed pixels, and so move a garment's k-means colour (by CIEDE2000 1.5 for one upper garment of the
+#: demo photos). Compared within the tolerances below, not exactly.
+ROUNDED_BY_THE_NETWORKS = ("age", "age_sd", "birth_year", "palette", "color_name", "color_name_zh",
+                           *(f"{part}_{c}" for part in ("dominant", "upper", "lower") for c in "rgb"),
+                           "dominant_lab_l", "dominant_lab_a", "dominant_lab_b", "dominant_share")
+
+
 def assert_same_tables(a: Path, b: Path) -> None:
-    """Same rows and values; floats may differ by rounding (batches of another size sum in another order)."""
+    """Same rows and values; floats may differ by rounding (batches of another size sum in another order), and
+    what the networks compute by their rounding: ages within 0.01 years, each garment colour within CIEDE2000 3,
+    dominant shares within 0.05."""
     ta, tb = tables(a), tables(b)
     for name in ta:
-        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=False, rtol=1e-4, atol=1e-3, obj=name)
+        assert_same_rows(ta[name], tb[name], name)
 
+
+def assert_same_rows(x: pd.DataFrame, y: pd.DataFrame, name: str) -> None:
+    """:func:`assert_same_tables` of one table's rows, in the same order."""
+    from colortrend.color.space import delta_e2000, rgb_to_lab
+
+    assert list(x.columns) == list(y.columns), name
+    rounded = [c for c in ROUNDED_BY_THE_NETWORKS if c in x.columns]
+    pd.testing.assert_frame_equal(x.drop(columns=rounded), y.drop(columns=rounded), check_exact=False, rtol=1e-4,
+                                  atol=1e-3, obj=name)
+    for column in ("age", "age_sd", "birth_year"):
+        if column in x.columns:
+            np.testing.assert_allclose(y[column], x[column], atol=0.01, err_msg=f"{name}.{column}")
+    if "dominant_r" not in x.columns:
+        return
+    for part in ("dominant", "upper", "lower"):
+        rgb = [t[[f"{part}_{c}" for c in "rgb"]].to_numpy(float) for t in (x, y)]
+        measured = ~np.isnan(rgb[0]).any(axis=1)
+        assert (measured == ~np.isnan(rgb[1]).any(axis=1)).all(), f"{name}.{part}: measured in one run only"
+        distance = delta_e2000(rgb_to_lab(rgb[0][measured]), rgb_to_lab(rgb[1][measured]))
+        assert (distance <= 3.0).all(), f"{name}.{part}: CIEDE2000 {distance.max():.2f}"
+    np.testing.assert_allclose(y["dominant_share"], x["dominant_share"], atol=0.05)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, demo_photos):
@@ -182,15 +214,13 @@ def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
 
 
 def test_killed_run_resumes_to_the_same_tables(demo, tmp_path):
-    # The reference run's batches: the networks' float arithmetic changes with the batch size on some CPUs (a
-    # parsed pixel may then flip and a dominant colour move by one code), which is not what this test is about.
-    config = write_config(tmp_path, demo["photos"], tmp_path / "killed")
+    config = write_config(tmp_path, demo["photos"], tmp_path / "killed", shard_size=1, batch_size=1)
     proc = run_until_committed(config, tmp_path / "killed")
     markers = tmp_path / "killed" / "_markers"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     committed = len(list(markers.glob("*.json")))
-    assert 0 < committed < len(read(str(demo["out"]), "photos")) / 4  # shards of 4
+    assert 0 < committed < len(read(str(demo["out"]), "photos"))
     rerun = run_cli(config)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-3000:]
@@ -239,8 +269,7 @@ def test_a_plan_too_large_for_memory_is_spilled_and_gives_the_same_rows(demo, tm
     assert len(expected["photos"]) < len(same["photos"])  # duplicates among them
     for name in expected:
         columns = [c for c in expected[name].columns if c != "duplicate_of"]
-        pd.testing.assert_frame_equal(expected[name][columns], got[name][columns], check_exact=False, rtol=1e-4,
-                                      atol=1e-3, obj=name)
+        assert_same_rows(expected[name][columns], got[name][columns], name)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("colortrend-plan-")] == []
     assert run(load_config(config), progress=False).shards == 0
 
