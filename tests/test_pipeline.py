@@ -67,7 +67,7 @@ def tables(output: Path) -> dict[str, pd.DataFrame]:
 
 #: Columns the networks' rounding moves when the same photos come in other batches: on some CPUs their kernels
 #: round differently with the batch size (aefd253 too), which moves an age by a few thousandths of a year and may
-#: flip a few parsed pixels, and so move a garment's k-means colour (by CIEDE2000 1.5 for one upper garment of the
+#: flip a few parsed pixels, and so move a garment's k-means colour (by CIEDE2000 1.1 for one upper garment of the
 #: demo photos). Compared within the tolerances below, not exactly.
 ROUNDED_BY_THE_NETWORKS = ("age", "age_sd", "birth_year", "palette", "color_name", "color_name_zh",
                            *(f"{part}_{c}" for part in ("dominant", "upper", "lower") for c in "rgb"),
