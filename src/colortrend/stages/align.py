@@ -120,50 +120,37 @@ def cut_chips(
     return chips
 
 
-def _pyramid_window(matrix: np.ndarray, size: int, height: int, width: int) -> tuple[int, int, int, int, int] | None:
-    """How a chip is cut: ``(levels, x0, y0, x1, y1)``, the photo's crop to halve ``levels`` times before the warp
-    (0: the photo is warped directly), or None for a chip entirely outside the photo."""
+def _cut_one(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     scale = transform_scale(matrix)
     # Halve the photo as long as the chip still samples it at half its resolution or less, so bilinear sampling
     # never skips pixels (aliasing); faces already near chip size are warped directly.
     levels = max(0, math.floor(-math.log2(scale))) if scale > 0 else 0
     if levels == 0:
-        return 0, 0, 0, width, height
+        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+
     # Only the chip's footprint plus the reach of the pyramid kernels is halved, not the whole photo.
     inverse = cv2.invertAffineTransform(matrix)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64) @ inverse.T
     margin = 4 * 2**levels
+    h, w = image.shape[:2]
     x0 = max(0, math.floor(corners[:, 0].min()) - margin)
     y0 = max(0, math.floor(corners[:, 1].min()) - margin)
-    x1 = min(width, math.ceil(corners[:, 0].max()) + margin)
-    y1 = min(height, math.ceil(corners[:, 1].max()) + margin)
-    if x1 <= x0 or y1 <= y0:
-        return None
+    x1 = min(w, math.ceil(corners[:, 0].max()) + margin)
+    y1 = min(h, math.ceil(corners[:, 1].max()) + margin)
+    if x1 <= x0 or y1 <= y0:  # chip entirely outside the photo
+        return np.zeros((size, size, 3), dtype=np.uint8)
     # Snap the crop to multiples of 2**levels: its pyramid then equals the whole photo's pyramid (away from the
     # crop edges), so a chip does not depend on where the crop happened to start.
-    return levels, x0 - x0 % 2**levels, y0 - y0 % 2**levels, x1, y1
-
-
-def _local_matrix(matrix: np.ndarray, factor: int, x0: int, y0: int) -> np.ndarray:
-    """``matrix`` as seen from a crop at (x0, y0) halved to 1/``factor``: pyramid pixel r sits at photo pixel
-    (x0, y0) + factor * r (pyrDown keeps pixel 2j as its pixel j)."""
-    return np.hstack([matrix[:, :2] * factor, (matrix[:, :2] @ np.array([x0, y0]) + matrix[:, 2])[:, None]])
-
-
-def _cut_one(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-    window = _pyramid_window(matrix, size, *image.shape[:2])
-    if window is None:
-        return np.zeros((size, size, 3), dtype=np.uint8)
-    levels, x0, y0, x1, y1 = window
-    if levels == 0:
-        return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
+    x0 -= x0 % 2**levels
+    y0 -= y0 % 2**levels
     region, factor = image[y0:y1, x0:x1], 1
     for _ in range(levels):
         if min(region.shape[:2]) < 2:
             break
         region, factor = cv2.pyrDown(region), factor * 2
-    return cv2.warpAffine(region, _local_matrix(matrix, factor, x0, y0), (size, size), flags=cv2.INTER_LINEAR,
-                          borderValue=0)
+    # Pyramid pixel r sits at photo pixel (x0, y0) + factor * r (pyrDown keeps pixel 2j as its pixel j).
+    local = np.hstack([matrix[:, :2] * factor, (matrix[:, :2] @ np.array([x0, y0]) + matrix[:, 2])[:, None]])
+    return cv2.warpAffine(region, local, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
 
 
 def cut_chips_on_device(photos: list, faces: list[tuple[int, np.ndarray]], size: int = CHIP_SIZE,
@@ -213,17 +200,6 @@ def _pyr_down(image):
     return (image + 128) >> 8
 
 
-def _inverted(matrices: np.ndarray) -> np.ndarray:
-    """(n, 2, 3) transforms inverted as ``cv2.warpAffine`` inverts its matrix, operation for operation."""
-    m = matrices.reshape(-1, 6).copy()
-    det = m[:, 0] * m[:, 4] - m[:, 1] * m[:, 3]
-    d = np.divide(1.0, det, out=np.zeros_like(det), where=det != 0)
-    a11, a22 = m[:, 4] * d, m[:, 0] * d
-    m[:, 0], m[:, 1], m[:, 3], m[:, 4] = a11, m[:, 1] * -d, m[:, 3] * -d, a22
-    m[:, 2], m[:, 5] = -m[:, 0] * m[:, 2] - m[:, 1] * m[:, 5], -m[:, 3] * m[:, 2] - m[:, 4] * m[:, 5]
-    return m.reshape(-1, 2, 3)
-
-
 def _warp_bilinear(sources: list, matrices: np.ndarray, size: int, device):
     """``cv2.warpAffine(source, matrix, (size, size), INTER_LINEAR, borderValue=0)`` of each (source, matrix), as
     OpenCV 5 computes it: bilinear in floating point, rounded; pixels outside the source black. A None source gives
@@ -247,7 +223,8 @@ def _warp_bilinear(sources: list, matrices: np.ndarray, size: int, device):
     table = torch.tensor([(begins[d], order[d].shape[0], order[d].shape[1]) for d in which], dtype=torch.long)
     starts, h, w = table.to(device).unbind(1)
     h, w = h[:, None, None], w[:, None, None]
-    m = torch.from_numpy(_inverted(matrices[kept])).to(device)  # (k, 2, 3) float64: chip pixel -> source pixel
+    inverse = np.stack([cv2.invertAffineTransform(matrices[k]) for k in kept])  # chip pixel -> source pixel
+    m = torch.from_numpy(inverse).to(device)
     steps = torch.arange(size, device=device, dtype=torch.float64)
     x = m[:, 0, 0, None, None] * steps + m[:, 0, 1, None, None] * steps[:, None] + m[:, 0, 2, None, None]
     y = m[:, 1, 0, None, None] * steps + m[:, 1, 1, None, None] * steps[:, None] + m[:, 1, 2, None, None]
