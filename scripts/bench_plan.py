@@ -32,6 +32,12 @@ new photos): peak RSS, the process's RSS before reading, seconds, and microsecon
 
     python scripts/bench_plan.py --hash-index 1000000 4000000 --json
 
+``--committed-rows N`` (with ``--photos``) sets planning's in-memory limit of committed photos
+(``colortrend.plan.COMMITTED_ROWS``) in every measured process: with N below the photos, a no-op rerun and
+``status`` compare them with the listing a range of keys at a time, as an output past the limit is compared.
+
+    python scripts/bench_plan.py --photos 200000 --committed-rows 65536 --json
+
 Prints one line per N and, with ``--json``, one JSON object on the last line.
 """
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -48,6 +55,11 @@ import time
 from pathlib import Path
 
 PER_FOLDER = 1000
+LIMIT_VAR = "BENCH_PLAN_COMMITTED_ROWS"  # --committed-rows, passed to every measured process
+# The CLI run with planning's in-memory limit of committed photos set from LIMIT_VAR (when set).
+CLI = ("import os, sys; import colortrend.plan as plan; from colortrend.cli import main; "
+       f"plan.COMMITTED_ROWS = int(os.environ.get({LIMIT_VAR!r}, plan.COMMITTED_ROWS)); "
+       "sys.argv[0] = 'colortrend'; main()")
 NIGHTLY = 1000  # new photos of the nightly run: their hashes touch every one of the index's 256 partitions
 
 
@@ -154,7 +166,7 @@ def bench(n: int, work: Path) -> dict:
         config = Path(tmp) / "bench.yaml"
         config.write_text(json.dumps({"name": "bench", "input": {"paths": [str(inputs)], "year": 2016},
                                       "output": str(Path(tmp) / "out"), "device": "cpu", "shard_size": 256}))
-        cli = [sys.executable, "-m", "colortrend.cli"]
+        cli = [sys.executable, "-c", CLI]
         first_status_s, first_status_mb, first_status_out = measured([*cli, "status", str(config), "--json"])
         if json.loads(first_status_out.splitlines()[-1])["photos_pending"] != n:
             raise SystemExit(f"status on the empty output does not count {n} photos pending")
@@ -292,7 +304,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--commit", type=Path, help=argparse.SUPPRESS)  # the fabricating step, in its own process
     parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)  # the hash index alone, in its own process
+    parser.add_argument("--committed-rows", type=int, help="planning's in-memory limit of committed photos")
     args = parser.parse_args()
+    if args.committed_rows:
+        os.environ[LIMIT_VAR] = str(args.committed_rows)
+    if LIMIT_VAR in os.environ:
+        import colortrend.plan
+
+        colortrend.plan.COMMITTED_ROWS = int(os.environ[LIMIT_VAR])
     if args.commit:
         commit_all(args.commit)
         return

@@ -328,9 +328,11 @@ def test_a_full_disk_while_the_report_is_written_is_one_line_and_the_next_run_fi
     assert os.path.exists(os.path.join(out, "report", "index.html"))
 
 
-def test_a_full_disk_under_the_plans_temporary_folder_is_one_line_naming_it(tmp_path, monkeypatch):
-    # Past its limit a plan spills to TMPDIR; that disk filling up mid-write (pyarrow raises OSError ENOSPC with no
-    # file name) is one line that names the folder and the fix, and leaves no temporary file behind.
+@pytest.mark.parametrize("limit, what", [("SPILL_ROWS", "photos to analyse"), ("COMMITTED_ROWS", "committed photos")])
+def test_a_full_disk_under_the_plans_temporary_folder_is_one_line_naming_it(tmp_path, monkeypatch, limit, what):
+    # Past its limits planning spills to TMPDIR (a plan's photos to analyse; the committed photos and the listing,
+    # compared by ranges of keys); that disk filling up mid-write (pyarrow raises OSError ENOSPC with no file name)
+    # is one line that names the folder, what it holds and the fix, and leaves no temporary file behind.
     import errno
     import gc
     import tempfile
@@ -345,7 +347,9 @@ def test_a_full_disk_under_the_plans_temporary_folder_is_one_line_naming_it(tmp_
     path, _ = config(tmp_path, inputs=f"[{tmp_path / 'today'}]")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setattr(colortrend.plan, "SPILL_ROWS", 4)
+    if limit == "COMMITTED_ROWS":  # 12 committed photos (unreadable ones), listed again
+        assert invoke("run", path).exit_code == 0
+    monkeypatch.setattr(colortrend.plan, limit, 4)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     real_new_file = pa.ipc.new_file
 
@@ -364,12 +368,13 @@ def test_a_full_disk_under_the_plans_temporary_folder_is_one_line_naming_it(tmp_
 
     monkeypatch.setattr(pa.ipc, "new_file", FillsUp)
     for command in ("status", "run"):
-        one_line_error(invoke(command, path), "planning: disk full in", str(scratch), "set TMPDIR")
+        one_line_error(invoke(command, path), "planning: disk full in", str(scratch), what, "set TMPDIR")
         gc.collect()  # (the plan's folder goes with its owner)
         assert list(scratch.iterdir()) == []
     monkeypatch.setattr(pa.ipc, "new_file", real_new_file)
     result = invoke("status", path, "--json")
-    assert result.exit_code == 0 and json.loads(result.output)["photos_pending"] == 12, result.output
+    pending = 12 if limit == "SPILL_ROWS" else 0
+    assert result.exit_code == 0 and json.loads(result.output)["photos_pending"] == pending, result.output
 
 
 @pytest.fixture(scope="module")

@@ -272,6 +272,9 @@ def test_a_plan_too_large_for_memory_is_spilled_and_gives_the_same_rows(demo, tm
         assert_same_rows(expected[name][columns], got[name][columns], name)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("colortrend-plan-")] == []
     assert run(load_config(config), progress=False).shards == 0
+    monkeypatch.setattr(colortrend.plan, "COMMITTED_ROWS", 5)  # and compared with the listing by ranges of keys
+    assert run(load_config(config), progress=False).shards == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("colortrend-")] == []
 
 
 def test_the_models_run_in_one_lane_and_the_work_after_them_in_parallel(demo):

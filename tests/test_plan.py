@@ -119,3 +119,66 @@ def test_a_plan_past_the_memory_limit_spills_to_a_temporary_file_with_the_same_s
     assert [t.paths for t in pickle.loads(pickle.dumps(spilled))] == [t.paths for t in spilled_tasks]
     spilled.close()
     assert not os.path.exists(folder)
+
+
+def test_past_the_committed_limit_planning_compares_a_range_of_keys_at_a_time_with_the_same_plan(
+        tmp_path, monkeypatch):
+    """Past ``COMMITTED_ROWS`` the committed photos and the listing go to a temporary file by ranges of photo keys
+    and are compared a range at a time: the same plan as in memory, for every kind of photo (unchanged, new,
+    changed, of a stale shard, of a shard holding a changed photo, no longer listed, listed twice), and no file
+    left behind."""
+    import tempfile
+
+    import pyarrow as pa
+
+    import colortrend.plan
+    from colortrend.plan import Committed
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    names = [f"p{i:03d}.jpg" for i in range(70)] + [f"sub/q{i:02d}.jpg" for i in range(20)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(b"x" * (i + 1))
+    config = tmp_path / "plan.yaml"
+    config.write_text(json.dumps({"name": "plan", "input": {"paths": [str(folder), str(folder / "sub")]},
+                                  "output": str(tmp_path / "out"), "device": "cpu", "shard_size": 8}))
+    cfg = load_config(str(config))
+    store, pipeline = Store(cfg.output), Pipeline(cfg)
+    store.prepare()
+    pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
+    current = pipeline.fingerprints()[pipeline.stages[-1].name]
+    schema = pipeline.schemas["photos"]
+    committed_paths = sorted(str(folder / name) for name in names)[:60] + [str(folder / "gone.jpg")]
+    for s, start in enumerate(range(0, len(committed_paths), 8)):  # 60 listed photos and one no longer listed
+        paths = committed_paths[start:start + 8]
+        sizes = [os.stat(p).st_size if os.path.exists(p) else 1 for p in paths]
+        mtimes = [os.stat(p).st_mtime_ns if os.path.exists(p) else 1 for p in paths]
+        if s == 2:
+            sizes[3] += 1  # a photo replaced since: its shard is redone whole
+        known = {"photo_id": [keyed_photo_id(p, pipeline.photo_key) for p in paths], "path": paths,
+                 "status": ["ok"] * len(paths), "input_bytes": sizes, "input_mtime_ns": mtimes, "file_bytes": sizes}
+        photos = pa.table({f.name: pa.array(known[f.name], f.type) if f.name in known else pa.nulls(len(paths), f.type)
+                           for f in schema}, schema=schema)
+        store.commit_shard(f"s{s:02d}", {"photos": photos}, {"fingerprint": "old" if s == 5 else current})
+
+    def the_plan():
+        made = plan(cfg, pipeline, store)
+        tasks = [(t.shard_id, t.photo_ids, t.paths, t.replaces, t.listed) for t in made.tasks]
+        return (made.inputs, made.stale, made.committed_photos, made.changed, made.damaged, made.index_tokens), tasks
+
+    in_memory = the_plan()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(colortrend.plan, "COMMITTED_ROWS", 4)  # 61 committed photos in 32 ranges of keys
+    monkeypatch.setattr(colortrend.plan, "LISTING_ROWS", 16)
+    monkeypatch.setattr(colortrend.plan, "CHUNK", 5)
+    assert Committed.read(store, store.markers(), {}).spilled
+    spilled = the_plan()
+    assert spilled == in_memory
+    (inputs, stale, kept, changed, damaged, _), tasks = in_memory
+    assert inputs == 90 and stale == ["s02", "s05"] and changed == 1 and damaged == {} and kept == 60 - 16 + 1
+    redone = [t for t in tasks if t[3]]
+    assert [t[3] for t in redone] == [["s02"], ["s05"]] and sum(len(t[1]) for t in redone) == 16
+    assert sum(len(t[1]) for t in tasks if not t[3]) == 30  # the 30 files never committed, each once
+    assert list(scratch.iterdir()) == []

@@ -14,21 +14,23 @@ Memory: the committed side is a few numpy arrays (8-byte photo keys, shard, size
 filled in place shard by shard from the photos files' own columns, and one flag a photo for whether it is still
 listed; the listing is streamed past them and only pending photos are kept: up to ``SPILL_ROWS`` as one Arrow
 table (their paths and about 50 bytes more a photo), past it in a temporary file, ordered a range at a time
-(:class:`PlannedShards`). A nightly rerun over 200,000 unchanged photos holds no set of paths or ids, and a first
-run over millions of new photos holds a range of them, not all.
+(:class:`PlannedShards`). Past ``COMMITTED_ROWS`` committed photos, they and the listing are both written to a
+temporary file by ranges of photo keys and compared a range at a time (:class:`Committed`, a partitioned join):
+whatever the number of photos, committed or new, planning holds a range of each.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 UNKNOWN = np.iinfo(np.int64).min  # a size, mtime or ETag the listing or an old row does not give
 CHUNK = 8192  # listed files compared with the committed ones at a time
 SPILL_ROWS = 1 << 18  # pending photos planning holds in memory; past it, it spills them to a temporary file
+COMMITTED_ROWS = 1 << 20  # committed photos planning compares in memory; past it, a range of photo keys at a time
+LISTING_ROWS = 1 << 16  # listed files a spilled comparison writes to its temporary file at a time
 BUCKET_BITS = 8
 BUCKETS = 1 << BUCKET_BITS  # ranges of new photos (by key) and of photos to redo (by shard) a spilled plan is cut in
 INPUT_COLUMNS = ("input_bytes", "input_mtime_ns", "input_etag")  # the version of each input as listed when planned
@@ -68,37 +72,52 @@ def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False
     markers = store.markers()
     damaged = store.damage(markers)
     healthy = {sid: m for sid, m in markers.items() if sid not in damaged}
-    index = CommittedIndex.read(store, healthy, damaged)
-    fresh = np.array([healthy[sid].get("fingerprint") == current and not full for sid in index.shards], bool)
+    committed = Committed.read(store, healthy, damaged)
+    try:
+        return _compare(cfg, pipeline, committed, healthy, current, damaged, full)
+    finally:
+        committed.close()
 
-    pending = _Pending(index.shards)  # new photos and photos of shards to redo, a chunk of columns at a time
-    listed = np.zeros(len(index.key), bool)  # which committed photos the listing still names
+
+def _compare(cfg: "Config", pipeline: "Pipeline", committed: "Committed", healthy: dict[str, dict], current: str,
+             damaged: dict[str, str], full: bool) -> Plan:
+    """The listing compared with the committed photos, a range of photo keys at a time."""
+    fresh = np.array([healthy[sid].get("fingerprint") == current and not full for sid in committed.shards], bool)
+    pending = _Pending(committed.shards)  # new photos and photos of shards to redo, a chunk of columns at a time
+
+    def listing() -> Iterable[Listed]:  # (in memory, a second pass lists the inputs again)
+        return iter_inputs(cfg.input.paths, exclude=cfg.output)
+
+    listed = 0  # committed photos the listing still names
     changed_shards: set[int] = set()
     changed = 0
-    for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-        keys, pos, found, shard = index.look_up(chunk, pipeline.photo_key)
-        listed[pos[found]] = True
-        in_fresh = np.zeros(len(chunk), bool)
-        in_fresh[found] = fresh[shard[found]]
-        is_changed = found & index.changed(pos, chunk)
-        changed += int(np.count_nonzero(is_changed & in_fresh))
-        changed_shards.update(shard[is_changed].tolist())
-        pending.add(chunk, keys, shard, np.flatnonzero(~in_fresh | is_changed))
+    for index, chunks in committed.ranges(listing, pipeline.photo_key):
+        named = np.zeros(len(index.key), bool)
+        for chunk, keys in chunks:
+            pos, found, shard = index.look_up(keys)
+            named[pos[found]] = True
+            in_fresh = np.zeros(len(chunk), bool)
+            in_fresh[found] = fresh[shard[found]]
+            is_changed = found & index.changed(pos, chunk)
+            changed += int(np.count_nonzero(is_changed & in_fresh))
+            changed_shards.update(shard[is_changed].tolist())
+            pending.add(chunk, keys, shard, np.flatnonzero(~in_fresh | is_changed))
+        listed += int(np.count_nonzero(named))
 
     newly_stale = changed_shards - {int(i) for i in np.flatnonzero(~fresh)}
-    if newly_stale:  # a shard holding a changed photo is redone whole: list again for its other photos
+    if newly_stale:  # a shard holding a changed photo is redone whole: its other photos, from a second pass
         wanted = np.array(sorted(newly_stale), np.int64)
-        for chunk in _chunks(iter_inputs(cfg.input.paths, exclude=cfg.output)):
-            keys, pos, found, shard = index.look_up(chunk, pipeline.photo_key)
-            pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
+        for index, chunks in committed.ranges(listing, pipeline.photo_key):
+            for chunk, keys in chunks:
+                _, found, shard = index.look_up(keys)
+                pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
 
     redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
-    tasks = PlannedShards(pending, index.shards, cfg.shard_size)
-    stale = sorted(index.shards[s] for s in redone)
-    committed = sum(int(index.rows[s]) for s in range(len(index.shards)) if s not in redone)
-    inputs = int(np.count_nonzero(listed)) + tasks.new_photos
-    tokens = {sid: healthy[sid].get("hash_index") for sid in index.shards}
-    return Plan(inputs, tasks, stale, committed, current, damaged, changed, tokens)
+    tasks = PlannedShards(pending, committed.shards, cfg.shard_size)
+    stale = sorted(committed.shards[s] for s in redone)
+    kept = sum(int(committed.rows[s]) for s in range(len(committed.shards)) if s not in redone)
+    tokens = {sid: healthy[sid].get("hash_index") for sid in committed.shards}
+    return Plan(listed + tasks.new_photos, tasks, stale, kept, current, damaged, changed, tokens)
 
 
 class PlannedShards(Sequence[ShardTask]):
@@ -163,11 +182,10 @@ class PlannedShards(Sequence[ShardTask]):
                 rows = self._reader.get_batch(i)
         keys = rows.column("key").to_numpy().astype(">u8").tobytes().hex()
         ids = [keys[j:j + 16] for j in range(0, len(keys), 16)]  # a pending photo's id is its key in hex
-        paths = [path.decode("utf-8", "surrogateescape") for path in rows.column("path").to_pylist()]
-        sizes, mtimes = (_known(rows.column(name).to_numpy()) for name in ("size", "mtime"))
-        listing = [Listed(*entry) for entry in zip(paths, sizes, mtimes, rows.column("etag").to_pylist())]
+        listing = _listings(rows)
         owner = int(self.owner[i])
-        return ShardTask(shard_id_for(ids), ids, paths, [self.shards[owner]] if owner >= 0 else [], listing)
+        return ShardTask(shard_id_for(ids), ids, [e.path for e in listing], [self.shards[owner]] if owner >= 0 else [],
+                         listing)
 
     @property
     def spilled(self) -> bool:
@@ -204,20 +222,10 @@ class _Pending:
         return np.where(owner >= 0, self.rank[np.maximum(owner, 0)] if n else 0, n)
 
     def add(self, chunk: list[Listed], keys: np.ndarray, shard: np.ndarray, rows: np.ndarray) -> None:
-        import pyarrow as pa
-
         if not len(rows):
             return
-        entries = [chunk[i] for i in rows]
-        etags = [e.etag for e in entries]
-        known = any(e is not None for e in etags)
-        self.parts.append({
-            "key": keys[rows], "owner": shard[rows].astype(np.int32),
-            "path": _binary([e.path.encode("utf-8", "surrogateescape") for e in entries]),
-            "size": np.array([UNKNOWN if e.size is None else e.size for e in entries], np.int64),
-            "mtime": np.array([UNKNOWN if e.mtime_ns is None else e.mtime_ns for e in entries], np.int64),
-            "etag": pa.array(etags, pa.string()) if known else pa.nulls(len(etags), pa.string()),
-        })
+        self.parts.append({"key": keys[rows], "owner": shard[rows].astype(np.int32),
+                           **_listing_columns([chunk[i] for i in rows])})
         self.held += len(rows)
         if self.held > (self.limit if self.spill is None else max(1, self.limit // 4)):
             self._write()
@@ -256,39 +264,50 @@ class _Pending:
         return pa.table(columns)
 
 
+PLAN_HELD = f"past {SPILL_ROWS:,} photos to analyse it keeps them there (about 150 bytes a photo)"
+
+
 @contextlib.contextmanager
-def _temporary_files() -> Iterator[None]:
-    """A spilled plan's disk refusing it (full, read-only, its file gone) becomes one line naming ``TMPDIR``."""
+def _temporary_files(held: str | None = None) -> Iterator[None]:
+    """A temporary file's disk refusing it (full, read-only, the file gone) becomes one line naming ``TMPDIR`` and
+    what planning keeps there (``held``; a spilled plan's photos by default)."""
     try:
         yield
     except OSError as exc:
         from colortrend.errors import ConfigError, environment_problem
 
-        raise ConfigError(f"planning: {environment_problem(exc, tempfile.gettempdir())}; past {SPILL_ROWS:,} photos "
-                          "to analyse it keeps them there (about 150 bytes a photo): set TMPDIR to a folder with "
-                          "room") from None
+        raise ConfigError(f"planning: {environment_problem(exc, tempfile.gettempdir())}; {held or PLAN_HELD}: set "
+                          "TMPDIR to a folder with room") from None
 
 
-class _Spill:
-    """A spilled plan's temporary folder (under ``TMPDIR``): the pending photos, one record batch per range and
-    write, then the ordered plan, one record batch per shard. Removed by :meth:`remove`, when collected, or when
-    the process exits."""
+class _Scratch:
+    """A temporary folder under ``TMPDIR``, removed by :meth:`remove`, when collected, or when the process exits."""
 
-    def __init__(self, schema: "pa.Schema"):
+    def __init__(self, prefix: str):
+        self.folder = tempfile.mkdtemp(prefix=prefix)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def remove(self) -> None:
+        self._remove()
+
+
+class _RangeFile:
+    """Rows written to one Arrow IPC file a table at a time, each row into one of ``n`` ranges, and read back a
+    range (or neighbouring ranges) at a time, each in the order its rows were written."""
+
+    def __init__(self, path: str, schema: "pa.Schema", n: int):
         import pyarrow as pa
 
-        self.folder = tempfile.mkdtemp(prefix="colortrend-plan-")
-        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        self.pending_path = os.path.join(self.folder, "pending.arrow")
-        self.plan_path = os.path.join(self.folder, "plan.arrow")
-        self._writer = pa.ipc.new_file(self.pending_path, schema)
-        self.batches: list[list[int]] = [[] for _ in range(2 * BUCKETS)]  # each range's record batches
-        self.rows = np.zeros(2 * BUCKETS, np.int64)
+        self.path, self.schema = path, schema
+        self._writer = pa.ipc.new_file(path, schema)
+        self._reader = None
+        self.batches: list[list[int]] = [[] for _ in range(n)]  # each range's record batches
+        self.rows = np.zeros(n, np.int64)
         self.written = 0
 
     def write(self, table: "pa.Table", ranges: np.ndarray) -> None:
-        order = np.argsort(ranges, kind="stable")  # stable: a range keeps its photos in listing order
-        for a, b in _runs(ranges[order]):  # a range's photos copied at a time, not the whole table's
+        order = np.argsort(ranges, kind="stable")  # stable: a range keeps its rows in the order given
+        for a, b in _runs(ranges[order]):  # a range's rows copied at a time, not the whole table's
             r = int(ranges[order[a]])
             for batch in table.take(order[a:b]).to_batches():
                 self._writer.write_batch(batch)
@@ -296,29 +315,55 @@ class _Spill:
                 self.written += 1
             self.rows[r] += b - a
 
-    def ranges(self, limit: int) -> Iterator["pa.Table"]:
-        """Neighbouring ranges read back together, up to about ``limit`` photos (or one range, if larger)."""
+    def batches_of(self, ranges: Iterable[int]) -> Iterator["pa.RecordBatch"]:
         import pyarrow as pa
 
-        self._writer.close()
-        reader = pa.ipc.open_file(pa.OSFile(self.pending_path, "rb"))
+        if self._reader is None:
+            self._writer.close()
+            self._reader = pa.ipc.open_file(pa.OSFile(self.path, "rb"))
+        for r in ranges:
+            for i in self.batches[r]:
+                yield self._reader.get_batch(i)
+
+    def read(self, ranges: Iterable[int]) -> "pa.Table":
+        import pyarrow as pa
+
+        return pa.Table.from_batches(list(self.batches_of(ranges)), schema=self.schema)
+
+    def remove(self) -> None:
+        self._reader = None
+        os.remove(self.path)
+
+
+class _Spill(_Scratch):
+    """A spilled plan's temporary folder: the pending photos, by range (:class:`_RangeFile`), then the ordered plan,
+    one record batch per shard."""
+
+    def __init__(self, schema: "pa.Schema"):
+        super().__init__("colortrend-plan-")
+        self.plan_path = os.path.join(self.folder, "plan.arrow")
+        self.pending = _RangeFile(os.path.join(self.folder, "pending.arrow"), schema, 2 * BUCKETS)
+
+    def write(self, table: "pa.Table", ranges: np.ndarray) -> None:
+        self.pending.write(table, ranges)
+
+    def ranges(self, limit: int) -> Iterator["pa.Table"]:
+        """Neighbouring ranges read back together, up to about ``limit`` photos (or one range, if larger)."""
+        rows = self.pending.rows
         group: list[int] = []
-        for r in [*np.flatnonzero(self.rows).tolist(), None]:
-            full = group and (r is None or r == BUCKETS or self.rows[group].sum() + self.rows[r] > limit)
+        for r in [*np.flatnonzero(rows).tolist(), None]:
+            full = group and (r is None or r == BUCKETS or rows[group].sum() + rows[r] > limit)
             if full:  # (photos to redo and new photos are never read together)
-                yield pa.Table.from_batches([reader.get_batch(i) for g in group for i in self.batches[g]])
+                yield self.pending.read(group)
                 group = []
             if r is not None:
                 group.append(r)
-        os.remove(self.pending_path)
+        self.pending.remove()
 
     def plan_writer(self, schema: "pa.Schema"):
         import pyarrow as pa
 
         return pa.ipc.new_file(self.plan_path, schema)
-
-    def remove(self) -> None:
-        self._remove()
 
 
 def _first_listings(table: "pa.Table") -> "pa.Table":
@@ -337,6 +382,25 @@ def _cut(paths: "pa.ChunkedArray", group: np.ndarray, shard_size: int) -> tuple[
     order = by_path[np.argsort(group[by_path], kind="stable")]
     cuts = [start for a, b in _runs(group[order]) for start in range(a, b, shard_size)]
     return order, np.array([*cuts, len(order)], np.int64)
+
+
+def _listing_columns(entries: list[Listed]) -> dict:
+    """Listed files as columns: the path as bytes (a file name need not be UTF-8), size, mtime and ETag."""
+    import pyarrow as pa
+
+    etags = [e.etag for e in entries]
+    known = any(e is not None for e in etags)
+    return {"path": _binary([e.path.encode("utf-8", "surrogateescape") for e in entries]),
+            "size": np.array([UNKNOWN if e.size is None else e.size for e in entries], np.int64),
+            "mtime": np.array([UNKNOWN if e.mtime_ns is None else e.mtime_ns for e in entries], np.int64),
+            "etag": pa.array(etags, pa.string()) if known else pa.nulls(len(etags), pa.string())}
+
+
+def _listings(rows: "pa.Table | pa.RecordBatch") -> list[Listed]:
+    """The listed files of :func:`_listing_columns`' columns."""
+    paths = [path.decode("utf-8", "surrogateescape") for path in rows.column("path").to_pylist()]
+    sizes, mtimes = (_known(rows.column(name).to_numpy()) for name in ("size", "mtime"))
+    return [Listed(*entry) for entry in zip(paths, sizes, mtimes, rows.column("etag").to_pylist())]
 
 
 def _binary(items: list[bytes]) -> "pa.Array":
@@ -372,6 +436,152 @@ def _chunks(entries: Iterable[Listed]) -> Iterator[list[Listed]]:
         yield chunk
 
 
+COMMITTED_HELD = (f"past {COMMITTED_ROWS:,} committed photos it compares them with the listing there, a range at a "
+                  "time (about 40 bytes a committed photo and 60 more than its path a listed one)")
+
+
+class Committed:
+    """The committed photos, as planning compares the listing with them: a range of photo keys at a time.
+
+    Up to ``COMMITTED_ROWS`` photos there is one range, a :class:`CommittedIndex` of them all, and the listing is
+    streamed past it. Past it, a partitioned join: each photos file is read once and its rows are written by the
+    top bits of their keys to a temporary file, in ranges of about ``COMMITTED_ROWS / 2`` photos; the listing is
+    written by the same bits beside them the first time it is asked for; then each range's index is built in turn
+    and that range's listed files streamed past it. Planning then holds one range of the committed photos and
+    ``LISTING_ROWS`` listed files, whatever the number of either. :meth:`close` removes the files."""
+
+    def __init__(self, shards: list[str], rows: np.ndarray, index: "CommittedIndex | None" = None,
+                 spill: "_CommittedSpill | None" = None):
+        self.shards, self.rows = shards, rows
+        self._index, self._spill = index, spill
+
+    @property
+    def spilled(self) -> bool:
+        return self._spill is not None
+
+    @classmethod
+    def read(cls, store: "Store", markers: dict[str, dict], damaged: dict[str, str],
+             limit: int | None = None) -> "Committed":
+        """From each shard's photos file (only the columns planning needs). A photos file that cannot be read
+        makes its shard damaged (added to ``damaged`` and dropped from ``markers``)."""
+        from colortrend.errors import OutputError
+
+        limit = COMMITTED_ROWS if limit is None else limit
+        expected = sum(int(m.get("rows", {}).get("photos", 0)) for m in markers.values() if "photos" in m["files"])
+        spill = _CommittedSpill(expected, limit) if expected > limit else None
+        columns = _Columns(expected if spill is None else spill.flush_rows)
+        shards, rows = [], []
+        with _temporary_files(COMMITTED_HELD):
+            for shard_id, marker in markers.items():
+                if "photos" not in marker["files"]:
+                    continue
+                try:
+                    table = _read_columns(store, shard_id, marker)
+                except OutputError as exc:
+                    damaged[shard_id] = str(exc).removeprefix("output: ")
+                    continue
+                if spill is not None and columns.n + table.num_rows > spill.flush_rows:
+                    spill.write(columns)
+                columns.add(table, len(shards))
+                shards.append(shard_id)
+                rows.append(table.num_rows)
+            if spill is not None:
+                spill.write(columns)
+        for name in list(markers):
+            if name in damaged:
+                markers.pop(name)
+        rows = np.array(rows, np.int64)
+        if spill is not None:
+            return cls(shards, rows, spill=spill)
+        return cls(shards, rows, index=CommittedIndex(shards, rows, *columns.filled()))
+
+    def ranges(self, listing: Callable[[], Iterable[Listed]], photo_key: bytes | None
+               ) -> Iterator[tuple["CommittedIndex", Iterator[tuple[list[Listed], np.ndarray]]]]:
+        """Each range's index of committed photos, with the listed files whose keys fall in it, a chunk at a time
+        with their photo keys; ``listing()`` lists the inputs (called once; a spilled comparison keeps what it
+        listed for a second pass)."""
+        if self._spill is None:
+            yield self._index, _keyed(listing(), photo_key)
+            return
+        with _temporary_files(COMMITTED_HELD):
+            if self._spill.listing is None:
+                self._spill.write_listing(_keyed(listing(), photo_key))
+            for r in range(self._spill.n):
+                yield self._spill.index(r, self.shards, self.rows), self._spill.listed(r)
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.remove()
+
+
+class _CommittedSpill(_Scratch):
+    """A spilled comparison's temporary folder: the committed photos' columns and the listing, by key range."""
+
+    def __init__(self, expected: int, limit: int):
+        import pyarrow as pa
+
+        super().__init__("colortrend-committed-")
+        self.bits = max(1, math.ceil(math.log2(expected / max(1, limit // 2))))  # ranges of about limit / 2
+        self.n = 1 << self.bits
+        self.flush_rows = max(1, limit // 4)  # committed rows gathered before they are written
+        self.etags = False  # whether any shard recorded ETags
+        schema = pa.schema([("key", pa.uint64()), ("shard", pa.int32()), ("size", pa.int64()), ("mtime", pa.int64()),
+                            ("recorded", pa.bool_()), ("etag", pa.int64())])
+        self.committed = _RangeFile(os.path.join(self.folder, "committed.arrow"), schema, self.n)
+        self.listing: _RangeFile | None = None
+
+    def range_of(self, keys: np.ndarray) -> np.ndarray:
+        return (keys >> np.uint64(64 - self.bits)).astype(np.int64)
+
+    def write(self, columns: "_Columns") -> None:
+        import pyarrow as pa
+
+        key, shard, size, mtime, recorded, etag = columns.filled()
+        self.etags |= etag is not None
+        etag = np.full(len(key), UNKNOWN, np.int64) if etag is None else etag
+        table = pa.table({"key": key, "shard": shard, "size": size, "mtime": mtime, "recorded": recorded,
+                          "etag": etag})
+        self.committed.write(table, self.range_of(key))
+        columns.clear()
+
+    def index(self, r: int, shards: list[str], rows: np.ndarray) -> "CommittedIndex":
+        table = self.committed.read([r])
+        key, shard, size, mtime, recorded, etag = (table.column(name).to_numpy().copy() for name in
+                                                   ("key", "shard", "size", "mtime", "recorded", "etag"))
+        return CommittedIndex(shards, rows, key, shard, size, mtime, recorded, etag if self.etags else None)
+
+    def write_listing(self, chunks: Iterator[tuple[list[Listed], np.ndarray]]) -> None:
+        import pyarrow as pa
+
+        schema = pa.table({"key": np.zeros(0, np.uint64), **_listing_columns([])}).schema
+        self.listing = _RangeFile(os.path.join(self.folder, "listing.arrow"), schema, self.n)
+        parts, held = [], 0
+        for chunk, keys in chunks:
+            parts.append(pa.table({"key": keys, **_listing_columns(chunk)}).cast(schema))
+            held += len(chunk)
+            if held >= LISTING_ROWS:  # written at a time, so that each range's record batches stay large
+                self._write_listed(parts)
+                parts, held = [], 0
+        self._write_listed(parts)
+
+    def _write_listed(self, parts: list["pa.Table"]) -> None:
+        if parts:
+            import pyarrow as pa
+
+            table = pa.concat_tables(parts).combine_chunks()
+            self.listing.write(table, self.range_of(table.column("key").to_numpy()))
+
+    def listed(self, r: int) -> Iterator[tuple[list[Listed], np.ndarray]]:
+        for batch in self.listing.batches_of([r]):
+            yield _listings(batch), batch.column("key").to_numpy()
+
+
+def _keyed(entries: Iterable[Listed], photo_key: bytes | None) -> Iterator[tuple[list[Listed], np.ndarray]]:
+    """Listed files a chunk at a time, with their photo keys."""
+    for chunk in _chunks(entries):
+        yield chunk, id_keys([keyed_photo_id(entry.path, photo_key) for entry in chunk])
+
+
 class CommittedIndex:
     """The committed photos as parallel numpy arrays sorted by photo key: what planning compares listings with.
 
@@ -390,31 +600,6 @@ class CommittedIndex:
         del order
         self.key, self.shard, self.size, self.mtime, self.recorded, self.etag = key, shard, size, mtime, recorded, etag
 
-    @classmethod
-    def read(cls, store: "Store", markers: dict[str, dict], damaged: dict[str, str]) -> "CommittedIndex":
-        """From each shard's photos file (only the columns planning needs). A photos file that cannot be read
-        makes its shard damaged (added to ``damaged``)."""
-        from colortrend.errors import OutputError
-
-        expected = sum(int(m.get("rows", {}).get("photos", 0)) for m in markers.values() if "photos" in m["files"])
-        columns = _Columns(expected)
-        shards, rows = [], []
-        for shard_id, marker in markers.items():
-            if "photos" not in marker["files"]:
-                continue
-            try:
-                table = _read_columns(store, shard_id, marker)
-            except OutputError as exc:
-                damaged[shard_id] = str(exc).removeprefix("output: ")
-                continue
-            columns.add(table, len(shards))
-            shards.append(shard_id)
-            rows.append(table.num_rows)
-        for name in list(markers):
-            if name in damaged:
-                markers.pop(name)
-        return cls(shards, np.array(rows, np.int64), *columns.filled())
-
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For each key: its position in the index and whether it is there."""
         if not len(self.key):
@@ -422,13 +607,12 @@ class CommittedIndex:
         pos = np.minimum(np.searchsorted(self.key, keys), len(self.key) - 1)
         return pos, self.key[pos] == keys
 
-    def look_up(self, chunk: list[Listed], photo_key: bytes | None) -> tuple[np.ndarray, ...]:
-        """For each listed file: its photo key, its position in the index, whether it is there, and its shard's
+    def look_up(self, keys: np.ndarray) -> tuple[np.ndarray, ...]:
+        """For each listed file's photo key: its position in the index, whether it is there, and its shard's
         index (-1 where it is not)."""
-        keys = id_keys([keyed_photo_id(entry.path, photo_key) for entry in chunk])
         pos, found = self.find(keys)
-        shard = np.where(found, self.shard[pos], -1) if len(self.key) else np.full(len(chunk), -1)
-        return keys, pos, found, shard
+        shard = np.where(found, self.shard[pos], -1) if len(self.key) else np.full(len(keys), -1)
+        return pos, found, shard
 
     def changed(self, pos: np.ndarray, chunk: list[Listed]) -> np.ndarray:
         """Whether each listed file differs from the one analysed (meaningful where the key was found)."""
@@ -484,6 +668,10 @@ class _Columns:
                 grown = np.full(size, UNKNOWN, column.dtype) if name == "etag" else np.empty(size, column.dtype)
                 grown[:len(column)] = column
                 setattr(self, name, grown)
+
+    def clear(self) -> None:
+        self.n = 0
+        self.etag = None
 
     def filled(self) -> tuple:
         n = self.n
