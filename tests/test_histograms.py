@@ -294,6 +294,23 @@ def test_a_smaller_calibration_widens_the_corrected_interval():
     assert width(60) > 1.2 * width(6000)
 
 
+def test_each_bootstrap_fit_stops_on_its_own_as_if_fitted_alone():
+    # The replicates are fitted together, but each stops when it has converged: its result does not depend on the
+    # replicates it was fitted with (before, all ran until the slowest had converged).
+    from colortrend.aggregate.age_error import EM_MAX_ITER, _em
+
+    rng = np.random.default_rng(3)
+    est, true, bins, fits = 30, 50, 4, 6
+    error = rng.dirichlet(np.ones(est), size=(fits, true)).transpose(0, 2, 1)  # (fits, estimates, true ages)
+    counts = rng.poisson(rng.uniform(0.5, 30, (fits, 1, bins, est)))  # replicates near and far from converged
+    block = (np.arange(true) // 10)[None, :]
+    together = _em(counts.astype(np.float64), error, block, 5, None, EM_MAX_ITER)
+    for i in range(fits):
+        alone = _em(counts[i:i + 1].astype(np.float64), error[i:i + 1], block, 5, None, EM_MAX_ITER)
+        for got, expected in zip(together, alone):
+            np.testing.assert_allclose(got[i], expected[0], rtol=1e-9, atol=1e-12)
+
+
 def test_sales_are_binned_like_the_photos_and_blended(tmp_path):
     df = garments([18] * 30 + [24] * 30, ["black"] * 20 + ["white"] * 10 + ["white"] * 30)
     sales = pd.DataFrame({

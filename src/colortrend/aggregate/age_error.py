@@ -259,18 +259,23 @@ def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, sta
         q, p = prior, np.full((r, n_years, stacked.shape[1]), 1.0 / stacked.shape[1], dtype)
     else:
         q, p = 0.98 * start[0] + 0.02 * prior, start[1]
-    error_t = np.swapaxes(error, 1, 2)[:, None]  # (R, 1, a, j)
-    error_b = error[:, None]  # (R, 1, j, a)
+    error_t = np.swapaxes(error, 1, 2)[:, None].copy()  # (R, 1, a, j)
+    error_b = error[:, None].copy()  # (R, 1, j, a)
+    # Each fit stops on its own once it has converged. The fits still running are the first `running` rows of
+    # `counts`, `totals`, `error_t` and `error_b` (rows move to the front as others stop), fits `fit[:running]`.
+    counts, fit, running = n.copy(), np.arange(r), r
+    out_q, out_p, out_expected = np.empty_like(q), np.empty_like(p), np.zeros((*n.shape[:3], p.shape[2]), dtype)
 
     def step(q: NDArray, p: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
-        """One EM step from (q, p); also the expected counts and the log-likelihood (R,) of (q, p)."""
+        """One EM step from (q, p) of the running fits; also the expected counts and the log-likelihood of (q, p)."""
+        n, held_totals = counts[:running], totals[:running]
         joint = p[:, :, None, :] * q[:, :, block].transpose(0, 2, 1, 3)  # (R, years, bins, a)
-        fitted = joint @ error_t  # (R, years, bins, j): probability of each (bin, estimated age)
+        fitted = joint @ error_t[:running]  # (R, years, bins, j): probability of each (bin, estimated age)
         ratio = np.divide(n, fitted, out=np.zeros_like(n), where=fitted > 0)
-        expected = joint * (ratio @ error_b)  # (R, years, bins, a): persons by true age
+        expected = joint * (ratio @ error_b[:running])  # (R, years, bins, a): persons by true age
         by_age = np.concatenate([expected[..., :1].sum(2), expected.sum(2), expected[..., -1:].sum(2)], axis=-1)
         smoothed = 0.25 * by_age[..., :-2] + 0.5 * by_age[..., 1:-1] + 0.25 * by_age[..., 2:]  # EMS's 1-2-1
-        new_p = np.where(totals[..., None] > 0, smoothed / np.maximum(smoothed.sum(-1, keepdims=True), tiny), p)
+        new_p = np.where(held_totals[..., None] > 0, smoothed / np.maximum(smoothed.sum(-1, keepdims=True), tiny), p)
         mass = sum(expected[:, y] @ stacked[y] for y in range(n_years))  # expected persons by bin and block
         held = mass.sum(axis=1, keepdims=True)
         if strength > 0 and neighbours is not None:
@@ -285,7 +290,7 @@ def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, sta
         x = np.maximum(x, 1e-12)
         return x / x.sum(axis=axis, keepdims=True)
 
-    expected = np.zeros_like(n)
+    expected = np.zeros_like(out_expected)
     for _ in range(max(1, max_iter // 3)):
         q1, p1, _, _ = step(q, p)
         q2, p2, expected, loglik_1 = step(q1, p1)
@@ -303,11 +308,20 @@ def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, sta
         new_q = np.where(worse[:, None, None], q2, new_q)
         new_p = np.where(worse[:, None, None], p2, new_p)
         expected = np.where(worse[:, None, None, None], expected, expected_x)
-        moved = max(np.abs(new_q - q).max(), np.abs(new_p - p).max())
+        moved = np.maximum(np.abs(new_q - q).max(axis=(1, 2)), np.abs(new_p - p).max(axis=(1, 2)))
         q, p = new_q, new_p
-        if moved <= tol:
-            break
-    return q, p, expected
+        done = moved <= tol
+        if done.any():  # those fits' results kept, the running ones' rows moved to the front
+            stopped = fit[:running][done]
+            out_q[stopped], out_p[stopped], out_expected[stopped] = q[done], p[done], expected[done]
+            keep = ~done
+            for rows in (fit, counts, totals, error_t, error_b):
+                rows[:int(keep.sum())] = rows[:running][keep]
+            q, p, expected, running = q[keep], p[keep], expected[keep], int(keep.sum())
+            if not running:
+                break
+    out_q[fit[:running]], out_p[fit[:running]], out_expected[fit[:running]] = q, p, expected
+    return out_q, out_p, out_expected
 
 
 def _neighbour_matrix(blocks: dict[int, NDArray], n_blocks: int) -> NDArray[np.float64]:
