@@ -471,22 +471,21 @@ class Committed:
         spill = _CommittedSpill(expected, limit) if expected > limit else None
         columns = _Columns(expected if spill is None else spill.flush_rows)
         shards, rows = [], []
-        with _temporary_files(COMMITTED_HELD):
-            for shard_id, marker in markers.items():
-                if "photos" not in marker["files"]:
-                    continue
-                try:
-                    table = _read_columns(store, shard_id, marker)
-                except OutputError as exc:
-                    damaged[shard_id] = str(exc).removeprefix("output: ")
-                    continue
-                if spill is not None and columns.n + table.num_rows > spill.flush_rows:
-                    spill.write(columns)
-                columns.add(table, len(shards))
-                shards.append(shard_id)
-                rows.append(table.num_rows)
-            if spill is not None:
+        for shard_id, marker in markers.items():
+            if "photos" not in marker["files"]:
+                continue
+            try:
+                table = _read_columns(store, shard_id, marker)
+            except OutputError as exc:
+                damaged[shard_id] = str(exc).removeprefix("output: ")
+                continue
+            if spill is not None and columns.n + table.num_rows > spill.flush_rows:
                 spill.write(columns)
+            columns.add(table, len(shards))
+            shards.append(shard_id)
+            rows.append(table.num_rows)
+        if spill is not None:
+            spill.write(columns)
         for name in list(markers):
             if name in damaged:
                 markers.pop(name)
@@ -503,11 +502,10 @@ class Committed:
         if self._spill is None:
             yield self._index, _keyed(listing(), photo_key)
             return
-        with _temporary_files(COMMITTED_HELD):
-            if self._spill.listing is None:
-                self._spill.write_listing(_keyed(listing(), photo_key))
-            for r in range(self._spill.n):
-                yield self._spill.index(r, self.shards, self.rows), self._spill.listed(r)
+        if self._spill.listing is None:
+            self._spill.write_listing(_keyed(listing(), photo_key))
+        for r in range(self._spill.n):
+            yield self._spill.index(r, self.shards, self.rows), self._spill.listed(r)
 
     def close(self) -> None:
         if self._spill is not None:
@@ -515,19 +513,22 @@ class Committed:
 
 
 class _CommittedSpill(_Scratch):
-    """A spilled comparison's temporary folder: the committed photos' columns and the listing, by key range."""
+    """A spilled comparison's temporary folder: the committed photos' columns and the listing, by key range. Its
+    disk refusing a write or a read is one line naming ``TMPDIR`` (:func:`_temporary_files`)."""
 
     def __init__(self, expected: int, limit: int):
         import pyarrow as pa
 
-        super().__init__("colortrend-committed-")
+        with _temporary_files(COMMITTED_HELD):
+            super().__init__("colortrend-committed-")
         self.bits = max(1, math.ceil(math.log2(expected / max(1, limit // 2))))  # ranges of about limit / 2
         self.n = 1 << self.bits
         self.flush_rows = max(1, limit // 4)  # committed rows gathered before they are written
         self.etags = False  # whether any shard recorded ETags
         schema = pa.schema([("key", pa.uint64()), ("shard", pa.int32()), ("size", pa.int64()), ("mtime", pa.int64()),
                             ("recorded", pa.bool_()), ("etag", pa.int64())])
-        self.committed = _RangeFile(os.path.join(self.folder, "committed.arrow"), schema, self.n)
+        with _temporary_files(COMMITTED_HELD):
+            self.committed = _RangeFile(os.path.join(self.folder, "committed.arrow"), schema, self.n)
         self.listing: _RangeFile | None = None
 
     def range_of(self, keys: np.ndarray) -> np.ndarray:
@@ -541,11 +542,13 @@ class _CommittedSpill(_Scratch):
         etag = np.full(len(key), UNKNOWN, np.int64) if etag is None else etag
         table = pa.table({"key": key, "shard": shard, "size": size, "mtime": mtime, "recorded": recorded,
                           "etag": etag})
-        self.committed.write(table, self.range_of(key))
+        with _temporary_files(COMMITTED_HELD):
+            self.committed.write(table, self.range_of(key))
         columns.clear()
 
     def index(self, r: int, shards: list[str], rows: np.ndarray) -> "CommittedIndex":
-        table = self.committed.read([r])
+        with _temporary_files(COMMITTED_HELD):
+            table = self.committed.read([r])
         key, shard, size, mtime, recorded, etag = (table.column(name).to_numpy().copy() for name in
                                                    ("key", "shard", "size", "mtime", "recorded", "etag"))
         return CommittedIndex(shards, rows, key, shard, size, mtime, recorded, etag if self.etags else None)
@@ -554,9 +557,10 @@ class _CommittedSpill(_Scratch):
         import pyarrow as pa
 
         schema = pa.table({"key": np.zeros(0, np.uint64), **_listing_columns([])}).schema
-        self.listing = _RangeFile(os.path.join(self.folder, "listing.arrow"), schema, self.n)
+        with _temporary_files(COMMITTED_HELD):
+            self.listing = _RangeFile(os.path.join(self.folder, "listing.arrow"), schema, self.n)
         parts, held = [], 0
-        for chunk, keys in chunks:
+        for chunk, keys in chunks:  # (listed outside the wrapper: a listing's own error is not the disk's)
             parts.append(pa.table({"key": keys, **_listing_columns(chunk)}).cast(schema))
             held += len(chunk)
             if held >= LISTING_ROWS:  # written at a time, so that each range's record batches stay large
@@ -569,11 +573,13 @@ class _CommittedSpill(_Scratch):
             import pyarrow as pa
 
             table = pa.concat_tables(parts).combine_chunks()
-            self.listing.write(table, self.range_of(table.column("key").to_numpy()))
+            with _temporary_files(COMMITTED_HELD):
+                self.listing.write(table, self.range_of(table.column("key").to_numpy()))
 
     def listed(self, r: int) -> Iterator[tuple[list[Listed], np.ndarray]]:
-        for batch in self.listing.batches_of([r]):
-            yield _listings(batch), batch.column("key").to_numpy()
+        with _temporary_files(COMMITTED_HELD):
+            for batch in self.listing.batches_of([r]):
+                yield _listings(batch), batch.column("key").to_numpy()
 
 
 def _keyed(entries: Iterable[Listed], photo_key: bytes | None) -> Iterator[tuple[list[Listed], np.ndarray]]:
