@@ -66,9 +66,10 @@ MIN_CALIBRATION_FACES = 30
 #: Width (years) of the blocks of true ages outside every group, each with a colour distribution of its own.
 OUTSIDE_BLOCK_YEARS = 5
 #: EM stops when no share or age probability moves by more than EM_TOL, or after EM_MAX_ITER steps: the estimate
-#: and each bootstrap replicate on its own (fitted together, as if alone). Stopping early regularises the ill-posed deconvolution (as EMS's smoothing
-#: does); `colortrend eval cohorts` chose it: run to 2,000 steps and 1e-6 the estimate was further from the truth
-#: (mean share error 0.107 against 0.097) and its intervals no better (coverage 0.947 against 0.950).
+#: and each bootstrap replicate on its own (fitted together, as if alone). Stopping early regularises the ill-posed
+#: deconvolution (as EMS's smoothing does); `colortrend eval cohorts` chose it: run to 2,000 steps and 1e-6 the
+#: estimate was further from the truth (mean share error 0.107 against 0.097) and its intervals no better (coverage
+#: 0.947 against 0.950).
 EM_TOL = 1e-4
 EM_MAX_ITER = 300
 #: Bootstrap replicates of the corrected shares (each a refit): at most this many, fewer when ``bootstrap`` is.
@@ -268,14 +269,14 @@ def _em(n: NDArray, error: NDArray, block: NDArray[np.int64], n_blocks: int, sta
 
     def step(q: NDArray, p: NDArray) -> tuple[NDArray, NDArray, NDArray, NDArray]:
         """One EM step from (q, p) of the running fits; also the expected counts and the log-likelihood of (q, p)."""
-        n, held_totals = counts[:running], totals[:running]
+        n, year_totals = counts[:running], totals[:running]
         joint = p[:, :, None, :] * q[:, :, block].transpose(0, 2, 1, 3)  # (R, years, bins, a)
         fitted = joint @ error_t[:running]  # (R, years, bins, j): probability of each (bin, estimated age)
         ratio = np.divide(n, fitted, out=np.zeros_like(n), where=fitted > 0)
         expected = joint * (ratio @ error_b[:running])  # (R, years, bins, a): persons by true age
         by_age = np.concatenate([expected[..., :1].sum(2), expected.sum(2), expected[..., -1:].sum(2)], axis=-1)
         smoothed = 0.25 * by_age[..., :-2] + 0.5 * by_age[..., 1:-1] + 0.25 * by_age[..., 2:]  # EMS's 1-2-1
-        new_p = np.where(held_totals[..., None] > 0, smoothed / np.maximum(smoothed.sum(-1, keepdims=True), tiny), p)
+        new_p = np.where(year_totals[..., None] > 0, smoothed / np.maximum(smoothed.sum(-1, keepdims=True), tiny), p)
         mass = sum(expected[:, y] @ stacked[y] for y in range(n_years))  # expected persons by bin and block
         held = mass.sum(axis=1, keepdims=True)
         if strength > 0 and neighbours is not None:
