@@ -519,8 +519,6 @@ class _CommittedSpill(_Scratch):
     def __init__(self, expected: int, limit: int):
         import pyarrow as pa
 
-        with _temporary_files(COMMITTED_HELD):
-            super().__init__("colortrend-committed-")
         self.bits = max(1, math.ceil(math.log2(expected / max(1, limit // 2))))  # ranges of about limit / 2
         self.n = 1 << self.bits
         self.flush_rows = max(1, limit // 4)  # committed rows gathered before they are written
@@ -528,6 +526,7 @@ class _CommittedSpill(_Scratch):
         schema = pa.schema([("key", pa.uint64()), ("shard", pa.int32()), ("size", pa.int64()), ("mtime", pa.int64()),
                             ("recorded", pa.bool_()), ("etag", pa.int64())])
         with _temporary_files(COMMITTED_HELD):
+            super().__init__("colortrend-committed-")
             self.committed = _RangeFile(os.path.join(self.folder, "committed.arrow"), schema, self.n)
         self.listing: _RangeFile | None = None
 
