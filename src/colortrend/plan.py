@@ -103,6 +103,7 @@ def _compare(cfg: "Config", pipeline: "Pipeline", committed: "Committed", health
             changed_shards.update(shard[is_changed].tolist())
             pending.add(chunk, keys, shard, np.flatnonzero(~in_fresh | is_changed))
         listed += int(np.count_nonzero(named))
+        del index, named  # before the next range's index is built
 
     newly_stale = changed_shards - {int(i) for i in np.flatnonzero(~fresh)}
     if newly_stale:  # a shard holding a changed photo is redone whole: its other photos, from a second pass
@@ -111,6 +112,7 @@ def _compare(cfg: "Config", pipeline: "Pipeline", committed: "Committed", health
             for chunk, keys in chunks:
                 _, found, shard = index.look_up(keys)
                 pending.add(chunk, keys, shard, np.flatnonzero(found & np.isin(shard, wanted)))
+            del index
 
     redone = {int(i) for i in np.flatnonzero(~fresh)} | newly_stale
     tasks = PlannedShards(pending, committed.shards, cfg.shard_size)
@@ -548,8 +550,12 @@ class _CommittedSpill(_Scratch):
     def index(self, r: int, shards: list[str], rows: np.ndarray) -> "CommittedIndex":
         with _temporary_files(COMMITTED_HELD):
             table = self.committed.read([r])
-        key, shard, size, mtime, recorded, etag = (table.column(name).to_numpy().copy() for name in
-                                                   ("key", "shard", "size", "mtime", "recorded", "etag"))
+        columns = [table.column(name).to_numpy() for name in ("key", "shard", "size", "mtime", "recorded", "etag")]
+        del table  # Arrow's buffers go before the index sorts its columns in place
+        for i in range(len(columns)):
+            if not columns[i].flags.writeable:  # (one range's one batch: a view of Arrow's buffer)
+                columns[i] = columns[i].copy()
+        key, shard, size, mtime, recorded, etag = columns
         return CommittedIndex(shards, rows, key, shard, size, mtime, recorded, etag if self.etags else None)
 
     def write_listing(self, chunks: Iterator[tuple[list[Listed], np.ndarray]]) -> None:
