@@ -326,10 +326,8 @@ def apply_gains_batch(images: Sequence[NDArray[np.uint8]], gains: Sequence[NDArr
 
     if not images:
         return []
-    # Every photo's three tables at once, element for element what apply_gains computes; one upload for all.
-    linear = cpu_wb.srgb_to_linear(np.arange(256, dtype=np.uint8))
-    luts = cpu_wb.to_uint8(cpu_wb.linear_to_srgb(linear * np.asarray(gains, dtype=np.float64)[..., None]))
-    tables = torch.from_numpy(luts.reshape(len(images), -1)).to(device)
+    # Every photo's three tables at once, apply_gains' own; one upload for all.
+    tables = torch.from_numpy(cpu_wb.gain_tables(np.stack(gains)).reshape(len(images), -1)).to(device)
     channel = torch.arange(3, device=device) * 256  # channel c reads its own table
     out = []
     for image, table in zip(images, tables):

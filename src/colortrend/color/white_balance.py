@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, get_args
 
 import cv2
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from colortrend.color.space import LUMA, linear_to_srgb, srgb_to_linear, to_uint8
 
@@ -178,10 +178,16 @@ def illuminant_gains(illuminant: NDArray[np.float64], max_gain: float = 3.0) -> 
     return np.clip(np.nan_to_num(gains, nan=1.0), 1 / max_gain, max_gain)
 
 
+def gain_tables(gains: ArrayLike) -> NDArray[np.uint8]:
+    """The 8-bit tables of ``gains`` (..., 3): (..., 3, 256), what each sRGB code of a channel becomes when its
+    linear value is multiplied by the channel's gain (past white clipped to 255)."""
+    linear = srgb_to_linear(np.arange(256, dtype=np.uint8))
+    return to_uint8(linear_to_srgb(linear * np.asarray(gains, dtype=np.float64)[..., None]))
+
+
 def apply_gains(image: NDArray[np.uint8], gains: NDArray[np.float64]) -> NDArray[np.uint8]:
     """Multiply linear RGB by ``gains`` and re-encode as sRGB uint8 (values pushed past white clip to 255)."""
-    codes = np.arange(256, dtype=np.uint8)
-    luts = [to_uint8(linear_to_srgb(srgb_to_linear(codes) * g)) for g in gains]
+    luts = gain_tables(gains)
     out = np.empty_like(image)
     for c in range(3):
         out[..., c] = cv2.LUT(np.ascontiguousarray(image[..., c]), luts[c])
