@@ -104,7 +104,7 @@ def test_ray_gives_the_local_rows_and_timings_and_leaves_nothing_running(photos,
 
     run(load_config(write_config(tmp_path, photos, tmp_path / "local")), progress=False)
     marker = uuid.uuid4().hex
-    proc = start_run(write_config(tmp_path, photos, tmp_path / "ray"), marker)
+    proc = start_run(write_config(tmp_path, photos, tmp_path / "ray", index_workers=2), marker)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert_same_tables(tmp_path / "local", tmp_path / "ray")
@@ -113,6 +113,44 @@ def test_ray_gives_the_local_rows_and_timings_and_leaves_nothing_running(photos,
         seconds = json.loads(marker_file.read_text())["seconds"]
         assert sorted(seconds) == sorted(stages) and seconds["intake"] > 0 and sum(seconds.values()) > 0, seconds
     assert wait_until_gone(marker, 30) == []
+
+
+def test_the_index_spread_over_actors_answers_as_one_index_and_each_reads_only_its_own_partitions(tmp_path):
+    import random
+
+    from colortrend.io import hash_index
+    from colortrend.io.hash_index import HashIndex
+    from colortrend.io.store import Store
+    from colortrend.runners.ray import RayRunner, SpreadFirstCopies, index_owners, owner_of
+    from test_store import analysed
+
+    store = Store(tmp_path / "out")
+    store.prepare()
+    rng = random.Random(3)
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(400)]
+    for s in range(12):  # committed copies across shards, some of them compacted into partition files
+        store.commit_shard(f"s{s:02d}", analysed(s, rng.sample(pool, 25)), {})
+    tokens = hash_index.tokens_of(store.markers())
+    hash_index.compact(store, tokens)
+    # A run's batches: new photos, copies of committed ones, and copies within a batch and across batches.
+    asked = [(rng.choice(pool) if rng.random() < 0.5 else f"{rng.getrandbits(256):064x}", f"new{i:04d}")
+             for i in range(300)]
+    asked += [(digest, f"again{i:04d}") for i, (digest, _) in enumerate(asked[:40])]
+    batches = [asked[i:i + 16] for i in range(0, len(asked), 16)]
+    one = HashIndex(store, dict(tokens))
+    expected = [one.setdefault_many(batch) for batch in batches]
+    ray, started = RayRunner()._connect()
+    try:
+        owners = index_owners(ray, HashIndex(store, dict(tokens)), 3)
+        spread = SpreadFirstCopies(owners)
+        assert [spread.setdefault_many(batch) for batch in batches] == expected
+        read = ray.get([owner.partitions_read.remote() for owner in owners])
+        touched = {hash_index.partition_of(d) for d, _ in asked}
+        assert sum(read) == one.partitions_read == len(touched)  # each partition read once, by its owner
+        assert read == [len({p for p in touched if owner_of(p, 3) == k}) for k in range(3)]
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def test_a_killed_ray_run_leaves_no_process_and_listened_on_loopback_only(photos, tmp_path):

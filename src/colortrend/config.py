@@ -58,6 +58,9 @@ class Config:
     # work (uploads, crops, chips, per-call dispatch) caps it near 150-175 photos/s (scripts/bench.py), far below a
     # GPU, so a GPU needs several feeding it. None: half the cluster's cores per GPU. The local runner is one process.
     gpu_workers: int | None = None
+    # Under Ray: actors holding the content-hash index duplicate marking reads, each the partitions its share of the
+    # hashes falls in, so the index a nightly run reads is spread over the cluster's memory. None: one per node.
+    index_workers: int | None = None
     detect: DetectSettings = field(default_factory=DetectSettings)
     align: AlignSettings = field(default_factory=AlignSettings)
     age: AgeSettings = field(default_factory=AgeSettings)
@@ -70,7 +73,7 @@ class Config:
     def __post_init__(self) -> None:
         if not self.output.strip():
             raise ValueError("output: name a folder (or URL) for the tables; an empty value would write here")
-        for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers", "gpu_workers"):
+        for name in ("batch_size", "shard_size", "decode_workers", "cpu_workers", "gpu_workers", "index_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         if self.output.startswith("~"):
@@ -90,6 +93,11 @@ def gpu_workers(cfg: Config, cores_per_gpu: float) -> int:
     if cfg.gpu_workers is not None:
         return cfg.gpu_workers
     return max(1, int(cores_per_gpu // 2))
+
+
+def index_workers(cfg: Config, nodes: int) -> int:
+    """``cfg.index_workers``, or its default: one actor per node of the cluster."""
+    return cfg.index_workers if cfg.index_workers is not None else max(1, nodes)
 
 
 def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Config:

@@ -237,7 +237,8 @@ class StageStep:
 
 class FirstCopies(Protocol):
     """content hash -> photo_id of the first photo with those bytes; ``setdefault`` records a new one (a dict is
-    one; a run uses the output's content-hash index, which reads the partitions its hashes touch)."""
+    one; a run uses the output's content-hash index, which reads the partitions its hashes touch). One that also
+    has ``setdefault_many`` (pairs in, first copies out, in order) is asked once a batch."""
 
     def setdefault(self, digest: str, photo_id: str, /) -> str: ...
 
@@ -316,10 +317,12 @@ def run_isolated(stage: Stage, batch: Batch) -> Batch:
 
 def mark_duplicates(batch: Batch, seen: FirstCopies) -> None:
     """Second and later copies of the same bytes become ``duplicate`` rows pointing at the first copy."""
-    for i, (pid, status, digest) in enumerate(zip(batch["photo_id"], batch["status"], batch["content_hash"])):
-        if status != "ok" or digest is None:
-            continue
-        first = seen.setdefault(digest, pid)
+    asked = [i for i, (status, digest) in enumerate(zip(batch["status"], batch["content_hash"]))
+             if status == "ok" and digest is not None]
+    pairs = [(batch["content_hash"][i], batch["photo_id"][i]) for i in asked]
+    many = getattr(seen, "setdefault_many", None)
+    firsts = many(pairs) if many is not None else [seen.setdefault(digest, pid) for digest, pid in pairs]
+    for i, (_, pid), first in zip(asked, pairs, firsts):
         if first != pid:
             batch["status"][i] = "duplicate"
             batch["duplicate_of"][i] = first

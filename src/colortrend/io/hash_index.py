@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import secrets
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -143,6 +143,11 @@ def _read(store: "Store", rel: str) -> pa.Table:
         return SCHEMA.empty_table()
 
 
+def partition_of(digest: str) -> str:
+    """The partition a content hash belongs to: its first ``PREFIX`` hex digits."""
+    return digest[:PREFIX]
+
+
 def _partition_of(table: pa.Table) -> pa.Array:
     import pyarrow.compute as pc
 
@@ -175,10 +180,16 @@ class HashIndex:
         self.__init__(state["store"], state["tokens"])
 
     def setdefault(self, digest: str, photo_id: str) -> str:
-        partition = self._partitions.get(digest[:PREFIX])
+        prefix = partition_of(digest)
+        partition = self._partitions.get(prefix)
         if partition is None:
-            partition = self._partitions[digest[:PREFIX]] = self._load(digest[:PREFIX])
+            partition = self._partitions[prefix] = self._load(prefix)
         return partition.setdefault(digest, photo_id)
+
+    def setdefault_many(self, pairs: "Sequence[tuple[str, str]]") -> list[str]:
+        """``setdefault`` of each (digest, photo_id) in turn: a batch's lookups in one call (one message, where the
+        partitions live in another process)."""
+        return [self.setdefault(digest, photo_id) for digest, photo_id in pairs]
 
     @property
     def partitions_read(self) -> int:

@@ -2,12 +2,13 @@
 
 The steps, their order and the shard tables are the pipeline's (:meth:`Pipeline.steps`, :meth:`Pipeline.shard_parts`,
 :class:`ShardAssembler`): this module only places them. A step that must see every photo in planned order
-(duplicate marking) gets one actor and the dataset keeps the planned order; a step that ``uses_accelerator`` gets
-``gpu_workers`` actors per GPU, each holding its own models and a share of its GPU, when the cluster has GPUs and
-the run's device is CUDA (one process's host work cannot keep a GPU busy; one actor on CPUs, which the models
-fill); every other step gets ``cpu_workers`` actors. The dataset starts from the planned shards' indices and a
-worker turns each into its photos' records, so the driver holds only the shards in flight, whatever the run's size;
-shards are committed on the driver as soon as all their photos are back.
+(duplicate marking) gets one actor and the dataset keeps the planned order, while the content-hash index it asks
+lives in ``index_workers`` actors of its own, each holding the partitions of its share of the hashes; a step that
+``uses_accelerator`` gets ``gpu_workers`` actors per GPU, each holding its own models and a share of its GPU, when
+the cluster has GPUs and the run's device is CUDA (one process's host work cannot keep a GPU busy; one actor on
+CPUs, which the models fill); every other step gets ``cpu_workers`` actors. The dataset starts from the planned
+shards' indices and a worker turns each into its photos' records, so the driver holds only the shards in flight,
+whatever the run's size; shards are committed on the driver as soon as all their photos are back.
 
 Without ``--address`` the runner starts a Ray instance of its own for the run: every Ray server listens on
 127.0.0.1 only, no dashboard, and it is shut down when the run ends. Ray starts its processes bound to the
@@ -21,7 +22,8 @@ import os
 import pickle
 from typing import Iterator, Sequence
 
-from colortrend.config import cpu_workers, gpu_workers
+from colortrend.config import cpu_workers, gpu_workers, index_workers
+from colortrend.io.hash_index import partition_of
 from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
 from colortrend.stages.base import Batch
 
@@ -39,9 +41,14 @@ class RayRunner:
     def execute(self, pipeline: Pipeline, tasks: Sequence[ShardTask], seen: FirstCopies,
                 progress=None) -> Iterator[ShardResult]:
         ray, started = self._connect()
+        owners = []
         try:
-            yield from self._execute(ray, pipeline, tasks, seen, progress)
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            owners = index_owners(ray, seen, index_workers(pipeline.cfg, nodes))
+            yield from self._execute(ray, pipeline, tasks, SpreadFirstCopies(owners), progress)
         finally:
+            for owner in owners:  # on a cluster of the user's, the actors would otherwise outlive the run
+                ray.kill(owner)
             if started:
                 ray.shutdown()
 
@@ -122,6 +129,72 @@ def placement(step: Step, gpus: int, per_gpu: int, cpu_workers: int) -> tuple[in
     if step.uses_accelerator:
         return (gpus * per_gpu, 1.0 / per_gpu) if gpus else (1, 0.0)
     return max(1, cpu_workers), 0.0
+
+
+def index_owners(ray, seen: FirstCopies, count: int) -> list:
+    """``count`` actors, each holding a copy of ``seen`` (the output's index reads its partitions when first asked:
+    each actor only those of its own share). On the driver's node where the output is a local folder; spread over
+    the nodes otherwise."""
+    store = getattr(seen, "store", None)
+    if store is not None and store.local:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        where = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    else:
+        where = "SPREAD"
+    actor = ray.remote(IndexPartitions).options(num_cpus=0, scheduling_strategy=where)
+    return [actor.remote(seen) for _ in range(count)]
+
+
+class IndexPartitions:
+    """One actor's share of the first copies (a copy of the run's ``FirstCopies``, asked only about its hashes)."""
+
+    def __init__(self, seen: FirstCopies):
+        self.seen = seen
+
+    def setdefault_many(self, pairs: list[tuple[str, str]]) -> list[str]:
+        many = getattr(self.seen, "setdefault_many", None)
+        return many(pairs) if many is not None else [self.seen.setdefault(d, p) for d, p in pairs]
+
+    def partitions_read(self) -> int | None:
+        return getattr(self.seen, "partitions_read", None)
+
+
+class SpreadFirstCopies:
+    """First copies whose hashes live in ``owners`` (actors), a hash with the owner of its partition: a batch asks
+    each owner once, all in flight at a time. The planned order holds, since the one duplicate step asks batch after
+    batch and each owner answers its pairs in the order given."""
+
+    def __init__(self, owners: list):
+        self.owners = owners
+
+    def setdefault(self, digest: str, photo_id: str) -> str:
+        return self.setdefault_many([(digest, photo_id)])[0]
+
+    def setdefault_many(self, pairs: list[tuple[str, str]]) -> list[str]:
+        import ray
+
+        asked: dict[int, list[int]] = {}
+        for i, (digest, _) in enumerate(pairs):
+            asked.setdefault(owner_of(digest, len(self.owners)), []).append(i)
+        replies = [self.owners[k].setdefault_many.remote([pairs[i] for i in rows]) for k, rows in asked.items()]
+        firsts: list[str] = [""] * len(pairs)
+        for rows, answers in zip(asked.values(), ray.get(replies)):
+            for i, first in zip(rows, answers):
+                firsts[i] = first
+        return firsts
+
+
+def owner_of(digest: str, owners: int) -> int:
+    """Which of ``owners`` holds the partition of ``digest``: its hex digits modulo the owners (256 partitions
+    spread evenly), a checksum of them for a hash that is not hex."""
+    prefix = partition_of(digest)
+    try:
+        return int(prefix, 16) % owners
+    except ValueError:
+        import zlib
+
+        return zlib.crc32(prefix.encode()) % owners
 
 
 class TaskRecords:
