@@ -32,6 +32,12 @@ new photos): peak RSS, the process's RSS before reading, seconds, and microsecon
 
     python scripts/bench_plan.py --hash-index 1000000 4000000 --json
 
+``--index-workers K [K ...]`` (with ``--hash-index``) then reads every partition as the Ray runner does, through
+``K`` index actors (``colortrend.runners.ray.index_owners``) of a local Ray instance: each actor's resident memory
+before and after, and milliseconds per batch of 16 lookups.
+
+    python scripts/bench_plan.py --hash-index 1000000 --index-workers 1 4 --json
+
 ``--committed-rows N`` (with ``--photos``) sets planning's in-memory limit of committed photos
 (``colortrend.plan.COMMITTED_ROWS``) in every measured process: with N below the photos, a no-op rerun and
 ``status`` compare them with the listing a range of keys at a time, as an output past the limit is compared.
@@ -283,14 +289,61 @@ def read_whole_index(root: Path) -> None:
                       "read_all_s": round(seconds, 2), "lookup_us": round(us, 2)}))
 
 
-def bench_index(n: int, work: Path) -> dict:
+def read_spread_index(root: Path, workers: int) -> None:
+    """Every partition of the fabricated index read through ``workers`` index actors, as the Ray runner reads them;
+    prints each actor's resident MB before and after (its peak), and ms per batch of 16 lookups, as JSON."""
+    from colortrend.io.hash_index import HashIndex
+    from colortrend.io.store import Store
+    from colortrend.runners.ray import RayRunner, SpreadFirstCopies, index_owners
+
+    def resident_mb(pids: list[int], field: str) -> list[float]:
+        values = []
+        for pid in pids:
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            line = next(entry for entry in status if entry.startswith(field))
+            values.append(round(int(line.split()[1]) / 1024, 1))
+        return values
+
+    tokens = json.loads((root / "tokens.json").read_text())
+    ray, started = RayRunner()._connect()
+    try:
+        owners = index_owners(ray, HashIndex(Store(str(root)), tokens), workers)
+        ray.get([owner.partitions_read.remote() for owner in owners])  # every actor up, nothing read yet
+        pids = ray.get([owner.__ray_call__.remote(lambda actor: os.getpid()) for owner in owners])
+        before = resident_mb(pids, "VmRSS:")
+        spread = SpreadFirstCopies(owners)
+        t0 = time.perf_counter()
+        for p in range(0, 256, 16):
+            spread.setdefault_many([(f"{q:02x}" + "f" * 62, "new") for q in range(p, p + 16)])
+        seconds = time.perf_counter() - t0
+        n = len(tokens) * 256
+        probe = [(hashlib.sha256(b"%d" % i).hexdigest(), "new") for i in range(0, n, max(1, n // 4000))]
+        t1 = time.perf_counter()
+        found = sum(sum(first != "new" for first in spread.setdefault_many(probe[i:i + 16]))
+                    for i in range(0, len(probe), 16))
+        batch_ms = (time.perf_counter() - t1) / (len(probe) / 16) * 1e3
+        if found != len(probe):
+            raise SystemExit(f"the index found {found} of {len(probe)} committed hashes")
+        print(json.dumps({"index_workers": workers, "actor_rss_before_mb": before,
+                          "actor_peak_mb": resident_mb(pids, "VmHWM:"), "read_all_s": round(seconds, 2),
+                          "batch_of_16_ms": round(batch_ms, 2)}))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def bench_index(n: int, work: Path, index_workers: list[int] | None = None) -> dict:
     root = work / f"index-{n}"
     if not (root / "tokens.json").exists():
         shutil.rmtree(root, ignore_errors=True)
         tokens = fabricate_index(root, n)
         (root / "tokens.json").write_text(json.dumps(tokens))
     _, _, out = measured([sys.executable, __file__, "--read-index", str(root)])
-    return {"hashes": n, **json.loads(out.splitlines()[-1])}
+    result = {"hashes": n, **json.loads(out.splitlines()[-1])}
+    for workers in index_workers or []:
+        _, _, out = measured([sys.executable, __file__, "--read-index", str(root), "--spread", str(workers)])
+        result.setdefault("spread", []).append(json.loads(out.splitlines()[-1]))
+    return result
 
 
 def main() -> None:
@@ -305,6 +358,8 @@ def main() -> None:
     parser.add_argument("--commit", type=Path, help=argparse.SUPPRESS)  # the fabricating step, in its own process
     parser.add_argument("--index", type=Path, help=argparse.SUPPRESS)  # the hash index alone, in its own process
     parser.add_argument("--committed-rows", type=int, help="planning's in-memory limit of committed photos")
+    parser.add_argument("--index-workers", type=int, nargs="+", help="with --hash-index: read through K actors")
+    parser.add_argument("--spread", type=int, help=argparse.SUPPRESS)  # --read-index through that many actors
     args = parser.parse_args()
     if args.committed_rows:
         os.environ[LIMIT_VAR] = str(args.committed_rows)
@@ -319,11 +374,14 @@ def main() -> None:
         read_index(args.index)
         return
     if args.read_index:
-        read_whole_index(args.read_index)
+        if args.spread:
+            read_spread_index(args.read_index, args.spread)
+        else:
+            read_whole_index(args.read_index)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     if args.hash_index:
-        results = [bench_index(n, args.work) for n in args.hash_index]
+        results = [bench_index(n, args.work, args.index_workers) for n in args.hash_index]
         for result in results:
             print(" ".join(f"{k}={v}" for k, v in result.items()), flush=True)
         if args.json:

@@ -19,7 +19,7 @@ import pytest
 from conftest import make_hostile_corpus
 from test_pipeline import assert_same_tables, write_config
 
-import ray  # noqa: F401 - the dev extra installs Ray: without it these tests must fail, not skip
+import ray  # the dev extra installs Ray: without it these tests must fail, not skip
 
 
 def processes_with(marker: str) -> list[int]:
@@ -139,7 +139,7 @@ def test_the_index_spread_over_actors_answers_as_one_index_and_each_reads_only_i
     batches = [asked[i:i + 16] for i in range(0, len(asked), 16)]
     one = HashIndex(store, dict(tokens))
     expected = [one.setdefault_many(batch) for batch in batches]
-    ray, started = RayRunner()._connect()
+    _, started = RayRunner()._connect()  # a local instance on 127.0.0.1, as a run starts one
     try:
         owners = index_owners(ray, HashIndex(store, dict(tokens)), 3)
         spread = SpreadFirstCopies(owners)

@@ -214,7 +214,10 @@ class HashIndex:
         table = valid(_concat([self._deltas.get(prefix, SCHEMA.empty_table()),
                                *(_read(self.store, rel) for rel in files)]))
         order = pc.sort_indices(table, sort_keys=[("shard", "ascending"), ("photo_id", "ascending")])
-        return _Partition(table["content_hash"].take(order), table["photo_id"].take(order))
+        partition = _Partition(table["content_hash"].take(order), table["photo_id"].take(order))
+        del table, order
+        pa.default_memory_pool().release_unused()  # the files' Arrow buffers: only the arrays stay resident
+        return partition
 
 
 class _Partition:
