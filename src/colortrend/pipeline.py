@@ -320,13 +320,17 @@ def mark_duplicates(batch: Batch, seen: FirstCopies) -> None:
     asked = [i for i, (status, digest) in enumerate(zip(batch["status"], batch["content_hash"]))
              if status == "ok" and digest is not None]
     pairs = [(batch["content_hash"][i], batch["photo_id"][i]) for i in asked]
-    many = getattr(seen, "setdefault_many", None)
-    firsts = many(pairs) if many is not None else [seen.setdefault(digest, pid) for digest, pid in pairs]
-    for i, (_, pid), first in zip(asked, pairs, firsts):
+    for i, (_, pid), first in zip(asked, pairs, first_copies(seen, pairs)):
         if first != pid:
             batch["status"][i] = "duplicate"
             batch["duplicate_of"][i] = first
             batch["image"][i] = None
+
+
+def first_copies(seen: FirstCopies, pairs: list[tuple[str, str]]) -> list[str]:
+    """``seen.setdefault`` of each (digest, photo_id) in turn, in one call where ``seen`` takes a batch."""
+    many = getattr(seen, "setdefault_many", None)
+    return many(pairs) if many is not None else [seen.setdefault(digest, pid) for digest, pid in pairs]
 
 
 def shard_id_for(photo_ids: list[str]) -> str:

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 from colortrend.config import cpu_workers, gpu_workers, index_workers
 from colortrend.io.hash_index import partition_of
-from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step
+from colortrend.pipeline import FirstCopies, Pipeline, ShardAssembler, ShardResult, ShardTask, Step, first_copies
 from colortrend.stages.base import Batch
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ class IndexPartitions:
         self.seen = seen
 
     def setdefault_many(self, pairs: list[tuple[str, str]]) -> list[str]:
-        many = getattr(self.seen, "setdefault_many", None)
-        return many(pairs) if many is not None else [self.seen.setdefault(d, p) for d, p in pairs]
+        return first_copies(self.seen, pairs)
 
     def partitions_read(self) -> int | None:
         return getattr(self.seen, "partitions_read", None)
