@@ -193,6 +193,26 @@ def test_rerun_with_nothing_new_loads_no_model(demo):
     assert result == {"shards": 0, "torch": False, "agg": "up to date"}
 
 
+def test_a_rerun_and_status_read_each_commit_record_once_a_pass(demo, monkeypatch):
+    # On an object store each record read is a GET, and an output of 10 million photos holds about 40,000 of them:
+    # a no-op rerun reads them to recover, to plan and to check the aggregates; `status` to plan.
+    from fsspec.implementations.local import LocalFileSystem
+
+    from colortrend.run import status
+
+    reads = []
+    real = LocalFileSystem.cat_file
+    monkeypatch.setattr(LocalFileSystem, "cat_file", lambda fs, path, *a, **k: (
+        reads.append(path) if "/_markers/" in str(path) else None) or real(fs, path, *a, **k))
+    records = len(list((demo["out"] / "_markers").glob("*.json")))
+    cfg = load_config(demo["config"])
+    assert run(cfg, progress=False).shards == 0
+    assert len(reads) == 3 * records and len(set(reads)) == records
+    reads.clear()
+    assert status(cfg)["shards_committed"] == records
+    assert len(reads) == records
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
     output = tmp_path / "out"

@@ -67,9 +67,11 @@ class Plan:
     index_tokens: dict[str, str | None] = field(default_factory=dict)  # healthy shard -> its hash index token
 
 
-def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False) -> Plan:
+def plan(cfg: "Config", pipeline: "Pipeline", store: "Store", full: bool = False,
+         markers: dict[str, dict] | None = None) -> Plan:
+    """The work of a run: the listing joined with the committed shards (``markers``, read here when not given)."""
     current = pipeline.fingerprints()[pipeline.stages[-1].name]
-    markers = store.markers()
+    markers = store.markers() if markers is None else markers
     damaged = store.damage(markers)
     healthy = {sid: m for sid, m in markers.items() if sid not in damaged}
     committed = Committed.read(store, healthy, damaged)

@@ -299,9 +299,10 @@ def status(cfg: Config) -> dict:
     pipeline = Pipeline(cfg)
     pipeline.check_models()
     pipeline.photo_key = output_key(store, cfg.privacy.hash_paths)
-    the_plan = plan(cfg, pipeline, store)
+    markers = store.markers()
+    the_plan = plan(cfg, pipeline, store, markers=markers)
     the_plan.tasks.close()  # only its counts are wanted
-    markers = {sid: m for sid, m in store.markers().items() if sid not in the_plan.damaged}
+    markers = {sid: m for sid, m in markers.items() if sid not in the_plan.damaged}
     by_status = Counter()
     for _, photos in store.iter_table("photos", columns=["status"], markers=markers):
         by_status.update(status_counts(photos))
@@ -346,7 +347,7 @@ def read(output: str | os.PathLike, table: str):
 def report(cfg: Config) -> str:
     """Rebuild histograms and report from the committed rows."""
     store = Store(cfg.output)
-    if not store.markers():
+    if not store.has_commits():
         raise ConfigError(f"output: nothing committed in {cfg.output} yet; run `colortrend run` first")
     with RunLock(cfg.output):
         # Cached partials would still draw a page, but from shards that no longer hold what was committed.

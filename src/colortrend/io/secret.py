@@ -25,7 +25,7 @@ def output_key(store, hash_paths: bool, create: bool = False) -> bytes | None:
     to the old rows; that is refused with one line.
     """
     key = _read(store)
-    committed = bool(store.markers())
+    committed = store.has_commits()
     if not hash_paths:
         if key is not None and committed:
             raise ConfigError(f"privacy.hash_paths: {store.url} was written with hash_paths: true (its photo ids are "

@@ -279,6 +279,11 @@ class Store:
             out[shard_id] = marker
         return out
 
+    def has_commits(self) -> bool:
+        """Whether any shard is committed: one listing of ``_markers/``, no record read (:meth:`markers` reads and
+        checks every one, seconds at tens of thousands)."""
+        return bool(self.list(MARKERS, ".json"))
+
     def read_marker(self, shard_id: str) -> dict | None:
         marker = self.read_json(self.marker(shard_id))
         return marker if isinstance(marker, dict) and not marker_problem(shard_id, marker) else None
