@@ -213,6 +213,30 @@ def test_a_rerun_and_status_read_each_commit_record_once_a_pass(demo, monkeypatc
     assert len(reads) == records
 
 
+def test_status_counts_photos_by_status_from_the_commit_records_and_reads_older_shards(demo, tmp_path, monkeypatch):
+    from colortrend.io.store import Store
+    from colortrend.run import status
+
+    output = tmp_path / "out"
+    shutil.copytree(demo["out"], output)
+    cfg = load_config(write_config(tmp_path, demo["photos"], output))
+    expected = read(str(output), "photos")["status"].value_counts().to_dict()
+    read_for_status = []
+    real = Store.read_shard
+    monkeypatch.setattr(Store, "read_shard", lambda store, shard_id, marker, table, columns=None, *a, **k: (
+        read_for_status.append(shard_id) if columns == ["status"] else None) or
+        real(store, shard_id, marker, table, columns, *a, **k))
+    assert status(cfg)["photos_by_status"] == expected
+    assert read_for_status == []  # every record holds its counts
+    older = sorted((output / "_markers").glob("*.json"))[::2]  # records written before they held the counts
+    for path in older:
+        record = json.loads(path.read_text())
+        del record["statuses"]
+        path.write_text(json.dumps(record))
+    assert status(cfg)["photos_by_status"] == expected
+    assert sorted(read_for_status) == sorted(path.stem for path in older)
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_new_photos_alone_are_analysed(demo, demo_photos, tmp_path, executor):
     output = tmp_path / "out"

@@ -179,12 +179,14 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
         for result in runner.execute(pipeline, the_plan.tasks, seen, bar):
             task = result.task
             result.tables["photos"] = _with_listing(result.tables["photos"], task)
+            statuses = status_counts(result.tables["photos"])
             marker = {  # the shard's photo ids are in its photos file (input columns included), not here
                 "fingerprint": the_plan.fingerprint,
                 "stages": fingerprints,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
                 "replaces": task.replaces,
+                "statuses": dict(sorted(statuses.items())),  # `status` counts from these, not the photos files
             }
             committed = store.commit_shard(result.shard_id, sort_rows(result.tables), marker)
             tokens[result.shard_id] = committed["hash_index"]
@@ -195,7 +197,7 @@ def _analyse(cfg: Config, pipeline: Pipeline, store: Store, the_plan: Plan, exec
             if result.failures:
                 _write_failures(store, result.shard_id, result.failures)
             summary.shards += 1
-            summary.photos.update(status_counts(result.tables["photos"]))
+            summary.photos.update(statuses)
             summary.faces += result.tables["faces"].num_rows
             summary.persons += result.tables["garments"].num_rows
             for k, v in result.seconds.items():
@@ -304,7 +306,10 @@ def status(cfg: Config) -> dict:
     the_plan.tasks.close()  # only its counts are wanted
     markers = {sid: m for sid, m in markers.items() if sid not in the_plan.damaged}
     by_status = Counter()
-    for _, photos in store.iter_table("photos", columns=["status"], markers=markers):
+    for marker in markers.values():
+        by_status.update(marker.get("statuses", {}))
+    older = {sid: m for sid, m in markers.items() if "statuses" not in m}  # committed before records held them
+    for _, photos in store.iter_table("photos", columns=["status"], markers=older):
         by_status.update(status_counts(photos))
     return {
         "output": store.url,

@@ -6,7 +6,8 @@ Layout under the config's ``output`` (a folder, or an fsspec URL such as ``s3://
     histograms/part-all.parquet                              rebuilt from all committed rows after each run
     report/index.html
     _markers/<id>.json         the commit record of shard <id>: its files with their sizes and sha256, row counts,
-                               stage fingerprints (the shard's photo ids, sizes and mtimes are in photos/part-<id>)
+                               photos by status, stage fingerprints (the shard's photo ids, sizes and mtimes are in
+                               photos/part-<id>)
     _staging/                  files being written (a reader globbing *.parquet never sees them)
     _runs/<time>.json          resolved config, versions, model checksums and summary of each run
     _logs/<id>.tsv             per-shard list of photos that failed, with their status and error
@@ -452,7 +453,7 @@ def marker_problem(shard_id: str, marker) -> str | None:
     if marker.get("shard", shard_id) != shard_id:
         return f"its `shard` is {str(marker['shard'])[:40]!r}, its name says {shard_id!r}"
     for key, kind in (("fingerprint", str), ("hash_index", str), ("photo_ids", list), ("replaces", list),
-                      ("rows", dict), ("bytes", dict), ("sha256", dict), ("mtime_ns", dict)):
+                      ("rows", dict), ("bytes", dict), ("sha256", dict), ("mtime_ns", dict), ("statuses", dict)):
         if key in marker and not isinstance(marker[key], kind):
             return f"`{key}` is a {type(marker[key]).__name__}"
     if "hash_index" in marker and not hash_index.is_token(marker["hash_index"]):  # it names a file we delete
@@ -464,6 +465,8 @@ def marker_problem(shard_id: str, marker) -> str | None:
         values = marker.get(key, {})
         if any(t not in files or not isinstance(v, kind) or isinstance(v, bool) for t, v in values.items()):
             return f"`{key}` is not one {kind.__name__} per file"
+    if not all(isinstance(k, str) and type(v) is int for k, v in marker.get("statuses", {}).items()):
+        return "`statuses` is not a count per status"
     if "bytes" in marker and set(marker.get("sha256", {})) != set(marker["bytes"]):
         return "`bytes` and `sha256` name different files"
     return None
