@@ -347,6 +347,10 @@ def bench_index(n: int, work: Path, index_workers: list[int] | None = None) -> d
 
 
 def main() -> None:
+    # Every process measured imports colortrend from this script's own tree: an older checkout's copy of the
+    # script measures that checkout, whatever is installed.
+    own = str(Path(__file__).resolve().parents[1] / "src")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (own, os.environ.get("PYTHONPATH")) if p)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=int, nargs="+", default=[20000, 200000])
     parser.add_argument("--pending", type=int, nargs="+", help="a first status over manifests of N paths instead")
