@@ -251,7 +251,7 @@ class _Pending:
         with _temporary_files():
             if self.spill is None:
                 self.spill = _Spill(table.schema)
-            self.spill.write(table, np.where(owner >= 0, redo_range, new_range))
+            self.spill.pending.write(table, np.where(owner >= 0, redo_range, new_range))
 
     def _joined(self) -> "pa.Table":
         import pyarrow as pa
@@ -347,9 +347,6 @@ class _Spill(_Scratch):
         super().__init__("colortrend-plan-")
         self.plan_path = os.path.join(self.folder, "plan.arrow")
         self.pending = _RangeFile(os.path.join(self.folder, "pending.arrow"), schema, 2 * BUCKETS)
-
-    def write(self, table: "pa.Table", ranges: np.ndarray) -> None:
-        self.pending.write(table, ranges)
 
     def ranges(self, limit: int) -> Iterator["pa.Table"]:
         """Neighbouring ranges read back together, up to about ``limit`` photos (or one range, if larger)."""
